@@ -1,0 +1,228 @@
+//! Writing batches as JSON without serde: the SDK side of the wire format.
+//!
+//! Property and context objects arrive already serialised (the browser's `JSON.stringify`),
+//! so the writer only escapes the strings it is given and splices the rest verbatim.
+
+use crate::field;
+use alloc::string::String;
+
+/// Appends `s` as a JSON string literal (with quotes) to `out`.
+pub fn push_str_literal(out: &mut String, s: &str) {
+    out.push('"');
+    let bytes = s.as_bytes();
+    let mut start = 0;
+    for (i, &b) in bytes.iter().enumerate() {
+        let esc: &str = match b {
+            b'"' => "\\\"",
+            b'\\' => "\\\\",
+            b'\n' => "\\n",
+            b'\r' => "\\r",
+            b'\t' => "\\t",
+            0..=0x1f => "",
+            _ => continue,
+        };
+        out.push_str(&s[start..i]);
+        if esc.is_empty() {
+            const HEX: &[u8; 16] = b"0123456789abcdef";
+            out.push_str("\\u00");
+            out.push(HEX[(b >> 4) as usize] as char);
+            out.push(HEX[(b & 0xf) as usize] as char);
+        } else {
+            out.push_str(esc);
+        }
+        start = i + 1;
+    }
+    out.push_str(&s[start..]);
+    out.push('"');
+}
+
+/// Appends an unsigned integer in decimal.
+pub fn push_u64(out: &mut String, mut n: u64) {
+    let mut buf = [0u8; 20];
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    for &b in &buf[i..] {
+        out.push(b as char);
+    }
+}
+
+fn push_key(out: &mut String, key: &str) {
+    out.push('"');
+    out.push_str(key);
+    out.push_str("\":");
+}
+
+/// One event as the SDK writes it. `props` and `context` are JSON objects already
+/// serialised; `None` or an empty string leaves the field out.
+pub struct EventJson<'a> {
+    pub id: &'a str,
+    pub name: &'a str,
+    pub ts: u64,
+    pub anonymous_id: &'a str,
+    pub session_id: &'a str,
+    pub user_id: Option<&'a str>,
+    pub props: Option<&'a str>,
+    pub context: Option<&'a str>,
+}
+
+impl EventJson<'_> {
+    /// Appends the event as one JSON object.
+    pub fn write(&self, out: &mut String) {
+        out.push('{');
+        push_key(out, field::ID);
+        push_str_literal(out, self.id);
+        out.push(',');
+        push_key(out, field::NAME);
+        push_str_literal(out, self.name);
+        out.push(',');
+        push_key(out, field::TS);
+        push_u64(out, self.ts);
+        out.push(',');
+        push_key(out, field::ANONYMOUS_ID);
+        push_str_literal(out, self.anonymous_id);
+        out.push(',');
+        push_key(out, field::SESSION_ID);
+        push_str_literal(out, self.session_id);
+        if let Some(user) = self.user_id {
+            out.push(',');
+            push_key(out, field::USER_ID);
+            push_str_literal(out, user);
+        }
+        for (key, raw) in [(field::PROPS, self.props), (field::CONTEXT, self.context)] {
+            if let Some(raw) = raw.filter(|r| !r.is_empty()) {
+                out.push(',');
+                push_key(out, key);
+                out.push_str(raw);
+            }
+        }
+        out.push('}');
+    }
+}
+
+/// Builds a batch body from events that are each already one JSON object.
+pub struct BatchJson {
+    out: String,
+    count: usize,
+}
+
+impl BatchJson {
+    pub fn new(sent_at: u64, dropped: u64) -> Self {
+        let mut out = String::with_capacity(1024);
+        out.push('{');
+        push_key(&mut out, field::SENT_AT);
+        push_u64(&mut out, sent_at);
+        if dropped > 0 {
+            out.push(',');
+            push_key(&mut out, field::DROPPED);
+            push_u64(&mut out, dropped);
+        }
+        out.push(',');
+        push_key(&mut out, field::EVENTS);
+        out.push('[');
+        BatchJson { out, count: 0 }
+    }
+
+    /// Appends one event object (as written by [`EventJson::write`]).
+    pub fn push_raw_event(&mut self, event_json: &str) {
+        if self.count > 0 {
+            self.out.push(',');
+        }
+        self.out.push_str(event_json);
+        self.count += 1;
+    }
+
+    pub fn len(&self) -> usize {
+        self.count
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// Bytes written so far (before the closing brackets).
+    pub fn byte_len(&self) -> usize {
+        self.out.len()
+    }
+
+    pub fn finish(mut self) -> String {
+        self.out.push_str("]}");
+        self.out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn escapes_quotes_backslashes_and_control_characters() {
+        let mut out = String::new();
+        push_str_literal(&mut out, "a\"b\\c\nd\u{1}é😀");
+        assert_eq!(out, "\"a\\\"b\\\\c\\nd\\u0001é😀\"");
+        let back: String = serde_json::from_str(&out).unwrap();
+        assert_eq!(back, "a\"b\\c\nd\u{1}é😀");
+    }
+
+    #[test]
+    fn numbers() {
+        for n in [0u64, 7, 10, 1_700_000_000_123, u64::MAX] {
+            let mut out = String::new();
+            push_u64(&mut out, n);
+            assert_eq!(out, n.to_string());
+        }
+    }
+
+    #[test]
+    fn batch_is_valid_json_with_optional_fields() {
+        let mut e1 = String::new();
+        EventJson {
+            id: "0190b6f0-0000-7000-8000-000000000001",
+            name: "play \"song\"",
+            ts: 5,
+            anonymous_id: "anon",
+            session_id: "sess",
+            user_id: Some("u1"),
+            props: Some(r#"{"a":[1,2,{"b":null}]}"#),
+            context: None,
+        }
+        .write(&mut e1);
+        let mut e2 = String::new();
+        EventJson {
+            id: "0190b6f0-0000-7000-8000-000000000002",
+            name: "x",
+            ts: 6,
+            anonymous_id: "anon",
+            session_id: "sess",
+            user_id: None,
+            props: Some(""),
+            context: Some(r#"{"path":"/"}"#),
+        }
+        .write(&mut e2);
+        let mut b = BatchJson::new(99, 3);
+        b.push_raw_event(&e1);
+        b.push_raw_event(&e2);
+        assert_eq!(b.len(), 2);
+        let v: serde_json::Value = serde_json::from_str(&b.finish()).unwrap();
+        assert_eq!(v["sent_at"], 99);
+        assert_eq!(v["dropped"], 3);
+        assert_eq!(v["events"][0]["name"], "play \"song\"");
+        assert_eq!(v["events"][0]["user_id"], "u1");
+        assert_eq!(v["events"][0]["props"]["a"][2]["b"], serde_json::Value::Null);
+        assert!(v["events"][1].get("props").is_none());
+        assert!(v["events"][1].get("user_id").is_none());
+        assert_eq!(v["events"][1]["context"]["path"], "/");
+    }
+
+    #[test]
+    fn dropped_is_left_out_when_zero() {
+        let b = BatchJson::new(1, 0);
+        assert_eq!(b.finish(), r#"{"sent_at":1,"events":[]}"#);
+    }
+}

@@ -1,0 +1,106 @@
+//! The collector's view of the wire format (feature `serde`).
+//!
+//! A batch is decoded in two steps: the envelope first, with each event kept as raw JSON,
+//! then each event on its own, so that one malformed event rejects only itself.
+
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+/// `POST /v1/batch` body. Unknown fields are ignored, so an older collector accepts batches
+/// from a newer SDK.
+#[derive(Debug, Deserialize)]
+pub struct BatchEnvelope<'a> {
+    /// Client clock when the batch was sent (ms since the Unix epoch).
+    pub sent_at: u64,
+    /// Events the SDK dropped for lack of space since its last acknowledged batch.
+    #[serde(default)]
+    pub dropped: u64,
+    #[serde(borrow)]
+    pub events: Vec<&'a RawValue>,
+}
+
+/// One event, decoded from its raw JSON.
+#[derive(Debug, Deserialize, Serialize, Clone, PartialEq)]
+pub struct Event {
+    pub id: String,
+    pub name: String,
+    /// Client clock when the event happened (ms since the Unix epoch).
+    pub ts: u64,
+    pub anonymous_id: String,
+    pub session_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub props: Option<serde_json::Map<String, serde_json::Value>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub context: Option<serde_json::Map<String, serde_json::Value>>,
+}
+
+/// 200 answer to a batch.
+#[derive(Debug, Deserialize, Serialize, Clone, PartialEq, Default)]
+pub struct BatchResponse {
+    /// Events newly stored.
+    pub accepted: u64,
+    /// Events already stored before (by id), including repeats inside this batch.
+    pub duplicates: u64,
+    /// Events that can never be accepted; the SDK drops them.
+    pub rejected: Vec<Rejected>,
+}
+
+#[derive(Debug, Deserialize, Serialize, Clone, PartialEq)]
+pub struct Rejected {
+    /// Position of the event in the batch's `events` array.
+    pub index: usize,
+    /// The event's id when it could be read.
+    pub id: Option<String>,
+    pub reason: String,
+}
+
+/// Body of every non-2xx answer.
+#[derive(Debug, Deserialize, Serialize, Clone, PartialEq)]
+pub struct ErrorBody {
+    /// One of [`crate::error_code`].
+    pub error: String,
+    pub message: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::json::{BatchJson, EventJson};
+
+    /// The SDK's writer and the collector's reader agree, including on awkward strings.
+    #[test]
+    fn sdk_writer_round_trips_through_collector_types() {
+        let names = ["plain", "quote\"d", "back\\slash", "ctrl\u{7}\u{1f}", "ünï😀", "'; DROP TABLE events; --"];
+        let mut batch = BatchJson::new(1_700_000_000_000, 2);
+        for (i, name) in names.iter().enumerate() {
+            let mut e = String::new();
+            EventJson {
+                id: &format!("0190b6f0-0000-7000-8000-00000000000{i}"),
+                name,
+                ts: 1_700_000_000_000 - i as u64,
+                anonymous_id: "a\"non",
+                session_id: "s",
+                user_id: (i % 2 == 0).then_some("user\n1"),
+                props: Some(r#"{"k":"v","n":1.5}"#),
+                context: Some(r#"{"path":"/x"}"#),
+            }
+            .write(&mut e);
+            batch.push_raw_event(&e);
+        }
+        let body = batch.finish();
+        let env: BatchEnvelope = serde_json::from_str(&body).unwrap();
+        assert_eq!(env.sent_at, 1_700_000_000_000);
+        assert_eq!(env.dropped, 2);
+        assert_eq!(env.events.len(), names.len());
+        for (i, raw) in env.events.iter().enumerate() {
+            let ev: Event = serde_json::from_str(raw.get()).unwrap();
+            assert_eq!(ev.name, names[i]);
+            assert_eq!(ev.anonymous_id, "a\"non");
+            assert_eq!(ev.user_id.as_deref(), (i % 2 == 0).then_some("user\n1"));
+            assert_eq!(ev.props.as_ref().unwrap()["n"], 1.5);
+            assert_eq!(ev.context.as_ref().unwrap()["path"], "/x");
+        }
+    }
+}
