@@ -1,1 +1,840 @@
+//! Tracklet SDK core: the queue, batching, retry and cross-tab rules, with no I/O.
+//!
+//! Nothing in here reads a clock, draws a random number or touches a browser. Time comes
+//! in as `now` (ms since the Unix epoch), randomness as a seed, stored state as key/value
+//! pairs; the core answers with storage [`Action`]s, [`Outgoing`] batches to send and the
+//! time it wants to be woken ([`Core::next_wake`]). The wasm binding (`sdk-wasm`) maps
+//! those onto localStorage, `fetch`/`sendBeacon` and timers; tests drive it directly,
+//! faster than real time.
 
+#![no_std]
+
+extern crate alloc;
+
+pub mod backoff;
+pub mod gzip;
+pub mod ids;
+pub mod storage;
+
+use alloc::collections::BTreeMap;
+use alloc::string::{String, ToString};
+use alloc::vec::Vec;
+
+pub use backoff::{BackoffSchedule, RetryState};
+use ids::{Rng, UuidV7};
+use tracklet_wire::json::{push_str_literal, push_u64, BatchJson, EventJson};
+
+/// Settings of one tracker, from `tracklet.init(options)`.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Send when this many events are queued.
+    pub max_batch_size: usize,
+    /// ... or when the oldest queued event is this old (ms).
+    pub max_wait_ms: u64,
+    /// Most events kept; beyond it the oldest are dropped (and reported).
+    pub max_queue_events: usize,
+    /// Most bytes of event JSON kept (localStorage quotas are about 5 MB per origin).
+    pub max_queue_bytes: usize,
+    pub backoff: BackoffSchedule,
+    /// How long a tab may hold the sending role without renewing it (a closed or crashed
+    /// tab's role passes to another tab after this).
+    pub lease_ms: u64,
+    /// A session ends after this much inactivity (ms).
+    pub session_idle_ms: u64,
+    /// `(event name, keep rate 0..=1)`.
+    pub sampling: Vec<(String, f64)>,
+    /// Event names never sampled out nor dropped for space.
+    pub always_keep: Vec<String>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            max_batch_size: 50,
+            max_wait_ms: 5_000,
+            max_queue_events: 1_000,
+            max_queue_bytes: 2_000_000,
+            backoff: BackoffSchedule::default(),
+            lease_ms: 30_000,
+            session_idle_ms: 30 * 60 * 1000,
+            sampling: Vec::new(),
+            always_keep: Vec::new(),
+        }
+    }
+}
+
+/// A storage change for the binding to carry out, in order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Action {
+    Set(String, String),
+    Remove(String),
+}
+
+/// A batch to POST: gzip-compressed JSON, at most [`tracklet_wire::SDK_MAX_REQUEST_BYTES`].
+#[derive(Clone, Debug)]
+pub struct Outgoing {
+    /// Pass back to [`Core::on_result`].
+    pub batch: u64,
+    pub body: Vec<u8>,
+    pub events: usize,
+}
+
+/// What became of a batch.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// 2xx. The indices are the events the collector listed as `rejected`.
+    Accepted { rejected: Vec<usize> },
+    /// 400 for the whole batch: it can never be accepted.
+    BadRequest,
+    /// 413: split the batch.
+    TooLarge,
+    /// 401/403: stop sending, keep the events.
+    Unauthorized { status: u16 },
+    /// Network error, 408, 429, 5xx: back off; `retry_after_ms` from the header.
+    Retry {
+        status: u16,
+        retry_after_ms: Option<u64>,
+    },
+    /// The request failed while the browser reports being offline: no attempt is spent.
+    Offline,
+}
+
+/// Why `track()` did not queue an event.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Skipped {
+    OptedOut,
+    Sampled,
+    TooLarge,
+    InvalidName,
+}
+
+/// What `status()` reports. Counts are events; times are ms since the epoch.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Status {
+    /// Events not yet acknowledged (including those in flight).
+    pub pending: usize,
+    pub in_flight: usize,
+    pub last_error: Option<String>,
+    pub last_sent_at: Option<u64>,
+    pub next_retry_at: Option<u64>,
+    pub online: bool,
+    /// Events the collector refused for good (`rejected` lists, 400s, unsplittable 413s).
+    pub rejected: u64,
+    /// Events dropped for space since the last acknowledged batch.
+    pub dropped: u64,
+    pub opted_out: bool,
+}
+
+#[derive(Clone, Debug)]
+struct Record {
+    json: String,
+    /// Never sampled nor dropped for space.
+    keep: bool,
+    /// Written to storage (else it lives only in this tab's memory).
+    persisted: bool,
+}
+
+#[derive(Clone, Debug)]
+struct InFlight {
+    batch: u64,
+    ids: Vec<String>,
+    /// The `dropped` count this batch reported.
+    dropped: u64,
+}
+
+#[derive(Clone, Debug, Default)]
+struct Session {
+    id: String,
+    last: u64,
+    persisted_last: u64,
+}
+
+pub struct Core {
+    cfg: Config,
+    rng: Rng,
+    uuid: UuidV7,
+    /// This tab's id, for the sending lease.
+    tab: String,
+    /// Unacknowledged events by id; UUIDv7 ids sort by creation time.
+    queue: BTreeMap<String, Record>,
+    queue_bytes: usize,
+    anon: String,
+    user: Option<String>,
+    session: Session,
+    context: Option<String>,
+    retry: RetryState,
+    dropped: u64,
+    lease: Option<(String, u64)>,
+    in_flight: Option<InFlight>,
+    next_batch: u64,
+    /// After a 413, batches are at most this many events until one is accepted.
+    split_limit: Option<usize>,
+    online: bool,
+    blocked: bool,
+    opted_out: bool,
+    rejected: u64,
+    last_error: Option<String>,
+    last_sent_at: Option<u64>,
+    actions: Vec<Action>,
+    /// `always_keep` names as JSON literals, to recognise stored records.
+    keep_literals: Vec<String>,
+}
+
+const SESSION_PERSIST_EVERY_MS: u64 = 5_000;
+
+fn pair(a: &str, n: u64) -> String {
+    let mut s = String::with_capacity(a.len() + 14);
+    s.push_str(a);
+    s.push(' ');
+    push_u64(&mut s, n);
+    s
+}
+
+fn event_key(id: &str) -> String {
+    let mut k = String::with_capacity(storage::EVENT.len() + id.len());
+    k.push_str(storage::EVENT);
+    k.push_str(id);
+    k
+}
+
+impl Core {
+    /// A core with an empty queue. `seed` must differ between tabs (the binding draws it
+    /// from `crypto.getRandomValues`). Call [`Core::restore`] next with what storage holds.
+    pub fn new(cfg: Config, seed: u64) -> Self {
+        let mut rng = Rng::new(seed);
+        let tab = ids::uuid_v4(&mut rng);
+        let keep_literals = cfg
+            .always_keep
+            .iter()
+            .map(|n| {
+                let mut s = String::new();
+                push_str_literal(&mut s, n);
+                s
+            })
+            .collect();
+        Core {
+            cfg,
+            rng,
+            uuid: UuidV7::default(),
+            tab,
+            queue: BTreeMap::new(),
+            queue_bytes: 0,
+            anon: String::new(),
+            user: None,
+            session: Session::default(),
+            context: None,
+            retry: RetryState::default(),
+            dropped: 0,
+            lease: None,
+            in_flight: None,
+            next_batch: 1,
+            split_limit: None,
+            online: true,
+            blocked: false,
+            opted_out: false,
+            rejected: 0,
+            last_error: None,
+            last_sent_at: None,
+            actions: Vec::new(),
+            keep_literals,
+        }
+    }
+
+    /// Loads what storage holds (every `tl1:` key with its value): the queue left by
+    /// earlier pages and other tabs, identity, and the shared retry state. Corrupt
+    /// records are removed one by one. Creates the anonymous id when there is none.
+    pub fn restore<'a>(&mut self, entries: impl IntoIterator<Item = (&'a str, &'a str)>, now: u64) {
+        self.adopt(entries, true);
+        if self.anon.is_empty() {
+            self.anon = ids::uuid_v4(&mut self.rng);
+            self.actions
+                .push(Action::Set(storage::ANON.into(), self.anon.clone()));
+        }
+        self.enforce_caps();
+        let _ = now;
+    }
+
+    /// Re-reads shared state written by other tabs (call before sending and before
+    /// clearing): their queued events, acknowledgements, retry state, lease and identity.
+    pub fn refresh<'a>(&mut self, entries: impl IntoIterator<Item = (&'a str, &'a str)>) {
+        self.adopt(entries, false);
+    }
+
+    fn adopt<'a>(&mut self, entries: impl IntoIterator<Item = (&'a str, &'a str)>, first: bool) {
+        let mut stored_ids: Vec<&str> = Vec::new();
+        let mut retry = RetryState::default();
+        let mut lease = None;
+        let mut dropped = 0;
+        let mut opted_out = false;
+        let mut user = None;
+        for (key, value) in entries {
+            if let Some(id) = key.strip_prefix(storage::EVENT) {
+                if !storage::looks_like_event(id, value) {
+                    self.actions.push(Action::Remove(key.into()));
+                    continue;
+                }
+                stored_ids.push(id);
+                if !self.queue.contains_key(id) {
+                    let keep = self.is_keep_record(id.len(), value);
+                    self.queue_bytes += value.len();
+                    self.queue.insert(
+                        id.into(),
+                        Record {
+                            json: value.into(),
+                            keep,
+                            persisted: true,
+                        },
+                    );
+                }
+                continue;
+            }
+            match key {
+                storage::ANON => self.anon = value.into(),
+                storage::USER => user = Some(value.to_string()),
+                storage::SESSION => {
+                    if let Some((id, last)) = storage::split_pair(value) {
+                        if last > self.session.last {
+                            self.session = Session {
+                                id: id.into(),
+                                last,
+                                persisted_last: last,
+                            };
+                        }
+                    }
+                }
+                storage::RETRY => retry = RetryState::decode(value).unwrap_or_default(),
+                storage::LEASE => {
+                    lease = storage::split_pair(value).map(|(t, u)| (t.to_string(), u))
+                }
+                storage::DROPPED => dropped = value.parse().unwrap_or(0),
+                storage::OPT_OUT => opted_out = true,
+                _ => {}
+            }
+        }
+        if !first {
+            // Persisted records gone from storage were acknowledged (or cleared) by another
+            // tab. Ours in flight stay until our own answer comes.
+            stored_ids.sort_unstable();
+            let in_flight = self.in_flight.as_ref().map(|f| &f.ids[..]).unwrap_or(&[]);
+            let gone: Vec<String> = self
+                .queue
+                .iter()
+                .filter(|(id, r)| {
+                    r.persisted
+                        && stored_ids.binary_search(&id.as_str()).is_err()
+                        && !in_flight.contains(id)
+                })
+                .map(|(id, _)| id.clone())
+                .collect();
+            for id in gone {
+                if let Some(r) = self.queue.remove(&id) {
+                    self.queue_bytes -= r.json.len();
+                }
+            }
+        }
+        self.retry = retry;
+        self.lease = lease;
+        self.dropped = dropped;
+        self.opted_out = opted_out;
+        self.user = user;
+    }
+
+    fn is_keep_record(&self, id_len: usize, value: &str) -> bool {
+        self.keep_literals
+            .iter()
+            .any(|lit| storage::event_name_is(value, id_len, lit))
+    }
+
+    /// Page-level context (url, path, title, screen, ...) as a JSON object, added to every
+    /// event tracked after this call.
+    pub fn set_context(&mut self, context_json: Option<String>) {
+        self.context = context_json;
+    }
+
+    /// Queues one event. `props_json` must be a JSON object (the binding passes the output
+    /// of `JSON.stringify`). Returns the event id.
+    pub fn track(
+        &mut self,
+        name: &str,
+        props_json: Option<&str>,
+        now: u64,
+    ) -> Result<String, Skipped> {
+        if self.opted_out {
+            return Err(Skipped::OptedOut);
+        }
+        if name.is_empty() || name.chars().count() > tracklet_wire::MAX_NAME_LEN {
+            return Err(Skipped::InvalidName);
+        }
+        let keep = self.cfg.always_keep.iter().any(|k| k == name);
+        if !keep {
+            if let Some((_, rate)) = self.cfg.sampling.iter().find(|(n, _)| n == name) {
+                if !self.rng.chance(*rate) {
+                    return Err(Skipped::Sampled);
+                }
+            }
+        }
+        self.touch_session(now);
+        let id = self.uuid.next(now, &mut self.rng);
+        let mut json = String::with_capacity(
+            200 + props_json.map_or(0, str::len) + self.context.as_ref().map_or(0, String::len),
+        );
+        EventJson {
+            id: &id,
+            name,
+            ts: now,
+            anonymous_id: &self.anon,
+            session_id: &self.session.id,
+            user_id: self.user.as_deref(),
+            props: props_json,
+            context: self.context.as_deref(),
+        }
+        .write(&mut json);
+        if json.len() > tracklet_wire::MAX_EVENT_BYTES {
+            return Err(Skipped::TooLarge);
+        }
+        self.actions.push(Action::Set(event_key(&id), json.clone()));
+        self.queue_bytes += json.len();
+        self.queue.insert(
+            id.clone(),
+            Record {
+                json,
+                keep,
+                persisted: true,
+            },
+        );
+        self.enforce_caps();
+        Ok(id)
+    }
+
+    /// Sets the user id for this and later events (persisted, shared by tabs).
+    pub fn identify(&mut self, user_id: &str) {
+        self.user = Some(user_id.into());
+        self.actions
+            .push(Action::Set(storage::USER.into(), user_id.into()));
+    }
+
+    /// New anonymous id and session, no user id (for logout).
+    pub fn reset(&mut self, now: u64) {
+        self.anon = ids::uuid_v4(&mut self.rng);
+        self.user = None;
+        self.session = Session::default();
+        self.actions
+            .push(Action::Set(storage::ANON.into(), self.anon.clone()));
+        self.actions.push(Action::Remove(storage::USER.into()));
+        self.touch_session(now);
+    }
+
+    /// Stops tracking (persisted) and discards what is queued.
+    pub fn opt_out(&mut self) -> usize {
+        self.opted_out = true;
+        self.actions
+            .push(Action::Set(storage::OPT_OUT.into(), "1".into()));
+        self.clear()
+    }
+
+    pub fn opt_in(&mut self) {
+        self.opted_out = false;
+        self.actions.push(Action::Remove(storage::OPT_OUT.into()));
+    }
+
+    pub fn opted_out(&self) -> bool {
+        self.opted_out
+    }
+
+    fn touch_session(&mut self, now: u64) {
+        let s = &mut self.session;
+        let fresh = s.id.is_empty() || now.saturating_sub(s.last) > self.cfg.session_idle_ms;
+        if fresh {
+            *s = Session {
+                id: ids::uuid_v4(&mut self.rng),
+                last: now,
+                persisted_last: 0,
+            };
+        }
+        s.last = s.last.max(now);
+        if fresh || s.last.saturating_sub(s.persisted_last) >= SESSION_PERSIST_EVERY_MS {
+            s.persisted_last = s.last;
+            self.actions
+                .push(Action::Set(storage::SESSION.into(), pair(&s.id, s.last)));
+        }
+    }
+
+    /// Another tab wrote the session key (the binding listens for `storage` events).
+    pub fn adopt_session(&mut self, value: &str) {
+        if let Some((id, last)) = storage::split_pair(value) {
+            if last >= self.session.last {
+                self.session = Session {
+                    id: id.into(),
+                    last,
+                    persisted_last: last,
+                };
+            }
+        }
+    }
+
+    pub fn anonymous_id(&self) -> &str {
+        &self.anon
+    }
+
+    pub fn session_id(&self) -> &str {
+        &self.session.id
+    }
+
+    /// Drops the oldest events beyond the count and byte bounds (never `always_keep` ones,
+    /// never those in flight), counting them for the next batch's `dropped`.
+    fn enforce_caps(&mut self) {
+        if self.queue.len() <= self.cfg.max_queue_events
+            && self.queue_bytes <= self.cfg.max_queue_bytes
+        {
+            return;
+        }
+        let in_flight = self.in_flight.as_ref().map(|f| &f.ids[..]).unwrap_or(&[]);
+        let mut victims = Vec::new();
+        let mut count = self.queue.len();
+        let mut bytes = self.queue_bytes;
+        for (id, r) in &self.queue {
+            if count <= self.cfg.max_queue_events && bytes <= self.cfg.max_queue_bytes {
+                break;
+            }
+            if r.keep || in_flight.contains(id) {
+                continue;
+            }
+            count -= 1;
+            bytes -= r.json.len();
+            victims.push(id.clone());
+        }
+        if victims.is_empty() {
+            return;
+        }
+        self.dropped += victims.len() as u64;
+        for id in victims {
+            self.queue.remove(&id);
+            self.actions.push(Action::Remove(event_key(&id)));
+        }
+        self.queue_bytes = bytes;
+        let mut d = String::new();
+        push_u64(&mut d, self.dropped);
+        self.actions.push(Action::Set(storage::DROPPED.into(), d));
+    }
+
+    /// The binding could not write this key (quota exceeded, storage disabled): the event
+    /// lives on in memory only, and a refresh must not mistake it for acknowledged.
+    pub fn persist_failed(&mut self, key: &str) {
+        if let Some(r) = key
+            .strip_prefix(storage::EVENT)
+            .and_then(|id| self.queue.get_mut(id))
+        {
+            r.persisted = false;
+        }
+    }
+
+    /// Discards every queued event that is not in flight; returns how many.
+    pub fn clear(&mut self) -> usize {
+        let in_flight = self
+            .in_flight
+            .as_ref()
+            .map(|f| f.ids.clone())
+            .unwrap_or_default();
+        let ids: Vec<String> = self
+            .queue
+            .keys()
+            .filter(|id| !in_flight.contains(id))
+            .cloned()
+            .collect();
+        for id in &ids {
+            if let Some(r) = self.queue.remove(id) {
+                self.queue_bytes -= r.json.len();
+            }
+            self.actions.push(Action::Remove(event_key(id)));
+        }
+        ids.len()
+    }
+
+    pub fn set_online(&mut self, online: bool) {
+        self.online = online;
+    }
+
+    /// Storage changes to carry out now, in order.
+    pub fn take_actions(&mut self) -> Vec<Action> {
+        core::mem::take(&mut self.actions)
+    }
+
+    /// Events not yet acknowledged, in flight included.
+    pub fn pending(&self) -> usize {
+        self.queue.len()
+    }
+
+    pub fn status(&self) -> Status {
+        Status {
+            pending: self.queue.len(),
+            in_flight: self.in_flight.as_ref().map_or(0, |f| f.ids.len()),
+            last_error: self.last_error.clone(),
+            last_sent_at: self.last_sent_at,
+            next_retry_at: (self.retry.failures > 0 || self.retry.not_before > 0)
+                .then(|| self.retry.next_at.max(self.retry.not_before)),
+            online: self.online,
+            rejected: self.rejected,
+            dropped: self.dropped,
+            opted_out: self.opted_out,
+        }
+    }
+
+    fn lease_held_elsewhere(&self, now: u64) -> Option<u64> {
+        match &self.lease {
+            Some((owner, until)) if *owner != self.tab && *until > now => Some(*until),
+            _ => None,
+        }
+    }
+
+    fn oldest_ms(&self) -> Option<u64> {
+        let (id, _) = self.queue.iter().find(|(id, _)| !self.is_in_flight(id))?;
+        Some(ids::uuid_v7_ms(id).unwrap_or(0))
+    }
+
+    fn is_in_flight(&self, id: &str) -> bool {
+        self.in_flight
+            .as_ref()
+            .is_some_and(|f| f.ids.iter().any(|i| i == id))
+    }
+
+    /// Whether a batch is due now (for `force`, whenever anything is queued), given the
+    /// batching rules, backoff, `Retry-After`, connectivity and the other tabs' lease.
+    fn may_send(&self, now: u64, force: bool) -> bool {
+        if self.in_flight.is_some()
+            || !self.online
+            || self.blocked
+            || self.opted_out
+            || self.queue.is_empty()
+        {
+            return false;
+        }
+        if now < self.retry.not_before || self.lease_held_elsewhere(now).is_some() {
+            return false;
+        }
+        if force {
+            return true;
+        }
+        if now < self.retry.next_at {
+            return false;
+        }
+        self.retry.failures > 0
+            || self.queue.len() >= self.cfg.max_batch_size
+            || self
+                .oldest_ms()
+                .is_some_and(|t| t.saturating_add(self.cfg.max_wait_ms) <= now)
+    }
+
+    /// The next batch to send, if one is due. While it is in flight no other batch is
+    /// started; report its fate with [`Core::on_result`].
+    pub fn poll_send(&mut self, now: u64, force: bool) -> Option<Outgoing> {
+        if !self.may_send(now, force) {
+            return None;
+        }
+        let limit = self
+            .split_limit
+            .unwrap_or(self.cfg.max_batch_size)
+            .clamp(1, tracklet_wire::MAX_EVENTS_PER_BATCH);
+        let (ids, body) = self.build_body(now, limit, |_| true);
+        let batch = self.next_batch;
+        self.next_batch += 1;
+        let events = ids.len();
+        self.in_flight = Some(InFlight {
+            batch,
+            ids,
+            dropped: self.dropped,
+        });
+        self.lease = Some((self.tab.clone(), now + self.cfg.lease_ms));
+        self.actions.push(Action::Set(
+            storage::LEASE.into(),
+            pair(&self.tab, now + self.cfg.lease_ms),
+        ));
+        Some(Outgoing {
+            batch,
+            body,
+            events,
+        })
+    }
+
+    /// Up to `limit` of the oldest events passing `include`, as a gzip body under the
+    /// request cap (halving the count until it fits).
+    fn build_body(
+        &self,
+        now: u64,
+        limit: usize,
+        include: impl Fn(&str) -> bool,
+    ) -> (Vec<String>, Vec<u8>) {
+        let mut n = limit;
+        loop {
+            let mut batch = BatchJson::new(now, self.dropped);
+            let mut ids = Vec::new();
+            for (id, r) in self.queue.iter().filter(|(id, _)| include(id)).take(n) {
+                batch.push_raw_event(&r.json);
+                ids.push(id.clone());
+            }
+            let body = gzip::gzip(batch.finish().as_bytes());
+            if body.len() <= tracklet_wire::SDK_MAX_REQUEST_BYTES || ids.len() <= 1 {
+                return (ids, body);
+            }
+            n = ids.len() / 2;
+        }
+    }
+
+    /// Reports what became of batch `batch`.
+    pub fn on_result(&mut self, batch: u64, outcome: Outcome, now: u64) {
+        let Some(flight) = self.in_flight.take_if(|f| f.batch == batch) else {
+            return;
+        };
+        if self
+            .lease
+            .as_ref()
+            .is_some_and(|(owner, _)| *owner == self.tab)
+        {
+            self.lease = None;
+            self.actions.push(Action::Remove(storage::LEASE.into()));
+        }
+        let n = flight.ids.len();
+        match outcome {
+            Outcome::Accepted { rejected } => {
+                let rejected = rejected.iter().filter(|&&i| i < n).count();
+                self.rejected += rejected as u64;
+                self.remove_events(&flight.ids);
+                self.last_sent_at = Some(now);
+                self.last_error = (rejected > 0).then(|| {
+                    let mut s = String::new();
+                    push_u64(&mut s, rejected as u64);
+                    s.push_str(" events rejected by the collector");
+                    s
+                });
+                self.split_limit = None;
+                self.reset_retry();
+                if flight.dropped > 0 {
+                    self.dropped = self.dropped.saturating_sub(flight.dropped);
+                    self.actions.push(if self.dropped == 0 {
+                        Action::Remove(storage::DROPPED.into())
+                    } else {
+                        let mut d = String::new();
+                        push_u64(&mut d, self.dropped);
+                        Action::Set(storage::DROPPED.into(), d)
+                    });
+                }
+            }
+            Outcome::BadRequest => {
+                self.rejected += n as u64;
+                self.remove_events(&flight.ids);
+                self.last_error = Some("batch rejected by the collector (400)".into());
+                self.reset_retry();
+            }
+            Outcome::TooLarge if n > 1 => {
+                self.split_limit = Some(n / 2);
+                self.last_error = Some("batch too large (413): splitting".into());
+            }
+            Outcome::TooLarge => {
+                self.rejected += 1;
+                self.remove_events(&flight.ids);
+                self.last_error = Some("event too large (413)".into());
+            }
+            Outcome::Unauthorized { status } => {
+                self.blocked = true;
+                let mut s = String::from("HTTP ");
+                push_u64(&mut s, status as u64);
+                s.push_str(": check the apiKey and the project's allowed origins");
+                self.last_error = Some(s);
+            }
+            Outcome::Retry {
+                status,
+                retry_after_ms,
+            } => {
+                self.retry.failures += 1;
+                let delay = self
+                    .cfg
+                    .backoff
+                    .delay_ms(self.retry.failures, &mut self.rng);
+                self.retry.not_before = retry_after_ms.map_or(0, |ra| now + ra);
+                self.retry.next_at = (now + delay).max(self.retry.not_before);
+                self.actions
+                    .push(Action::Set(storage::RETRY.into(), self.retry.encode()));
+                self.last_error = Some(if status == 0 {
+                    "network error".into()
+                } else {
+                    let mut s = String::from("HTTP ");
+                    push_u64(&mut s, status as u64);
+                    s
+                });
+            }
+            Outcome::Offline => {
+                self.online = false;
+                self.last_error = Some("offline".into());
+            }
+        }
+    }
+
+    fn remove_events(&mut self, ids: &[String]) {
+        for id in ids {
+            if let Some(r) = self.queue.remove(id) {
+                self.queue_bytes -= r.json.len();
+                self.actions.push(Action::Remove(event_key(id)));
+            }
+        }
+    }
+
+    fn reset_retry(&mut self) {
+        if self.retry != RetryState::default() {
+            self.retry = RetryState::default();
+            self.actions.push(Action::Remove(storage::RETRY.into()));
+        }
+    }
+
+    /// Bodies for `sendBeacon` when the page goes away: everything queued and not in
+    /// flight, within the browser's 64 KB budget for requests that outlive the page.
+    /// Events stay stored until a normal send is acknowledged; the collector drops the
+    /// duplicates.
+    pub fn unload_batches(&mut self, now: u64) -> Vec<Vec<u8>> {
+        let mut out = Vec::new();
+        if !self.online || self.blocked || self.opted_out || now < self.retry.not_before {
+            return out;
+        }
+        let mut budget = tracklet_wire::SDK_MAX_REQUEST_BYTES;
+        let mut sent: Vec<String> = Vec::new();
+        let limit = self
+            .cfg
+            .max_batch_size
+            .clamp(1, tracklet_wire::MAX_EVENTS_PER_BATCH);
+        loop {
+            let (ids, body) = self.build_body(now, limit, |id| {
+                !self.is_in_flight(id) && !sent.iter().any(|s| s == id)
+            });
+            if ids.is_empty() || body.len() > budget {
+                return out;
+            }
+            budget -= body.len();
+            sent.extend(ids);
+            out.push(body);
+        }
+    }
+
+    /// When the binding should call [`Core::poll_send`] next, if ever (an `online` event,
+    /// a new `track()` or an answer may bring it forward).
+    pub fn next_wake(&self) -> Option<u64> {
+        if self.in_flight.is_some() || !self.online || self.blocked || self.opted_out {
+            return None;
+        }
+        let oldest = self.oldest_ms()?;
+        let due = if self.retry.failures > 0 {
+            self.retry.next_at
+        } else if self.queue.len() >= self.cfg.max_batch_size {
+            0
+        } else {
+            oldest.saturating_add(self.cfg.max_wait_ms)
+        };
+        let mut t = due.max(self.retry.not_before);
+        if let Some((owner, until)) = &self.lease {
+            if *owner != self.tab {
+                t = t.max(*until);
+            }
+        }
+        Some(t)
+    }
+}
+
+#[cfg(test)]
+mod tests;

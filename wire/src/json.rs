@@ -214,7 +214,10 @@ mod tests {
         assert_eq!(v["dropped"], 3);
         assert_eq!(v["events"][0]["name"], "play \"song\"");
         assert_eq!(v["events"][0]["user_id"], "u1");
-        assert_eq!(v["events"][0]["props"]["a"][2]["b"], serde_json::Value::Null);
+        assert_eq!(
+            v["events"][0]["props"]["a"][2]["b"],
+            serde_json::Value::Null
+        );
         assert!(v["events"][1].get("props").is_none());
         assert!(v["events"][1].get("user_id").is_none());
         assert_eq!(v["events"][1]["context"]["path"], "/");

@@ -72,7 +72,14 @@ mod tests {
     /// The SDK's writer and the collector's reader agree, including on awkward strings.
     #[test]
     fn sdk_writer_round_trips_through_collector_types() {
-        let names = ["plain", "quote\"d", "back\\slash", "ctrl\u{7}\u{1f}", "ünï😀", "'; DROP TABLE events; --"];
+        let names = [
+            "plain",
+            "quote\"d",
+            "back\\slash",
+            "ctrl\u{7}\u{1f}",
+            "ünï😀",
+            "'; DROP TABLE events; --",
+        ];
         let mut batch = BatchJson::new(1_700_000_000_000, 2);
         for (i, name) in names.iter().enumerate() {
             let mut e = String::new();
