@@ -1,0 +1,312 @@
+//! The command line: `serve`, `migrate`, `projects add|list|remove`.
+//!
+//! Every flag has a `TRACKLET_*` environment equivalent (and `DATABASE_URL`); the parsed
+//! arguments become the structs of [`crate::config`] here, once, and are passed down.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use chrono::Utc;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::config::{CommitConfig, DbConfig, ServeConfig};
+use crate::http::{self, AppState};
+use crate::shutdown::Shutdown;
+use crate::store::{self, EventStore, Project};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "tracklet-collector",
+    version,
+    about = "Receives Tracklet event batches and stores them in Postgres (or an embedded SQLite file)."
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub db: DbArgs,
+    /// Log format.
+    #[arg(long, env = "TRACKLET_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
+    pub log_format: LogFormat,
+    /// Log filter (tracing `EnvFilter` syntax), e.g. `info` or `tracklet_collector=debug`.
+    #[arg(
+        long,
+        env = "TRACKLET_LOG",
+        default_value = "info,sqlx=warn",
+        global = true
+    )]
+    pub log: String,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Args)]
+pub struct DbArgs {
+    /// Postgres URL (`postgres://user@host/db`) or `sqlite:PATH`. Without it, the embedded
+    /// SQLite file at --sqlite-path is used.
+    #[arg(long, env = "DATABASE_URL", global = true)]
+    pub database_url: Option<String>,
+    /// Embedded SQLite file used when no database URL is given.
+    #[arg(
+        long,
+        env = "TRACKLET_SQLITE_PATH",
+        default_value = "./tracklet.sqlite3",
+        global = true
+    )]
+    pub sqlite_path: PathBuf,
+    /// Postgres connection pool size.
+    #[arg(
+        long,
+        env = "TRACKLET_DB_MAX_CONNECTIONS",
+        default_value_t = 10,
+        global = true
+    )]
+    pub db_max_connections: u32,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve the HTTP API (applies migrations first).
+    Serve(ServeArgs),
+    /// Apply database migrations and exit.
+    Migrate,
+    /// Manage projects (write keys, read keys, allowed origins, rate limits).
+    Projects {
+        #[command(subcommand)]
+        command: ProjectsCommand,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, env = "TRACKLET_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+    /// Also serve the files of this directory under `/` (GET only, after the API routes).
+    #[arg(long, env = "TRACKLET_STATIC_DIR")]
+    pub static_dir: Option<PathBuf>,
+    /// Take the client IP from the last X-Forwarded-For entry (only behind a trusted proxy).
+    #[arg(long, env = "TRACKLET_TRUST_FORWARDED_FOR")]
+    pub trust_forwarded_for: bool,
+    /// MaxMind-format database (GeoLite2-City.mmdb) for country/city lookup.
+    #[arg(long, env = "TRACKLET_GEOIP_DB")]
+    pub geoip_db: Option<PathBuf>,
+    /// Drop event partitions older than this many months (0: keep forever).
+    #[arg(long, env = "TRACKLET_RETENTION_MONTHS", default_value_t = 0)]
+    pub retention_months: u32,
+    /// Monthly partitions to create ahead of the current month.
+    #[arg(long, env = "TRACKLET_PARTITION_MONTHS_AHEAD", default_value_t = 3)]
+    pub partition_months_ahead: u32,
+    /// Seconds between partition maintenance runs.
+    #[arg(long, env = "TRACKLET_PARTITION_INTERVAL_SECS", default_value_t = 3600)]
+    pub partition_interval_secs: u64,
+    /// Rows per group-commit transaction (at most).
+    #[arg(long, env = "TRACKLET_COMMIT_MAX_ROWS", default_value_t = 2000)]
+    pub commit_max_rows: usize,
+    /// Milliseconds a group commit waits for more rows after the first.
+    #[arg(long, env = "TRACKLET_COMMIT_MAX_DELAY_MS", default_value_t = 2)]
+    pub commit_max_delay_ms: u64,
+    /// Rows the commit queue holds before answering 503.
+    #[arg(long, env = "TRACKLET_QUEUE_CAPACITY_ROWS", default_value_t = 50_000)]
+    pub queue_capacity_rows: usize,
+    /// Seconds allowed to receive a request body (408 after).
+    #[arg(long, env = "TRACKLET_BODY_TIMEOUT_SECS", default_value_t = 10)]
+    pub body_timeout_secs: u64,
+    /// Seconds allowed for draining on SIGTERM/SIGINT.
+    #[arg(long, env = "TRACKLET_SHUTDOWN_TIMEOUT_SECS", default_value_t = 30)]
+    pub shutdown_timeout_secs: u64,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ProjectsCommand {
+    /// Create a project; prints it as one JSON object.
+    Add {
+        #[arg(long)]
+        name: String,
+        /// Allowed browser origin, e.g. https://example.com (repeat for several; `*` for any).
+        #[arg(long = "origin")]
+        origins: Vec<String>,
+        /// Events per second this project may send (default: unlimited).
+        #[arg(long)]
+        rate_limit: Option<u32>,
+    },
+    /// Print all projects as a JSON array.
+    List,
+    /// Remove a project by name or id.
+    Remove {
+        /// Name of the project.
+        #[arg(long, conflicts_with = "id", required_unless_present = "id")]
+        name: Option<String>,
+        /// Id of the project.
+        #[arg(long)]
+        id: Option<String>,
+    },
+}
+
+impl DbArgs {
+    pub fn to_config(&self) -> DbConfig {
+        DbConfig {
+            database_url: self.database_url.clone().filter(|u| !u.is_empty()),
+            sqlite_path: self.sqlite_path.clone(),
+            max_connections: self.db_max_connections,
+        }
+    }
+}
+
+impl ServeArgs {
+    pub fn to_config(&self) -> ServeConfig {
+        let queue = self.queue_capacity_rows.max(1);
+        ServeConfig {
+            listen: self.listen,
+            static_dir: self.static_dir.clone(),
+            trust_forwarded_for: self.trust_forwarded_for,
+            geoip_db: self.geoip_db.clone(),
+            retention_months: self.retention_months,
+            partition_months_ahead: self.partition_months_ahead,
+            partition_interval: Duration::from_secs(self.partition_interval_secs.max(1)),
+            commit: CommitConfig {
+                max_rows: self.commit_max_rows.max(1),
+                max_delay: Duration::from_millis(self.commit_max_delay_ms),
+                queue_capacity_rows: queue,
+                high_water_rows: queue / 5 * 4,
+                ..CommitConfig::default()
+            },
+            body_read_timeout: Duration::from_secs(self.body_timeout_secs.max(1)),
+            shutdown_timeout: Duration::from_secs(self.shutdown_timeout_secs),
+        }
+    }
+}
+
+/// Sets up logging on stderr (stdout is for command output such as `projects add`).
+pub fn init_logging(format: LogFormat, filter: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Json => builder.json().try_init(),
+        LogFormat::Text => builder.try_init(),
+    };
+}
+
+/// Runs the parsed command.
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    let db = cli.db.to_config();
+    match cli.command {
+        Command::Serve(args) => serve(&db, args.to_config()).await,
+        Command::Migrate => {
+            let store = open_migrated(&db).await?;
+            tracing::info!(backend = store.backend(), "migrations applied");
+            Ok(())
+        }
+        Command::Projects { command } => projects(&db, command).await,
+    }
+}
+
+async fn open_migrated(db: &DbConfig) -> anyhow::Result<Arc<dyn EventStore>> {
+    let store = store::open(db).await.context("cannot open the database")?;
+    store.migrate().await.context("cannot apply migrations")?;
+    Ok(store)
+}
+
+async fn projects(db: &DbConfig, command: ProjectsCommand) -> anyhow::Result<()> {
+    let store = open_migrated(db).await?;
+    match command {
+        ProjectsCommand::Add {
+            name,
+            origins,
+            rate_limit,
+        } => {
+            anyhow::ensure!(!name.trim().is_empty(), "--name must not be empty");
+            let project = Project::new(name.trim(), origins, rate_limit);
+            store.add_project(&project).await?;
+            println!("{}", serde_json::to_string(&project)?);
+        }
+        ProjectsCommand::List => {
+            println!("{}", serde_json::to_string(&store.list_projects().await?)?);
+        }
+        ProjectsCommand::Remove { name, id } => {
+            let target = name.or(id).unwrap_or_default();
+            anyhow::ensure!(
+                store.remove_project(&target).await?,
+                "no project named {target:?}"
+            );
+            eprintln!("removed project {target:?}");
+        }
+    }
+    Ok(())
+}
+
+/// `serve`: migrate, keep partitions, answer requests until SIGTERM/SIGINT, then drain.
+pub async fn serve(db: &DbConfig, config: ServeConfig) -> anyhow::Result<()> {
+    let store = open_migrated(db).await?;
+    let shutdown = Shutdown::new();
+    shutdown.on_os_signals();
+    let maintenance = tokio::spawn(keep_partitions(
+        store.clone(),
+        config.clone(),
+        shutdown.clone(),
+    ));
+
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.listen))?;
+    let shutdown_timeout = config.shutdown_timeout;
+    let (state, committer) = AppState::new(config, store.clone())?;
+    tracing::info!(address = %listener.local_addr()?, backend = store.backend(), "listening");
+
+    let app = http::router(state).into_make_service_with_connect_info::<SocketAddr>();
+    let server = axum::serve(listener, app).with_graceful_shutdown({
+        let shutdown = shutdown.clone();
+        async move { shutdown.wait().await }
+    });
+    // In-flight requests get `shutdown_timeout` to finish once shutdown starts.
+    let deadline = async {
+        shutdown.wait().await;
+        tokio::time::sleep(shutdown_timeout).await;
+    };
+    tokio::select! {
+        result = server => result.context("server failed")?,
+        _ = deadline => tracing::warn!("in-flight requests did not finish in time"),
+    }
+    // The router (and every handle on the committer) is gone: the committer commits what
+    // is queued and stops.
+    match tokio::time::timeout(shutdown_timeout, committer).await {
+        Ok(_) => tracing::info!("commit queue drained; bye"),
+        Err(_) => tracing::warn!("commit queue not drained in time"),
+    }
+    maintenance.abort();
+    Ok(())
+}
+
+/// Creates upcoming partitions and drops expired ones now and every `partition_interval`.
+async fn keep_partitions(store: Arc<dyn EventStore>, config: ServeConfig, shutdown: Shutdown) {
+    loop {
+        match store
+            .maintain_partitions(
+                Utc::now(),
+                config.partition_months_ahead,
+                config.retention_months,
+            )
+            .await
+        {
+            Ok(report) if report.created.is_empty() && report.dropped.is_empty() => {}
+            Ok(report) => {
+                tracing::info!(created = ?report.created, dropped = ?report.dropped, "partitions maintained")
+            }
+            Err(e) => tracing::warn!(error = %e, "partition maintenance failed; will retry"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(config.partition_interval) => {}
+            _ = shutdown.wait() => return,
+        }
+    }
+}

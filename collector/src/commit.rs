@@ -1,0 +1,220 @@
+//! Group commit: one task turns the rows of many concurrent requests into few transactions.
+//!
+//! Requests hand their rows to the [`GroupCommitter`] and wait on a oneshot channel; the
+//! committer task gathers whatever is queued (up to N rows, waiting at most T), inserts it in
+//! one transaction and only then answers each request, so a 200 always means "committed".
+//! The queue is bounded in rows: when full, requests get 503 instead of growing memory.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinHandle;
+
+use crate::config::CommitConfig;
+use crate::metrics;
+use crate::store::{EventRow, EventStore, StoreError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum CommitError {
+    #[error("commit queue is full")]
+    QueueFull,
+    #[error("database unavailable: {0}")]
+    Unavailable(String),
+    #[error("the database refused these events: {0}")]
+    Refused(String),
+    #[error("the collector is shutting down")]
+    Stopped,
+}
+
+/// Rows of one request waiting for their transaction.
+struct Job {
+    rows: Vec<EventRow>,
+    reply: oneshot::Sender<Result<Vec<bool>, CommitError>>,
+    /// Queue capacity held by these rows until they are committed (or failed).
+    _capacity: OwnedSemaphorePermit,
+}
+
+/// The requests' handle on the committer task. Cloning is cheap; the task ends once every
+/// clone is dropped and the queue is drained.
+#[derive(Clone)]
+pub struct GroupCommitter {
+    jobs: mpsc::UnboundedSender<Job>,
+    capacity: Arc<Semaphore>,
+    queued_rows: Arc<AtomicUsize>,
+    config: CommitConfig,
+}
+
+impl GroupCommitter {
+    /// Starts the committer task; await the handle after dropping every `GroupCommitter` to
+    /// know that everything accepted has been committed.
+    pub fn start(
+        store: Arc<dyn EventStore>,
+        config: CommitConfig,
+    ) -> (GroupCommitter, JoinHandle<()>) {
+        let (jobs, receiver) = mpsc::unbounded_channel();
+        let queued_rows = Arc::new(AtomicUsize::new(0));
+        let task = tokio::spawn(run_committer(
+            store,
+            receiver,
+            config.clone(),
+            queued_rows.clone(),
+        ));
+        let committer = GroupCommitter {
+            jobs,
+            capacity: Arc::new(Semaphore::new(config.queue_capacity_rows)),
+            queued_rows,
+            config,
+        };
+        (committer, task)
+    }
+
+    /// Commits `rows` (with the rows of concurrent requests) and tells, per row, whether it was
+    /// newly stored. Returns only after the transaction has committed.
+    pub async fn commit(&self, rows: Vec<EventRow>) -> Result<Vec<bool>, CommitError> {
+        if rows.is_empty() {
+            return Ok(Vec::new());
+        }
+        let n = rows.len();
+        let permits = u32::try_from(n).map_err(|_| CommitError::QueueFull)?;
+        let capacity = self
+            .capacity
+            .clone()
+            .try_acquire_many_owned(permits)
+            .map_err(|_| CommitError::QueueFull)?;
+        let (reply, answer) = oneshot::channel();
+        self.queued_rows.fetch_add(n, Ordering::Relaxed);
+        metrics::queue_depth(self.queued_rows());
+        if self
+            .jobs
+            .send(Job {
+                rows,
+                reply,
+                _capacity: capacity,
+            })
+            .is_err()
+        {
+            self.queued_rows.fetch_sub(n, Ordering::Relaxed);
+            return Err(CommitError::Stopped);
+        }
+        answer.await.map_err(|_| CommitError::Stopped)?
+    }
+
+    /// Rows accepted but not yet committed.
+    pub fn queued_rows(&self) -> usize {
+        self.queued_rows.load(Ordering::Relaxed)
+    }
+
+    /// False when the queue is above its high-water mark (`/readyz` then says not ready).
+    pub fn below_high_water(&self) -> bool {
+        self.queued_rows() < self.config.high_water_rows
+    }
+}
+
+async fn run_committer(
+    store: Arc<dyn EventStore>,
+    mut receiver: mpsc::UnboundedReceiver<Job>,
+    config: CommitConfig,
+    queued_rows: Arc<AtomicUsize>,
+) {
+    while let Some(first) = receiver.recv().await {
+        let mut rows = first.rows.len();
+        let mut jobs = vec![first];
+        let deadline = tokio::time::Instant::now() + config.max_delay;
+        while rows < config.max_rows {
+            let next = match receiver.try_recv() {
+                Ok(job) => Some(job),
+                Err(mpsc::error::TryRecvError::Empty) => {
+                    tokio::time::timeout_at(deadline, receiver.recv())
+                        .await
+                        .ok()
+                        .flatten()
+                }
+                Err(mpsc::error::TryRecvError::Disconnected) => None,
+            };
+            match next {
+                Some(job) => {
+                    rows += job.rows.len();
+                    jobs.push(job);
+                }
+                None => break,
+            }
+        }
+        commit_jobs(store.as_ref(), jobs, &config).await;
+        queued_rows.fetch_sub(rows, Ordering::Relaxed);
+        metrics::queue_depth(queued_rows.load(Ordering::Relaxed));
+    }
+    tracing::debug!("commit queue drained; committer stopped");
+}
+
+/// Commits the rows of `jobs` in one transaction and answers each job. If the database
+/// refuses the transaction (not an outage), each job is retried alone so that one bad request
+/// cannot fail the others.
+async fn commit_jobs(store: &dyn EventStore, jobs: Vec<Job>, config: &CommitConfig) {
+    let rows: Vec<EventRow> = jobs.iter().flat_map(|j| j.rows.iter().cloned()).collect();
+    match insert_with_retry(store, &rows, config).await {
+        Ok(inserted) => {
+            let mut rest = inserted.as_slice();
+            for job in jobs {
+                let (mine, tail) = rest.split_at(job.rows.len().min(rest.len()));
+                rest = tail;
+                let _ = job.reply.send(Ok(mine.to_vec()));
+            }
+        }
+        Err(e) if !e.is_transient() && jobs.len() > 1 => {
+            tracing::warn!(error = %e, jobs = jobs.len(), "group commit refused; committing requests one by one");
+            for job in jobs {
+                let result = insert_with_retry(store, &job.rows, config)
+                    .await
+                    .map_err(to_commit_error);
+                let _ = job.reply.send(result);
+            }
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, rows = rows.len(), "commit failed");
+            let (transient, message) = (e.is_transient(), e.to_string());
+            for job in jobs {
+                let _ = job
+                    .reply
+                    .send(Err(commit_error(transient, message.clone())));
+            }
+        }
+    }
+}
+
+fn to_commit_error(e: StoreError) -> CommitError {
+    commit_error(e.is_transient(), e.to_string())
+}
+
+fn commit_error(transient: bool, message: String) -> CommitError {
+    if transient {
+        CommitError::Unavailable(message)
+    } else {
+        CommitError::Refused(message)
+    }
+}
+
+/// Inserts, retrying with backoff while the database is unreachable (up to `max_attempts`).
+async fn insert_with_retry(
+    store: &dyn EventStore,
+    rows: &[EventRow],
+    config: &CommitConfig,
+) -> Result<Vec<bool>, StoreError> {
+    let mut backoff = Duration::from_millis(100);
+    let mut attempt = 1;
+    loop {
+        let started = Instant::now();
+        let result = store.insert_events(rows).await;
+        metrics::commit_finished(started.elapsed(), rows.len(), result.is_ok());
+        match result {
+            Err(e) if e.is_transient() && attempt < config.max_attempts => {
+                tracing::warn!(error = %e, attempt, "database unavailable; retrying commit");
+                tokio::time::sleep(backoff).await;
+                backoff *= 3;
+                attempt += 1;
+            }
+            other => return other,
+        }
+    }
+}

@@ -1,0 +1,86 @@
+//! The collector's configuration: one struct per concern, built once from the command line
+//! (and its `TRACKLET_*` environment equivalents) in [`crate::cli`], then passed down.
+//!
+//! Nothing below `main` reads the environment; tests build these structs directly.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Which database to use.
+#[derive(Debug, Clone)]
+pub struct DbConfig {
+    /// `postgres://...` (production) or `sqlite:...`; `None` uses [`DbConfig::sqlite_path`].
+    pub database_url: Option<String>,
+    /// Embedded SQLite file used when no database URL is given.
+    pub sqlite_path: PathBuf,
+    /// Postgres pool size.
+    pub max_connections: u32,
+}
+
+/// Group commit tuning (see [`crate::commit`]).
+#[derive(Debug, Clone)]
+pub struct CommitConfig {
+    /// A transaction is started once this many rows are waiting...
+    pub max_rows: usize,
+    /// ...or once the first waiting row has waited this long.
+    pub max_delay: Duration,
+    /// Rows accepted into the queue before requests get 503 (bounds memory).
+    pub queue_capacity_rows: usize,
+    /// `/readyz` reports not ready above this many queued rows.
+    pub high_water_rows: usize,
+    /// Attempts per transaction while the database is unreachable, before answering 503.
+    pub max_attempts: u32,
+}
+
+impl Default for CommitConfig {
+    fn default() -> Self {
+        CommitConfig {
+            max_rows: 2000,
+            max_delay: Duration::from_millis(2),
+            queue_capacity_rows: 50_000,
+            high_water_rows: 40_000,
+            max_attempts: 3,
+        }
+    }
+}
+
+/// Everything `serve` needs besides the database.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    pub listen: SocketAddr,
+    /// Files served under `/` (GET only) after the API routes.
+    pub static_dir: Option<PathBuf>,
+    /// Take the client IP from the last `X-Forwarded-For` entry (set only behind a proxy).
+    pub trust_forwarded_for: bool,
+    /// MaxMind-format database for country/city lookup.
+    pub geoip_db: Option<PathBuf>,
+    /// Drop event partitions older than this many months; 0 keeps everything.
+    pub retention_months: u32,
+    /// Monthly partitions created ahead of the current month.
+    pub partition_months_ahead: u32,
+    /// How often partitions are created/dropped while serving.
+    pub partition_interval: Duration,
+    pub commit: CommitConfig,
+    /// Time allowed to receive a request body (408 after).
+    pub body_read_timeout: Duration,
+    /// Longest wait for in-flight requests and the commit queue on shutdown.
+    pub shutdown_timeout: Duration,
+}
+
+impl Default for ServeConfig {
+    fn default() -> Self {
+        ServeConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            static_dir: None,
+            trust_forwarded_for: false,
+            geoip_db: None,
+            retention_months: 0,
+            partition_months_ahead: 3,
+            partition_interval: Duration::from_secs(3600),
+            commit: CommitConfig::default(),
+            body_read_timeout: crate::limits::BODY_READ_TIMEOUT,
+            shutdown_timeout: Duration::from_secs(30),
+        }
+    }
+}

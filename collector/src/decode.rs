@@ -1,0 +1,225 @@
+//! Turns a request body into a batch envelope, with every byte bounded.
+//!
+//! Reads the (compressed) body under a size cap and a deadline, sniffs gzip by its magic
+//! bytes (the SDK sends gzip as `text/plain` with no `Content-Encoding`), inflates while
+//! counting so a gzip bomb costs at most the cap, then parses the envelope with raw events.
+
+use std::io::Read;
+use std::time::Duration;
+
+use axum::body::Body;
+use bytes::{Bytes, BytesMut};
+use http_body_util::BodyExt;
+use tracklet_wire::types::BatchEnvelope;
+
+use crate::limits::{
+    MAX_BODY_BYTES, MAX_DECOMPRESSED_BYTES, MAX_DECOMPRESSION_RATIO, MAX_EVENTS_PER_BATCH,
+    RATIO_FREE_DECOMPRESSED_BYTES,
+};
+
+const GZIP_MAGIC: [u8; 2] = [0x1f, 0x8b];
+
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    #[error("request body larger than {limit} bytes")]
+    BodyTooLarge { limit: usize },
+    #[error("decompressed body larger than {limit} bytes")]
+    DecompressedTooLarge { limit: usize },
+    #[error("{count} events in one batch; at most {max} allowed", max = MAX_EVENTS_PER_BATCH)]
+    TooManyEvents { count: usize },
+    #[error("request body not received in time")]
+    Timeout,
+    #[error("unsupported content encoding {0:?} (use gzip or none)")]
+    UnsupportedEncoding(String),
+    #[error("invalid gzip data: {0}")]
+    InvalidGzip(String),
+    #[error("body is not valid UTF-8")]
+    InvalidUtf8,
+    #[error("malformed batch: {0}")]
+    Malformed(String),
+    #[error("could not read request body: {0}")]
+    BodyRead(String),
+}
+
+/// How the body is compressed, from the `Content-Encoding` header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Encoding {
+    Gzip,
+    /// No header (or `identity`): gzip is still detected by its magic bytes.
+    Sniff,
+}
+
+impl Encoding {
+    pub fn from_header(value: Option<&str>) -> Result<Encoding, DecodeError> {
+        match value.map(|v| v.trim().to_ascii_lowercase()) {
+            None => Ok(Encoding::Sniff),
+            Some(v) if v.is_empty() || v == "identity" => Ok(Encoding::Sniff),
+            Some(v) if v == "gzip" || v == "x-gzip" => Ok(Encoding::Gzip),
+            Some(v) => Err(DecodeError::UnsupportedEncoding(v)),
+        }
+    }
+}
+
+/// Reads the whole body, refusing more than [`MAX_BODY_BYTES`] or taking longer than
+/// `timeout`. A `Content-Length` above the cap is refused before reading anything.
+pub async fn read_body(
+    body: Body,
+    content_length: Option<u64>,
+    timeout: Duration,
+) -> Result<Bytes, DecodeError> {
+    let limit = MAX_BODY_BYTES;
+    if content_length.is_some_and(|len| len > limit as u64) {
+        return Err(DecodeError::BodyTooLarge { limit });
+    }
+    let read = async move {
+        let mut body = body;
+        let mut buf = BytesMut::new();
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| DecodeError::BodyRead(e.to_string()))?;
+            if let Ok(data) = frame.into_data() {
+                if buf.len() + data.len() > limit {
+                    return Err(DecodeError::BodyTooLarge { limit });
+                }
+                buf.extend_from_slice(&data);
+            }
+        }
+        Ok(buf.freeze())
+    };
+    tokio::time::timeout(timeout, read)
+        .await
+        .map_err(|_| DecodeError::Timeout)?
+}
+
+/// Most decompressed bytes allowed for `compressed_len` input bytes.
+pub fn decompressed_limit(compressed_len: usize) -> usize {
+    compressed_len
+        .saturating_mul(MAX_DECOMPRESSION_RATIO)
+        .clamp(RATIO_FREE_DECOMPRESSED_BYTES, MAX_DECOMPRESSED_BYTES)
+}
+
+/// The JSON text of the body: inflated when gzip (by header or magic bytes), else as is.
+pub fn decompress(raw: Bytes, encoding: Encoding) -> Result<Bytes, DecodeError> {
+    let is_gzip = encoding == Encoding::Gzip || raw.starts_with(&GZIP_MAGIC);
+    if !is_gzip {
+        return Ok(raw);
+    }
+    let limit = decompressed_limit(raw.len());
+    let mut decoder = flate2::read::MultiGzDecoder::new(&raw[..]);
+    let mut out = Vec::with_capacity((raw.len() * 4).min(limit));
+    let mut chunk = vec![0u8; 64 * 1024];
+    loop {
+        let n = decoder
+            .read(&mut chunk)
+            .map_err(|e| DecodeError::InvalidGzip(e.to_string()))?;
+        if n == 0 {
+            break;
+        }
+        if out.len() + n > limit {
+            return Err(DecodeError::DecompressedTooLarge { limit });
+        }
+        out.extend_from_slice(&chunk[..n]);
+    }
+    Ok(Bytes::from(out))
+}
+
+/// Parses the envelope, keeping each event as raw JSON (decoded one by one later).
+pub fn parse_envelope(json: &[u8]) -> Result<BatchEnvelope<'_>, DecodeError> {
+    let text = std::str::from_utf8(json).map_err(|_| DecodeError::InvalidUtf8)?;
+    let envelope: BatchEnvelope =
+        serde_json::from_str(text).map_err(|e| DecodeError::Malformed(e.to_string()))?;
+    if envelope.events.len() > MAX_EVENTS_PER_BATCH {
+        return Err(DecodeError::TooManyEvents {
+            count: envelope.events.len(),
+        });
+    }
+    Ok(envelope)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use flate2::write::GzEncoder;
+    use std::io::Write;
+
+    fn gzip(data: &[u8]) -> Bytes {
+        let mut enc = GzEncoder::new(Vec::new(), flate2::Compression::best());
+        enc.write_all(data).unwrap();
+        Bytes::from(enc.finish().unwrap())
+    }
+
+    #[test]
+    fn gzip_is_sniffed_without_header() {
+        let body = gzip(br#"{"sent_at":1,"events":[]}"#);
+        let out = decompress(body, Encoding::Sniff).unwrap();
+        assert_eq!(&out[..], br#"{"sent_at":1,"events":[]}"#);
+    }
+
+    #[test]
+    fn plain_body_passes_through() {
+        let out = decompress(Bytes::from_static(b"{}"), Encoding::Sniff).unwrap();
+        assert_eq!(&out[..], b"{}");
+    }
+
+    #[test]
+    fn gzip_bomb_stops_at_the_ratio_cap() {
+        // 50 MiB of zeros compresses to ~50 KiB: far beyond both caps.
+        let bomb = gzip(&vec![0u8; 50 * 1024 * 1024]);
+        let limit = decompressed_limit(bomb.len());
+        assert!(limit < MAX_DECOMPRESSED_BYTES);
+        assert!(matches!(
+            decompress(bomb, Encoding::Sniff),
+            Err(DecodeError::DecompressedTooLarge { .. })
+        ));
+    }
+
+    #[test]
+    fn decompressed_limit_is_ratio_bounded_and_capped() {
+        assert_eq!(decompressed_limit(10), RATIO_FREE_DECOMPRESSED_BYTES);
+        assert_eq!(decompressed_limit(20_000), 2_000_000);
+        assert_eq!(decompressed_limit(MAX_BODY_BYTES), MAX_DECOMPRESSED_BYTES);
+    }
+
+    #[test]
+    fn header_gzip_with_garbage_is_invalid() {
+        assert!(matches!(
+            decompress(Bytes::from_static(b"not gzip"), Encoding::Gzip),
+            Err(DecodeError::InvalidGzip(_))
+        ));
+    }
+
+    #[test]
+    fn encodings_other_than_gzip_are_unsupported() {
+        assert!(matches!(
+            Encoding::from_header(Some("br")),
+            Err(DecodeError::UnsupportedEncoding(_))
+        ));
+        assert_eq!(Encoding::from_header(Some("GZIP")).unwrap(), Encoding::Gzip);
+        assert_eq!(Encoding::from_header(None).unwrap(), Encoding::Sniff);
+    }
+
+    #[test]
+    fn envelope_caps_event_count() {
+        let events = vec!["{}"; MAX_EVENTS_PER_BATCH + 1].join(",");
+        let body = format!(r#"{{"sent_at":1,"events":[{events}]}}"#);
+        assert!(matches!(
+            parse_envelope(body.as_bytes()),
+            Err(DecodeError::TooManyEvents { .. })
+        ));
+    }
+
+    #[test]
+    fn envelope_rejects_bad_utf8_and_types() {
+        assert!(matches!(
+            parse_envelope(b"{\"sent_at\":1,\"events\":[\"\xff\"]}"),
+            Err(DecodeError::InvalidUtf8)
+        ));
+        assert!(matches!(
+            parse_envelope(br#"{"sent_at":"x","events":[]}"#),
+            Err(DecodeError::Malformed(_))
+        ));
+        assert!(matches!(
+            parse_envelope(br#"{"events":[]}"#),
+            Err(DecodeError::Malformed(_))
+        ));
+    }
+}

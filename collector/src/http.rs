@@ -1,0 +1,340 @@
+//! The HTTP surface: routes, and the batch pipeline read top to bottom.
+//!
+//! `POST /v1/batch`: authenticate (key, origin; before reading any body) -> decode (capped,
+//! gzip-sniffed) -> rate limit -> validate (per event) -> enrich -> group commit -> respond.
+//! Also `/healthz`, `/readyz`, `/metrics`, `/v1/stats`, CORS, and the optional static files.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::extract::{ConnectInfo, MatchedPath, Request, State};
+use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use chrono::{DateTime, Utc};
+use metrics_exporter_prometheus::PrometheusHandle;
+use tracing::Instrument;
+use tracklet_wire::types::BatchResponse;
+
+use crate::auth::{self, AuthError, ProjectCache};
+use crate::commit::GroupCommitter;
+use crate::config::ServeConfig;
+use crate::decode::{self, DecodeError, Encoding};
+use crate::enrich::{self, EnrichError, Enricher};
+use crate::error::{ApiError, UNAVAILABLE_RETRY_AFTER_SECS};
+use crate::metrics;
+use crate::ratelimit::RateLimiter;
+use crate::stats;
+use crate::store::{EventRow, EventStore};
+use crate::validate;
+
+/// Everything a request handler needs, shared by all requests.
+#[derive(Clone)]
+pub struct AppState {
+    config: Arc<ServeConfig>,
+    store: Arc<dyn EventStore>,
+    committer: GroupCommitter,
+    projects: Arc<ProjectCache>,
+    limiter: Arc<RateLimiter>,
+    enricher: Arc<Enricher>,
+    metrics: PrometheusHandle,
+}
+
+impl AppState {
+    /// Builds the state and starts the group committer. The returned task ends once every
+    /// clone of the state is dropped and the commit queue is drained.
+    pub fn new(
+        config: ServeConfig,
+        store: Arc<dyn EventStore>,
+    ) -> Result<(AppState, tokio::task::JoinHandle<()>), EnrichError> {
+        let enricher = Enricher::new(config.geoip_db.as_deref())?;
+        let (committer, task) = GroupCommitter::start(store.clone(), config.commit.clone());
+        let state = AppState {
+            projects: Arc::new(ProjectCache::new(store.clone())),
+            config: Arc::new(config),
+            store,
+            committer,
+            limiter: Arc::new(RateLimiter::new()),
+            enricher: Arc::new(enricher),
+            metrics: metrics::install(),
+        };
+        Ok((state, task))
+    }
+}
+
+/// The collector's routes; files of `static_dir` (if any) are the fallback, GET only.
+pub fn router(state: AppState) -> Router {
+    let static_dir = state.config.static_dir.clone();
+    let api = Router::new()
+        .route("/v1/batch", post(post_batch).options(preflight))
+        .route("/v1/stats", get(get_stats).options(preflight))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(render_metrics))
+        .with_state(state);
+    let app = match static_dir {
+        Some(dir) => api.fallback_service(tower_http::services::ServeDir::new(dir)),
+        None => api.fallback(|| async { ApiError::NotFound }),
+    };
+    app.layer(middleware::from_fn(observe))
+}
+
+/// Request id, tracing span, and request count/latency metrics for every request.
+async fn observe(request: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let request_id = request
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 64 && v.bytes().all(|b| b.is_ascii_graphic()))
+        .map(str::to_owned)
+        .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string());
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|| "other".to_owned());
+    let method = request.method().clone();
+    let span = tracing::info_span!("request", id = %request_id, method = %method, route = %route);
+    let mut response = next.run(request).instrument(span.clone()).await;
+    let status = response.status().as_u16();
+    span.in_scope(|| {
+        tracing::debug!(
+            status,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "request finished"
+        )
+    });
+    metrics::request_finished(&route, method.as_str(), status, started.elapsed());
+    if let Ok(value) = HeaderValue::from_str(&request_id) {
+        response
+            .headers_mut()
+            .insert(HeaderName::from_static("x-request-id"), value);
+    }
+    response
+}
+
+fn header_str<'h>(headers: &'h HeaderMap, name: &HeaderName) -> Option<&'h str> {
+    headers.get(name).and_then(|v| v.to_str().ok())
+}
+
+/// `POST /v1/batch`.
+async fn post_batch(State(state): State<AppState>, request: Request) -> Response {
+    let origin = header_str(request.headers(), &header::ORIGIN).map(str::to_owned);
+    let result = receive_batch(&state, request).await;
+    // Every answer but "origin not allowed" may be read by the page (none leaks data), so
+    // the SDK can see 429/503 and their Retry-After.
+    let readable = !matches!(result, Err(ApiError::Auth(AuthError::OriginNotAllowed(_))));
+    let mut response = match result {
+        Ok(answer) => Json(answer).into_response(),
+        Err(e) => e.into_response(),
+    };
+    if let (true, Some(origin)) = (readable, origin) {
+        add_cors_headers(response.headers_mut(), &origin);
+    }
+    response
+}
+
+/// The batch pipeline.
+async fn receive_batch(state: &AppState, request: Request) -> Result<BatchResponse, ApiError> {
+    let received_at = Utc::now();
+    let (parts, body) = request.into_parts();
+    let headers = &parts.headers;
+
+    // Authenticate first: the cheapest refusal, before reading a byte of body.
+    let key = auth::request_key(&parts.uri, headers).ok_or(AuthError::MissingKey)?;
+    let project = state.projects.by_write_key(&key).await?;
+    auth::check_origin(&project, header_str(headers, &header::ORIGIN))?;
+
+    // Decode.
+    let encoding = Encoding::from_header(header_str(headers, &header::CONTENT_ENCODING))?;
+    let content_length = header_str(headers, &header::CONTENT_LENGTH).and_then(|v| v.parse().ok());
+    let raw = decode::read_body(body, content_length, state.config.body_read_timeout).await?;
+    let json = decode::decompress(raw, encoding)?;
+    let envelope = decode::parse_envelope(&json)?;
+    let sent_at = i64::try_from(envelope.sent_at)
+        .ok()
+        .and_then(DateTime::from_timestamp_millis)
+        .ok_or_else(|| DecodeError::Malformed("sent_at out of range".into()))?;
+    metrics::batch_received(envelope.events.len());
+    if envelope.dropped > 0 {
+        metrics::sdk_dropped(envelope.dropped);
+    }
+
+    // Back-pressure: the project's events per second.
+    state.limiter.check(&project, envelope.events.len())?;
+
+    // Validate each event on its own; repeats of an id within the batch are stored once.
+    let validated = validate::validate_batch(&envelope.events);
+    for (_, code) in &validated.rejected {
+        metrics::event_rejected(code);
+    }
+    let mut seen = HashSet::with_capacity(validated.valid.len());
+    let (unique, repeats): (Vec<_>, Vec<_>) =
+        validated.valid.into_iter().partition(|v| seen.insert(v.id));
+
+    // Enrich.
+    let peer = parts
+        .extensions
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0);
+    let forwarded_for = header_str(headers, &HeaderName::from_static("x-forwarded-for"));
+    let client_ip = enrich::client_ip(peer, forwarded_for, state.config.trust_forwarded_for);
+    let request_facts = state
+        .enricher
+        .for_request(header_str(headers, &header::USER_AGENT), client_ip);
+    let rows: Vec<EventRow> = unique
+        .into_iter()
+        .filter_map(|v| {
+            let ts = DateTime::from_timestamp_millis(v.event.ts as i64)?;
+            Some(EventRow {
+                project_id: project.id,
+                id: v.id,
+                ts,
+                sent_at,
+                received_at,
+                time: enrich::skew_corrected(v.event.ts, envelope.sent_at, received_at),
+                enrichment: enrich::for_event(&request_facts, &v.event),
+                name: v.event.name,
+                anonymous_id: v.event.anonymous_id,
+                session_id: v.event.session_id,
+                user_id: v.event.user_id,
+                props: v.event.props.map(serde_json::Value::Object),
+                context: v.event.context.map(serde_json::Value::Object),
+            })
+        })
+        .collect();
+
+    // Group commit: returns only once the rows are committed.
+    let inserted = state.committer.commit(rows).await?;
+    let accepted = inserted.iter().filter(|new| **new).count() as u64;
+    let duplicates = (inserted.len() as u64 - accepted) + repeats.len() as u64;
+    metrics::events_accepted(accepted);
+    metrics::events_duplicate(duplicates);
+    Ok(BatchResponse {
+        accepted,
+        duplicates,
+        rejected: validated.rejected.into_iter().map(|(r, _)| r).collect(),
+    })
+}
+
+fn add_cors_headers(headers: &mut HeaderMap, origin: &str) {
+    if let Ok(value) = HeaderValue::from_str(origin) {
+        headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, value);
+        headers.insert(header::VARY, HeaderValue::from_static("Origin"));
+        headers.insert(
+            header::ACCESS_CONTROL_EXPOSE_HEADERS,
+            HeaderValue::from_static("Retry-After"),
+        );
+    }
+}
+
+/// `OPTIONS` preflight: allowed when the origin is allowed for the key in the query (or when
+/// the key comes in a header, which the preflight cannot show; the request itself is checked).
+async fn preflight(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    uri: axum::http::Uri,
+) -> Response {
+    let Some(origin) = header_str(&headers, &header::ORIGIN) else {
+        return StatusCode::NO_CONTENT.into_response();
+    };
+    if let Some(key) = auth::request_key(&uri, &HeaderMap::new()) {
+        let project = match uri.path() {
+            "/v1/stats" => state.projects.by_read_key(&key).await,
+            _ => state.projects.by_write_key(&key).await,
+        };
+        if let Ok(project) = project {
+            if let Err(e) = auth::check_origin(&project, Some(origin)) {
+                return ApiError::from(e).into_response();
+            }
+        }
+    }
+    let mut response = StatusCode::NO_CONTENT.into_response();
+    let h = response.headers_mut();
+    add_cors_headers(h, origin);
+    h.insert(
+        header::ACCESS_CONTROL_ALLOW_METHODS,
+        HeaderValue::from_static("POST, GET, OPTIONS"),
+    );
+    h.insert(
+        header::ACCESS_CONTROL_ALLOW_HEADERS,
+        HeaderValue::from_static("Content-Type, Authorization, Content-Encoding"),
+    );
+    h.insert(
+        header::ACCESS_CONTROL_MAX_AGE,
+        HeaderValue::from_static("86400"),
+    );
+    response
+}
+
+/// `GET /v1/stats?from=&to=` with the read key.
+async fn get_stats(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    uri: axum::http::Uri,
+) -> Response {
+    let origin = header_str(&headers, &header::ORIGIN);
+    let result = async {
+        let key = auth::request_key(&uri, &headers).ok_or(AuthError::MissingKey)?;
+        let project = state.projects.by_read_key(&key).await?;
+        auth::check_origin(&project, origin)?;
+        let from = auth::query_param(&uri, "from");
+        let to = auth::query_param(&uri, "to");
+        let (from, to) = stats::range(from.as_deref(), to.as_deref(), Utc::now())?;
+        Ok::<_, ApiError>(state.store.stats(project.id, from, to).await?)
+    }
+    .await;
+    let readable = !matches!(result, Err(ApiError::Auth(AuthError::OriginNotAllowed(_))));
+    let mut response = match result {
+        Ok(stats) => Json(stats).into_response(),
+        Err(e) => e.into_response(),
+    };
+    if let (true, Some(origin)) = (readable, origin) {
+        add_cors_headers(response.headers_mut(), origin);
+    }
+    response
+}
+
+async fn healthz() -> Json<serde_json::Value> {
+    Json(serde_json::json!({ "status": "ok" }))
+}
+
+/// Ready when the database answers and the commit queue is below its high-water mark.
+async fn readyz(State(state): State<AppState>) -> Response {
+    let database = match tokio::time::timeout(Duration::from_secs(2), state.store.ping()).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("database ping timed out".to_owned()),
+    };
+    let queue_ok = state.committer.below_high_water();
+    let ready = database.is_ok() && queue_ok;
+    let body = Json(serde_json::json!({
+        "status": if ready { "ready" } else { "not_ready" },
+        "backend": state.store.backend(),
+        "database": database.err().unwrap_or_else(|| "ok".to_owned()),
+        "queued_rows": state.committer.queued_rows(),
+        "queue_below_high_water": queue_ok,
+    }));
+    if ready {
+        (StatusCode::OK, body).into_response()
+    } else {
+        let retry = [(
+            header::RETRY_AFTER,
+            UNAVAILABLE_RETRY_AFTER_SECS.to_string(),
+        )];
+        (StatusCode::SERVICE_UNAVAILABLE, retry, body).into_response()
+    }
+}
+
+async fn render_metrics(State(state): State<AppState>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        state.metrics.render(),
+    )
+        .into_response()
+}

@@ -1,0 +1,22 @@
+//! Tracklet's collector: receives event batches from the SDK and stores them.
+//!
+//! A batch flows through one pipeline, read top to bottom in [`http`]:
+//! [`decode`] -> [`auth`] -> [`validate`] -> [`enrich`] -> [`commit`] (group commit into a
+//! [`store`]) -> respond. Every error on the way is mapped to a status and a JSON body in
+//! exactly one place, [`error`].
+
+pub mod auth;
+pub mod cli;
+pub mod commit;
+pub mod config;
+pub mod decode;
+pub mod enrich;
+pub mod error;
+pub mod http;
+pub mod limits;
+pub mod metrics;
+pub mod ratelimit;
+pub mod shutdown;
+pub mod stats;
+pub mod store;
+pub mod validate;

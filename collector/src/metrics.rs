@@ -1,0 +1,69 @@
+//! Prometheus metrics: names and labels in one place, recorded through the `metrics` facade.
+//!
+//! The recorder is installed once per process (tests build many routers in one process);
+//! `GET /metrics` renders it.
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Installs the Prometheus recorder (first call) and returns its handle.
+pub fn install() -> PrometheusHandle {
+    HANDLE
+        .get_or_init(|| {
+            let builder = PrometheusBuilder::new();
+            let recorder = builder.build_recorder();
+            let handle = recorder.handle();
+            // Fails only if another recorder is installed; the handle still renders ours.
+            let _ = metrics::set_global_recorder(recorder);
+            handle
+        })
+        .clone()
+}
+
+pub fn request_finished(route: &str, method: &str, status: u16, elapsed: Duration) {
+    let labels = [
+        ("route", route.to_owned()),
+        ("method", method.to_owned()),
+        ("status", status.to_string()),
+    ];
+    metrics::counter!("tracklet_http_requests_total", &labels).increment(1);
+    metrics::histogram!("tracklet_http_request_duration_seconds", &labels[..2])
+        .record(elapsed.as_secs_f64());
+}
+
+pub fn batch_received(events: usize) {
+    metrics::histogram!("tracklet_batch_events").record(events as f64);
+}
+
+pub fn events_accepted(n: u64) {
+    metrics::counter!("tracklet_events_total", "outcome" => "accepted").increment(n);
+}
+
+pub fn events_duplicate(n: u64) {
+    metrics::counter!("tracklet_events_total", "outcome" => "duplicate").increment(n);
+}
+
+pub fn event_rejected(reason: &'static str) {
+    metrics::counter!("tracklet_events_total", "outcome" => "rejected", "reason" => reason)
+        .increment(1);
+}
+
+pub fn commit_finished(elapsed: Duration, rows: usize, ok: bool) {
+    let outcome = if ok { "ok" } else { "error" };
+    metrics::histogram!("tracklet_commit_duration_seconds", "outcome" => outcome)
+        .record(elapsed.as_secs_f64());
+    metrics::histogram!("tracklet_commit_rows").record(rows as f64);
+}
+
+pub fn queue_depth(rows: usize) {
+    metrics::gauge!("tracklet_commit_queue_rows").set(rows as f64);
+}
+
+/// Events the SDK reports having dropped (its queue was full) before this batch.
+pub fn sdk_dropped(n: u64) {
+    metrics::counter!("tracklet_sdk_dropped_events_total").increment(n);
+}

@@ -1,0 +1,295 @@
+//! Where events and projects live: one trait, [`EventStore`], with two backends.
+//!
+//! Postgres ([`postgres`]) is the production store (partitioned, shared by many collectors);
+//! SQLite ([`sqlite`]) is the embedded default so a newcomer needs no server. Both dedupe on
+//! (project, event id) with `INSERT ... ON CONFLICT DO NOTHING` and report which rows were new.
+
+pub mod postgres;
+pub mod sqlite;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use uuid::Uuid;
+
+use crate::config::DbConfig;
+use crate::enrich::Enrichment;
+
+/// A project: who may write (write key, origins), who may read (read key), and how fast.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Project {
+    pub id: Uuid,
+    pub name: String,
+    pub write_key: String,
+    pub read_key: String,
+    /// Allowed `Origin` values (exact match; `*` allows any).
+    pub origins: Vec<String>,
+    /// Events per second the project may send; `None` is unlimited.
+    pub rate_limit: Option<u32>,
+}
+
+impl Project {
+    /// A new project with fresh random keys.
+    pub fn new(name: &str, origins: Vec<String>, rate_limit: Option<u32>) -> Project {
+        Project {
+            id: Uuid::now_v7(),
+            name: name.to_owned(),
+            write_key: format!("wk_{}", Uuid::new_v4().simple()),
+            read_key: format!("rk_{}", Uuid::new_v4().simple()),
+            origins,
+            rate_limit,
+        }
+    }
+}
+
+/// Which of a project's keys is presented.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum KeyKind {
+    /// Sends events (`POST /v1/batch`).
+    Write,
+    /// Reads stats (`GET /v1/stats`).
+    Read,
+}
+
+impl KeyKind {
+    /// The `projects` column holding this key.
+    pub(crate) fn column(self) -> &'static str {
+        match self {
+            KeyKind::Write => "write_key",
+            KeyKind::Read => "read_key",
+        }
+    }
+}
+
+/// One validated, enriched event, ready to be stored.
+#[derive(Debug, Clone)]
+pub struct EventRow {
+    pub project_id: Uuid,
+    pub id: Uuid,
+    pub name: String,
+    /// Client clock when the event happened (also the Postgres partition key).
+    pub ts: DateTime<Utc>,
+    /// Client clock when the batch was sent.
+    pub sent_at: DateTime<Utc>,
+    /// Server clock when the batch arrived.
+    pub received_at: DateTime<Utc>,
+    /// Skew-corrected event time: `received_at - (sent_at - ts)`, never after `received_at`.
+    pub time: DateTime<Utc>,
+    pub anonymous_id: String,
+    pub session_id: String,
+    pub user_id: Option<String>,
+    pub props: Option<serde_json::Value>,
+    pub context: Option<serde_json::Value>,
+    pub enrichment: Enrichment,
+}
+
+/// Answer of `GET /v1/stats`.
+#[derive(Debug, Clone, Serialize, PartialEq, Default)]
+pub struct Stats {
+    pub from: DateTime<Utc>,
+    pub to: DateTime<Utc>,
+    pub total_events: i64,
+    pub unique_visitors: i64,
+    pub unique_sessions: i64,
+    pub events_by_name: Vec<NameCount>,
+    pub events_per_day: Vec<DayCount>,
+}
+
+impl Stats {
+    /// Assembles the answer from the three queries every backend runs.
+    pub(crate) fn assemble(
+        (from, to): (DateTime<Utc>, DateTime<Utc>),
+        (total_events, unique_visitors, unique_sessions): (i64, i64, i64),
+        by_name: Vec<(String, i64)>,
+        per_day: Vec<(String, i64)>,
+    ) -> Stats {
+        Stats {
+            from,
+            to,
+            total_events,
+            unique_visitors,
+            unique_sessions,
+            events_by_name: by_name
+                .into_iter()
+                .map(|(name, events)| NameCount { name, events })
+                .collect(),
+            events_per_day: per_day
+                .into_iter()
+                .map(|(day, events)| DayCount { day, events })
+                .collect(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct NameCount {
+    pub name: String,
+    pub events: i64,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct DayCount {
+    /// `YYYY-MM-DD`, UTC.
+    pub day: String,
+    pub events: i64,
+}
+
+/// What [`EventStore::maintain_partitions`] did.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PartitionReport {
+    pub created: Vec<String>,
+    pub dropped: Vec<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database cannot be reached (down, pool exhausted, connection lost): retry later.
+    #[error("database unavailable: {0}")]
+    Unavailable(#[source] sqlx::Error),
+    /// The database answered with an error for this statement.
+    #[error("database error: {0}")]
+    Query(#[source] sqlx::Error),
+    #[error("migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("a project named {0:?} already exists")]
+    ProjectExists(String),
+}
+
+impl StoreError {
+    /// True when retrying later may succeed (the database itself is unreachable).
+    pub fn is_transient(&self) -> bool {
+        matches!(self, StoreError::Unavailable(_))
+    }
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(e: sqlx::Error) -> Self {
+        match &e {
+            sqlx::Error::Io(_)
+            | sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::Tls(_)
+            | sqlx::Error::WorkerCrashed => StoreError::Unavailable(e),
+            sqlx::Error::Database(db) if is_unavailable_sqlstate(db.code().as_deref()) => {
+                StoreError::Unavailable(e)
+            }
+            _ => StoreError::Query(e),
+        }
+    }
+}
+
+/// SQLSTATE classes meaning "the server cannot serve you now" rather than "bad statement":
+/// 08 connection exception, 53 insufficient resources, 57P0x shutdown/cannot connect now,
+/// 40001/40P01 serialization failure/deadlock; SQLite busy/locked (5, 6).
+fn is_unavailable_sqlstate(code: Option<&str>) -> bool {
+    match code {
+        Some(c) => {
+            c.starts_with("08")
+                || c.starts_with("53")
+                || c.starts_with("57P0")
+                || c == "40001"
+                || c == "40P01"
+                || c == "5"
+                || c == "6"
+        }
+        None => false,
+    }
+}
+
+#[async_trait]
+pub trait EventStore: Send + Sync + 'static {
+    /// `"postgres"` or `"sqlite"`.
+    fn backend(&self) -> &'static str;
+    /// Applies the embedded migrations of this backend.
+    async fn migrate(&self) -> Result<(), StoreError>;
+    /// Cheap round trip proving the database answers.
+    async fn ping(&self) -> Result<(), StoreError>;
+    /// Stores `rows` in one transaction, skipping (project_id, id) already stored. Returns, for
+    /// each row, whether it was newly stored; of repeats within `rows`, only the first can be.
+    async fn insert_events(&self, rows: &[EventRow]) -> Result<Vec<bool>, StoreError>;
+    async fn add_project(&self, project: &Project) -> Result<(), StoreError>;
+    async fn list_projects(&self) -> Result<Vec<Project>, StoreError>;
+    /// Removes the project whose name or id is `name_or_id`; false when none matched.
+    async fn remove_project(&self, name_or_id: &str) -> Result<bool, StoreError>;
+    /// The project whose write or read key is `key`.
+    async fn project_by_key(&self, kind: KeyKind, key: &str)
+        -> Result<Option<Project>, StoreError>;
+    async fn stats(
+        &self,
+        project_id: Uuid,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+    ) -> Result<Stats, StoreError>;
+    /// Creates monthly partitions from last month to `months_ahead` after `now`'s month, and
+    /// drops data older than `retention_months` full months (0 keeps everything).
+    async fn maintain_partitions(
+        &self,
+        now: DateTime<Utc>,
+        months_ahead: u32,
+        retention_months: u32,
+    ) -> Result<PartitionReport, StoreError>;
+}
+
+/// Opens the store the configuration names: Postgres when a database URL is given, else the
+/// embedded SQLite file. Does not migrate.
+pub async fn open(db: &DbConfig) -> Result<Arc<dyn EventStore>, StoreError> {
+    match db.database_url.as_deref() {
+        Some(url) if url.starts_with("postgres:") || url.starts_with("postgresql:") => Ok(
+            Arc::new(postgres::PgStore::connect(url, db.max_connections).await?),
+        ),
+        Some(url) if url.starts_with("sqlite:") => {
+            Ok(Arc::new(sqlite::SqliteStore::open_url(url).await?))
+        }
+        Some(other) => Err(StoreError::Query(sqlx::Error::Configuration(
+            format!(
+                "unsupported database URL scheme in {:?} (use postgres:// or sqlite:)",
+                other.split(':').next().unwrap_or_default()
+            )
+            .into(),
+        ))),
+        None => Ok(Arc::new(
+            sqlite::SqliteStore::open_path(&db.sqlite_path).await?,
+        )),
+    }
+}
+
+/// Maps each row to "newly stored" given the set of keys the database reported inserted: the
+/// first row with an inserted key claims it, later repeats are duplicates.
+pub(crate) fn claim_inserted(
+    rows: &[EventRow],
+    mut inserted: std::collections::HashSet<(Uuid, Uuid)>,
+) -> Vec<bool> {
+    rows.iter()
+        .map(|r| inserted.remove(&(r.project_id, r.id)))
+        .collect()
+}
+
+/// First instant of the month `offset` months after the month of `t` (negative: before).
+pub fn month_start(t: DateTime<Utc>, offset: i32) -> DateTime<Utc> {
+    use chrono::{Datelike, TimeZone};
+    let months = t.year() * 12 + t.month0() as i32 + offset;
+    let (year, month0) = (months.div_euclid(12), months.rem_euclid(12) as u32);
+    Utc.with_ymd_and_hms(year, month0 + 1, 1, 0, 0, 0)
+        .single()
+        .unwrap_or(t)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn month_start_crosses_years() {
+        let t = DateTime::parse_from_rfc3339("2026-11-22T10:00:00Z")
+            .unwrap()
+            .with_timezone(&Utc);
+        assert_eq!(month_start(t, 0).to_rfc3339(), "2026-11-01T00:00:00+00:00");
+        assert_eq!(month_start(t, 2).to_rfc3339(), "2027-01-01T00:00:00+00:00");
+        assert_eq!(
+            month_start(t, -11).to_rfc3339(),
+            "2025-12-01T00:00:00+00:00"
+        );
+    }
+}

@@ -1,0 +1,369 @@
+//! The production store: Postgres, `events` partitioned by month of the client timestamp.
+//!
+//! Owns the SQL for Postgres: batched inserts via `UNNEST` with `ON CONFLICT DO NOTHING
+//! RETURNING` (dedupe and "what was new" in one round trip), and monthly partition upkeep.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Datelike, Utc};
+use sqlx::postgres::{PgPool, PgPoolOptions};
+use sqlx::Row;
+use uuid::Uuid;
+
+use super::{
+    claim_inserted, month_start, EventRow, EventStore, KeyKind, PartitionReport, Project, Stats,
+    StoreError,
+};
+
+pub struct PgStore {
+    pool: PgPool,
+}
+
+/// Lock id serialising partition maintenance across collectors sharing one database.
+const PARTITION_LOCK_ID: i64 = 0x7472_6163_6b6c_6574; // "tracklet"
+
+impl PgStore {
+    fn pool_options(max_connections: u32) -> PgPoolOptions {
+        PgPoolOptions::new()
+            .max_connections(max_connections.max(1))
+            // Fail fast when the database is down: the request gets a 503 + Retry-After.
+            .acquire_timeout(Duration::from_secs(3))
+    }
+
+    /// Connects now (fails when the database is unreachable).
+    pub async fn connect(url: &str, max_connections: u32) -> Result<PgStore, StoreError> {
+        let pool = Self::pool_options(max_connections).connect(url).await?;
+        Ok(PgStore { pool })
+    }
+
+    /// Connects on first use; the pool reconnects by itself after an outage.
+    pub fn connect_lazy(url: &str, max_connections: u32) -> Result<PgStore, StoreError> {
+        let pool = Self::pool_options(max_connections).connect_lazy(url)?;
+        Ok(PgStore { pool })
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+}
+
+fn project_from_row(row: &sqlx::postgres::PgRow) -> Result<Project, sqlx::Error> {
+    Ok(Project {
+        id: row.try_get("id")?,
+        name: row.try_get("name")?,
+        write_key: row.try_get("write_key")?,
+        read_key: row.try_get("read_key")?,
+        origins: row.try_get("origins")?,
+        rate_limit: row
+            .try_get::<Option<i32>, _>("rate_limit")?
+            .map(|r| r.max(0) as u32),
+    })
+}
+
+const PROJECT_COLUMNS: &str = "id, name, write_key, read_key, origins, rate_limit";
+
+/// `events_y2026m11` for November 2026.
+pub fn partition_name(month: DateTime<Utc>) -> String {
+    format!("events_y{:04}m{:02}", month.year(), month.month())
+}
+
+/// Inverse of [`partition_name`]: the month a partition holds.
+fn partition_month(name: &str) -> Option<DateTime<Utc>> {
+    use chrono::TimeZone;
+    let rest = name.strip_prefix("events_y")?;
+    let (y, m) = rest.split_once('m')?;
+    Utc.with_ymd_and_hms(y.parse().ok()?, m.parse().ok()?, 1, 0, 0, 0)
+        .single()
+}
+
+#[async_trait]
+impl EventStore for PgStore {
+    fn backend(&self) -> &'static str {
+        "postgres"
+    }
+
+    async fn migrate(&self) -> Result<(), StoreError> {
+        sqlx::migrate!("./migrations/postgres")
+            .run(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    async fn insert_events(&self, rows: &[EventRow]) -> Result<Vec<bool>, StoreError> {
+        if rows.is_empty() {
+            return Ok(Vec::new());
+        }
+        let n = rows.len();
+        let mut project_id = Vec::with_capacity(n);
+        let mut id = Vec::with_capacity(n);
+        let mut ts = Vec::with_capacity(n);
+        let mut name = Vec::with_capacity(n);
+        let mut anonymous_id = Vec::with_capacity(n);
+        let mut session_id = Vec::with_capacity(n);
+        let mut user_id = Vec::with_capacity(n);
+        let mut props = Vec::with_capacity(n);
+        let mut context = Vec::with_capacity(n);
+        let mut sent_at = Vec::with_capacity(n);
+        let mut received_at = Vec::with_capacity(n);
+        let mut time = Vec::with_capacity(n);
+        let mut browser = Vec::with_capacity(n);
+        let mut browser_version = Vec::with_capacity(n);
+        let mut os = Vec::with_capacity(n);
+        let mut device_type = Vec::with_capacity(n);
+        let mut is_bot = Vec::with_capacity(n);
+        let mut bot_reason = Vec::with_capacity(n);
+        let mut ip = Vec::with_capacity(n);
+        let mut country = Vec::with_capacity(n);
+        let mut city = Vec::with_capacity(n);
+        for r in rows {
+            let e = &r.enrichment;
+            project_id.push(r.project_id);
+            id.push(r.id);
+            ts.push(r.ts);
+            name.push(r.name.as_str());
+            anonymous_id.push(r.anonymous_id.as_str());
+            session_id.push(r.session_id.as_str());
+            user_id.push(r.user_id.as_deref());
+            props.push(r.props.clone());
+            context.push(r.context.clone());
+            sent_at.push(r.sent_at);
+            received_at.push(r.received_at);
+            time.push(r.time);
+            browser.push(e.browser.as_deref());
+            browser_version.push(e.browser_version.as_deref());
+            os.push(e.os.as_deref());
+            device_type.push(e.device_type.as_deref());
+            is_bot.push(e.is_bot);
+            bot_reason.push(e.bot_reason.as_deref());
+            ip.push(e.ip.as_deref());
+            country.push(e.country.as_deref());
+            city.push(e.city.as_deref());
+        }
+        let inserted: Vec<(Uuid, Uuid)> = sqlx::query_as(
+            "INSERT INTO events (project_id, id, ts, name, anonymous_id, session_id, user_id, \
+                 props, context, sent_at, received_at, time, browser, browser_version, os, \
+                 device_type, is_bot, bot_reason, ip, country, city) \
+             SELECT * FROM UNNEST($1::uuid[], $2::uuid[], $3::timestamptz[], $4::text[], \
+                 $5::text[], $6::text[], $7::text[], $8::jsonb[], $9::jsonb[], \
+                 $10::timestamptz[], $11::timestamptz[], $12::timestamptz[], $13::text[], \
+                 $14::text[], $15::text[], $16::text[], $17::bool[], $18::text[], $19::text[], \
+                 $20::text[], $21::text[]) \
+             ON CONFLICT DO NOTHING \
+             RETURNING project_id, id",
+        )
+        .bind(&project_id)
+        .bind(&id)
+        .bind(&ts)
+        .bind(&name)
+        .bind(&anonymous_id)
+        .bind(&session_id)
+        .bind(&user_id)
+        .bind(&props)
+        .bind(&context)
+        .bind(&sent_at)
+        .bind(&received_at)
+        .bind(&time)
+        .bind(&browser)
+        .bind(&browser_version)
+        .bind(&os)
+        .bind(&device_type)
+        .bind(&is_bot)
+        .bind(&bot_reason)
+        .bind(&ip)
+        .bind(&country)
+        .bind(&city)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(claim_inserted(
+            rows,
+            inserted.into_iter().collect::<HashSet<_>>(),
+        ))
+    }
+
+    async fn add_project(&self, p: &Project) -> Result<(), StoreError> {
+        let result = sqlx::query(
+            "INSERT INTO projects (id, name, write_key, read_key, origins, rate_limit) \
+             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (name) DO NOTHING",
+        )
+        .bind(p.id)
+        .bind(&p.name)
+        .bind(&p.write_key)
+        .bind(&p.read_key)
+        .bind(&p.origins)
+        .bind(p.rate_limit.map(|r| r.min(i32::MAX as u32) as i32))
+        .execute(&self.pool)
+        .await?;
+        if result.rows_affected() == 0 {
+            return Err(StoreError::ProjectExists(p.name.clone()));
+        }
+        Ok(())
+    }
+
+    async fn list_projects(&self) -> Result<Vec<Project>, StoreError> {
+        let rows = sqlx::query(&format!(
+            "SELECT {PROJECT_COLUMNS} FROM projects ORDER BY created_at, name"
+        ))
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .iter()
+            .map(project_from_row)
+            .collect::<Result<_, _>>()?)
+    }
+
+    async fn remove_project(&self, name_or_id: &str) -> Result<bool, StoreError> {
+        let id = Uuid::parse_str(name_or_id).ok();
+        let result = sqlx::query("DELETE FROM projects WHERE name = $1 OR id = $2")
+            .bind(name_or_id)
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(result.rows_affected() > 0)
+    }
+
+    async fn project_by_key(
+        &self,
+        kind: KeyKind,
+        key: &str,
+    ) -> Result<Option<Project>, StoreError> {
+        let column = kind.column();
+        let row = sqlx::query(&format!(
+            "SELECT {PROJECT_COLUMNS} FROM projects WHERE {column} = $1"
+        ))
+        .bind(key)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.as_ref().map(project_from_row).transpose()?)
+    }
+
+    async fn stats(
+        &self,
+        project_id: Uuid,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+    ) -> Result<Stats, StoreError> {
+        let totals: (i64, i64, i64) = sqlx::query_as(
+            "SELECT count(*), count(DISTINCT anonymous_id), count(DISTINCT session_id) \
+             FROM events WHERE project_id = $1 AND time >= $2 AND time < $3",
+        )
+        .bind(project_id)
+        .bind(from)
+        .bind(to)
+        .fetch_one(&self.pool)
+        .await?;
+        let by_name: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT name, count(*) FROM events \
+             WHERE project_id = $1 AND time >= $2 AND time < $3 \
+             GROUP BY name ORDER BY count(*) DESC, name LIMIT 1000",
+        )
+        .bind(project_id)
+        .bind(from)
+        .bind(to)
+        .fetch_all(&self.pool)
+        .await?;
+        let per_day: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT to_char(time AT TIME ZONE 'UTC', 'YYYY-MM-DD') AS day, count(*) FROM events \
+             WHERE project_id = $1 AND time >= $2 AND time < $3 GROUP BY day ORDER BY day",
+        )
+        .bind(project_id)
+        .bind(from)
+        .bind(to)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(Stats::assemble((from, to), totals, by_name, per_day))
+    }
+
+    async fn maintain_partitions(
+        &self,
+        now: DateTime<Utc>,
+        months_ahead: u32,
+        retention_months: u32,
+    ) -> Result<PartitionReport, StoreError> {
+        let mut report = PartitionReport::default();
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(PARTITION_LOCK_ID)
+            .execute(&mut *tx)
+            .await?;
+        let existing: Vec<String> = sqlx::query_scalar(
+            "SELECT c.relname::text FROM pg_inherits i \
+             JOIN pg_class c ON c.oid = i.inhrelid \
+             JOIN pg_class p ON p.oid = i.inhparent \
+             WHERE p.relname = 'events' AND p.relnamespace = to_regnamespace(current_schema())",
+        )
+        .fetch_all(&mut *tx)
+        .await?;
+
+        for offset in -1..=(months_ahead as i32) {
+            let start = month_start(now, offset);
+            let end = month_start(now, offset + 1);
+            let name = partition_name(start);
+            if existing.contains(&name) {
+                continue;
+            }
+            // Rows that landed in the default partition for this month move into the new
+            // partition; attaching would otherwise fail on them.
+            sqlx::query(&format!(
+                "CREATE TABLE {name} (LIKE events INCLUDING DEFAULTS INCLUDING CONSTRAINTS)"
+            ))
+            .execute(&mut *tx)
+            .await?;
+            sqlx::query(&format!(
+                "WITH moved AS (DELETE FROM events_default WHERE ts >= $1 AND ts < $2 \
+                 RETURNING *) INSERT INTO {name} SELECT * FROM moved"
+            ))
+            .bind(start)
+            .bind(end)
+            .execute(&mut *tx)
+            .await?;
+            sqlx::query(&format!(
+                "ALTER TABLE events ATTACH PARTITION {name} FOR VALUES FROM ('{}') TO ('{}')",
+                start.to_rfc3339(),
+                end.to_rfc3339()
+            ))
+            .execute(&mut *tx)
+            .await?;
+            report.created.push(name);
+        }
+
+        if retention_months > 0 {
+            let cutoff = month_start(now, -(retention_months as i32));
+            for name in &existing {
+                let Some(month) = partition_month(name) else {
+                    continue;
+                };
+                if month_start(month, 1) <= cutoff {
+                    sqlx::query(&format!("DROP TABLE {name}"))
+                        .execute(&mut *tx)
+                        .await?;
+                    report.dropped.push(name.clone());
+                }
+            }
+            sqlx::query("DELETE FROM events_default WHERE ts < $1")
+                .bind(cutoff)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(report)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn partition_names_round_trip() {
+        let m = month_start(Utc::now(), 3);
+        assert_eq!(partition_month(&partition_name(m)), Some(m));
+        assert_eq!(partition_month("events_default"), None);
+    }
+}
