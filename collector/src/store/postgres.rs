@@ -296,7 +296,8 @@ impl EventStore for PgStore {
             "SELECT c.relname::text FROM pg_inherits i \
              JOIN pg_class c ON c.oid = i.inhrelid \
              JOIN pg_class p ON p.oid = i.inhparent \
-             WHERE p.relname = 'events' AND p.relnamespace = to_regnamespace(current_schema())",
+             WHERE p.relname = 'events' AND p.relnamespace = to_regnamespace(current_schema()) \
+             ORDER BY 1",
         )
         .fetch_all(&mut *tx)
         .await?;

@@ -1,0 +1,238 @@
+//! Shared test fixtures: a fresh Postgres database (or SQLite file) per test, a project, the
+//! router driven in-process, and batch builders.
+#![allow(dead_code)]
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::http::{HeaderMap, Request, StatusCode};
+use axum::Router;
+use http_body_util::BodyExt;
+use sqlx::Connection;
+use tower::ServiceExt;
+use tracklet_collector::config::ServeConfig;
+use tracklet_collector::http::{router, AppState};
+use tracklet_collector::store::postgres::PgStore;
+use tracklet_collector::store::sqlite::SqliteStore;
+use tracklet_collector::store::{EventStore, Project};
+
+pub const PG_REQUIRED: &str =
+    "Postgres is required: install postgresql and start it on 127.0.0.1:5432, or set DATABASE_URL";
+
+pub fn admin_url() -> String {
+    std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
+}
+
+/// A database created for one test and dropped (even on panic) when this is dropped.
+pub struct TestDb {
+    pub name: String,
+    pub url: String,
+}
+
+impl TestDb {
+    pub async fn create() -> TestDb {
+        let admin = admin_url();
+        let mut conn = sqlx::PgConnection::connect(&admin)
+            .await
+            .unwrap_or_else(|e| panic!("{PG_REQUIRED} (connecting to {admin}: {e})"));
+        let name = format!("tracklet_test_{}", uuid::Uuid::new_v4().simple());
+        sqlx::query(&format!("CREATE DATABASE {name}"))
+            .execute(&mut conn)
+            .await
+            .expect("create database");
+        let _ = conn.close().await;
+        let base = admin
+            .rsplit_once('/')
+            .map(|(b, _)| b.to_owned())
+            .unwrap_or(admin.clone());
+        TestDb {
+            url: format!("{base}/{name}"),
+            name,
+        }
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let (admin, name) = (admin_url(), self.name.clone());
+        // Drop may run inside a runtime: do the async cleanup on a thread of its own.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .ok()?;
+            rt.block_on(async {
+                let mut conn = sqlx::PgConnection::connect(&admin).await.ok()?;
+                sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                    .execute(&mut conn)
+                    .await
+                    .ok()
+            })
+        })
+        .join();
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Backend {
+    Postgres,
+    Sqlite,
+}
+
+/// A collector under test: the router, its store, and a project.
+pub struct TestApp {
+    pub router: Router,
+    pub store: Arc<dyn EventStore>,
+    pub project: Project,
+    pub db: Option<TestDb>,
+    pub sqlite_file: Option<PathBuf>,
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        if let Some(path) = &self.sqlite_file {
+            for suffix in ["", "-wal", "-shm"] {
+                let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
+            }
+        }
+    }
+}
+
+pub const ORIGIN: &str = "https://shop.example";
+
+pub async fn open_store(
+    backend: Backend,
+) -> (Arc<dyn EventStore>, Option<TestDb>, Option<PathBuf>) {
+    match backend {
+        Backend::Postgres => {
+            let db = TestDb::create().await;
+            let store = PgStore::connect(&db.url, 5)
+                .await
+                .expect("connect to test database");
+            store.migrate().await.expect("migrate");
+            (Arc::new(store), Some(db), None)
+        }
+        Backend::Sqlite => {
+            let path = std::env::temp_dir().join(format!(
+                "tracklet-test-{}.sqlite3",
+                uuid::Uuid::new_v4().simple()
+            ));
+            let store = SqliteStore::open_path(&path).await.expect("open sqlite");
+            store.migrate().await.expect("migrate");
+            (Arc::new(store), None, Some(path))
+        }
+    }
+}
+
+pub async fn app(backend: Backend) -> TestApp {
+    app_with(backend, ServeConfig::default(), None).await
+}
+
+pub async fn app_with(backend: Backend, config: ServeConfig, rate_limit: Option<u32>) -> TestApp {
+    let (store, db, sqlite_file) = open_store(backend).await;
+    let project = Project::new("shop", vec![ORIGIN.to_owned()], rate_limit);
+    store.add_project(&project).await.expect("add project");
+    let (state, _committer) = AppState::new(config, store.clone()).expect("state");
+    TestApp {
+        router: router(state),
+        store,
+        project,
+        db,
+        sqlite_file,
+    }
+}
+
+/// A valid event with id `0190...<n>`.
+pub fn event(n: u64) -> serde_json::Value {
+    serde_json::json!({
+        "id": format!("0190b6f0-0000-7000-8000-{n:012}"),
+        "name": "page_view",
+        "ts": 1_763_800_000_000u64 + n,
+        "anonymous_id": format!("anon-{}", n % 3),
+        "session_id": format!("sess-{}", n % 2),
+        "props": {"path": "/", "n": n},
+        "context": {"ua_hint": "x"},
+    })
+}
+
+pub fn batch(sent_at: u64, events: Vec<serde_json::Value>) -> Vec<u8> {
+    serde_json::to_vec(&serde_json::json!({ "sent_at": sent_at, "events": events })).unwrap()
+}
+
+pub fn gzip(data: &[u8]) -> Vec<u8> {
+    let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    enc.write_all(data).unwrap();
+    enc.finish().unwrap()
+}
+
+pub struct Answer {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub json: serde_json::Value,
+    pub text: String,
+}
+
+impl TestApp {
+    pub fn batch_uri(&self) -> String {
+        format!("/v1/batch?key={}", self.project.write_key)
+    }
+
+    pub async fn send(&self, request: Request<Body>) -> Answer {
+        let response = self
+            .router
+            .clone()
+            .oneshot(request)
+            .await
+            .expect("router never fails");
+        let status = response.status();
+        let headers = response.headers().clone();
+        let bytes = response
+            .into_body()
+            .collect()
+            .await
+            .expect("body")
+            .to_bytes();
+        let text = String::from_utf8_lossy(&bytes).into_owned();
+        let json = serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null);
+        Answer {
+            status,
+            headers,
+            json,
+            text,
+        }
+    }
+
+    /// POSTs `body` as the SDK does (text/plain, from the allowed origin).
+    pub async fn post(&self, body: Vec<u8>) -> Answer {
+        self.send(
+            Request::post(self.batch_uri())
+                .header("content-type", "text/plain")
+                .header("origin", ORIGIN)
+                .body(Body::from(body))
+                .unwrap(),
+        )
+        .await
+    }
+
+    pub async fn get(&self, uri: &str) -> Answer {
+        self.send(Request::get(uri).body(Body::empty()).unwrap())
+            .await
+    }
+
+    /// Total events stored for the project (all time).
+    pub async fn stored(&self) -> i64 {
+        let stats = self
+            .store
+            .stats(
+                self.project.id,
+                chrono::DateTime::UNIX_EPOCH,
+                chrono::Utc::now() + chrono::Duration::days(1),
+            )
+            .await
+            .unwrap();
+        stats.total_events
+    }
+}
