@@ -14,14 +14,15 @@ extern crate alloc;
 pub mod backoff;
 pub mod gzip;
 pub mod ids;
+mod queue;
 pub mod storage;
 
-use alloc::collections::BTreeMap;
 use alloc::string::{String, ToString};
 use alloc::vec::Vec;
 
 pub use backoff::{BackoffSchedule, RetryState};
 use ids::{Rng, UuidV7};
+use queue::{EventQueue, Record};
 use tracklet_wire::json::{push_str_literal, push_u64, BatchJson, EventJson};
 
 /// Settings of one tracker, from `tracklet.init(options)`.
@@ -126,15 +127,6 @@ pub struct Status {
 }
 
 #[derive(Clone, Debug)]
-struct Record {
-    json: String,
-    /// Never sampled nor dropped for space.
-    keep: bool,
-    /// Written to storage (else it lives only in this tab's memory).
-    persisted: bool,
-}
-
-#[derive(Clone, Debug)]
 struct InFlight {
     batch: u64,
     ids: Vec<String>,
@@ -156,8 +148,7 @@ pub struct Core {
     /// This tab's id, for the sending lease.
     tab: String,
     /// Unacknowledged events by id; UUIDv7 ids sort by creation time.
-    queue: BTreeMap<String, Record>,
-    queue_bytes: usize,
+    queue: EventQueue,
     anon: String,
     user: Option<String>,
     session: Session,
@@ -217,8 +208,7 @@ impl Core {
             rng,
             uuid: UuidV7::default(),
             tab,
-            queue: BTreeMap::new(),
-            queue_bytes: 0,
+            queue: EventQueue::default(),
             anon: String::new(),
             user: None,
             session: Session::default(),
@@ -274,9 +264,8 @@ impl Core {
                     continue;
                 }
                 stored_ids.push(id);
-                if !self.queue.contains_key(id) {
+                if !self.queue.contains(id) {
                     let keep = self.is_keep_record(id.len(), value);
-                    self.queue_bytes += value.len();
                     self.queue.insert(
                         id.into(),
                         Record {
@@ -314,23 +303,10 @@ impl Core {
         if !first {
             // Persisted records gone from storage were acknowledged (or cleared) by another
             // tab. Ours in flight stay until our own answer comes.
-            stored_ids.sort_unstable();
             let in_flight = self.in_flight.as_ref().map(|f| &f.ids[..]).unwrap_or(&[]);
-            let gone: Vec<String> = self
-                .queue
-                .iter()
-                .filter(|(id, r)| {
-                    r.persisted
-                        && stored_ids.binary_search(&id.as_str()).is_err()
-                        && !in_flight.contains(id)
-                })
-                .map(|(id, _)| id.clone())
-                .collect();
-            for id in gone {
-                if let Some(r) = self.queue.remove(&id) {
-                    self.queue_bytes -= r.json.len();
-                }
-            }
+            self.queue.retain_present(&stored_ids, |id, r| {
+                !r.persisted || in_flight.iter().any(|i| i == id)
+            });
         }
         self.retry = retry;
         self.lease = lease;
@@ -393,7 +369,6 @@ impl Core {
             return Err(Skipped::TooLarge);
         }
         self.actions.push(Action::Set(event_key(&id), json.clone()));
-        self.queue_bytes += json.len();
         self.queue.insert(
             id.clone(),
             Record {
@@ -484,34 +459,29 @@ impl Core {
     /// never those in flight), counting them for the next batch's `dropped`.
     fn enforce_caps(&mut self) {
         if self.queue.len() <= self.cfg.max_queue_events
-            && self.queue_bytes <= self.cfg.max_queue_bytes
+            && self.queue.bytes() <= self.cfg.max_queue_bytes
         {
             return;
         }
         let in_flight = self.in_flight.as_ref().map(|f| &f.ids[..]).unwrap_or(&[]);
-        let mut victims = Vec::new();
         let mut count = self.queue.len();
-        let mut bytes = self.queue_bytes;
-        for (id, r) in &self.queue {
+        let mut bytes = self.queue.bytes();
+        let mut victims = Vec::new();
+        for (id, r) in self.queue.iter() {
             if count <= self.cfg.max_queue_events && bytes <= self.cfg.max_queue_bytes {
                 break;
             }
-            if r.keep || in_flight.contains(id) {
-                continue;
+            if !r.keep && !in_flight.contains(id) {
+                count -= 1;
+                bytes -= r.json.len();
+                victims.push(id.clone());
             }
-            count -= 1;
-            bytes -= r.json.len();
-            victims.push(id.clone());
         }
         if victims.is_empty() {
             return;
         }
         self.dropped += victims.len() as u64;
-        for id in victims {
-            self.queue.remove(&id);
-            self.actions.push(Action::Remove(event_key(&id)));
-        }
-        self.queue_bytes = bytes;
+        self.remove_events(&victims);
         let mut d = String::new();
         push_u64(&mut d, self.dropped);
         self.actions.push(Action::Set(storage::DROPPED.into(), d));
@@ -530,23 +500,15 @@ impl Core {
 
     /// Discards every queued event that is not in flight; returns how many.
     pub fn clear(&mut self) -> usize {
-        let in_flight = self
-            .in_flight
-            .as_ref()
-            .map(|f| f.ids.clone())
-            .unwrap_or_default();
+        let in_flight = self.in_flight.as_ref().map(|f| &f.ids[..]).unwrap_or(&[]);
         let ids: Vec<String> = self
             .queue
-            .keys()
+            .iter()
+            .map(|(id, _)| id)
             .filter(|id| !in_flight.contains(id))
             .cloned()
             .collect();
-        for id in &ids {
-            if let Some(r) = self.queue.remove(id) {
-                self.queue_bytes -= r.json.len();
-            }
-            self.actions.push(Action::Remove(event_key(id)));
-        }
+        self.remove_events(&ids);
         ids.len()
     }
 
@@ -684,14 +646,7 @@ impl Core {
         let Some(flight) = self.in_flight.take_if(|f| f.batch == batch) else {
             return;
         };
-        if self
-            .lease
-            .as_ref()
-            .is_some_and(|(owner, _)| *owner == self.tab)
-        {
-            self.lease = None;
-            self.actions.push(Action::Remove(storage::LEASE.into()));
-        }
+        self.release_lease();
         let n = flight.ids.len();
         match outcome {
             Outcome::Accepted { rejected } => {
@@ -768,10 +723,21 @@ impl Core {
         }
     }
 
+    /// Gives up the sending role if this tab holds it.
+    fn release_lease(&mut self) {
+        if self
+            .lease
+            .as_ref()
+            .is_some_and(|(owner, _)| *owner == self.tab)
+        {
+            self.lease = None;
+            self.actions.push(Action::Remove(storage::LEASE.into()));
+        }
+    }
+
     fn remove_events(&mut self, ids: &[String]) {
         for id in ids {
-            if let Some(r) = self.queue.remove(id) {
-                self.queue_bytes -= r.json.len();
+            if self.queue.remove(id).is_some() {
                 self.actions.push(Action::Remove(event_key(id)));
             }
         }
@@ -788,7 +754,12 @@ impl Core {
     /// flight, within the browser's 64 KB budget for requests that outlive the page.
     /// Events stay stored until a normal send is acknowledged; the collector drops the
     /// duplicates.
+    ///
+    /// Also gives up this tab's sending lease: the next page must not wait for a lease
+    /// whose holder is gone. A batch still in flight (a keepalive fetch) may then be sent
+    /// again by the next page; the collector drops the duplicates.
     pub fn unload_batches(&mut self, now: u64) -> Vec<Vec<u8>> {
+        self.release_lease();
         let mut out = Vec::new();
         if !self.online || self.blocked || self.opted_out || now < self.retry.not_before {
             return out;

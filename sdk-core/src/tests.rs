@@ -2,7 +2,7 @@
 //! plain `u64` plays the clock, and batches are decoded with the collector's own types.
 
 use super::*;
-use alloc::collections::BTreeSet;
+use alloc::collections::{BTreeMap, BTreeSet};
 use alloc::format;
 use alloc::vec;
 use tracklet_wire::types::{BatchEnvelope, Event};
@@ -522,6 +522,13 @@ fn unload_batches_fit_the_beacon_budget_and_cover_the_queue() {
     let n: usize = bodies.iter().map(|b| decode(b).2.len()).sum();
     assert_eq!(n + inflight.events, 120);
     assert_eq!(c.pending(), 120, "still stored until acknowledged");
+    apply(&mut st, &mut c);
+    assert!(
+        !st.contains_key(storage::LEASE),
+        "the next page need not wait for this one's lease"
+    );
+    let mut next = tab(&mut st, Config::default(), 2, 2);
+    assert!(next.poll_send(2, true).is_some());
 }
 
 #[test]

@@ -1,1 +1,518 @@
-fn main() {}
+//! `cargo xtask`: the repository's build, demo, test and benchmark commands.
+//!
+//! Each command installs what a fresh machine lacks (the wasm target, the wasm-bindgen
+//! CLI at the pinned version, npm packages) and says what it is doing, so the README's
+//! two commands work on a clean clone with only the registries reachable.
+
+use std::io::Write as _;
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+
+/// Largest gzip -9 size of what a page loads for the script-tag build (JS plus wasm).
+const SIZE_CEILING: u64 = 50 * 1024;
+/// What we aim for.
+const SIZE_GOAL: u64 = 20 * 1024;
+
+#[derive(Parser)]
+#[command(
+    name = "cargo xtask",
+    about = "Tracklet's build, demo, test and benchmark commands"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Build the SDK into npm/dist/ (wasm, wasm-bindgen, wasm-opt, esbuild).
+    Build,
+    /// Build if needed, start the collector (embedded SQLite unless DATABASE_URL is set)
+    /// and serve the example pages on one port.
+    Demo {
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: SocketAddr,
+    },
+    /// Run every test: host tests, collector tests on Postgres, the SDK size budget,
+    /// browser end-to-end tests and packaging tests.
+    Test,
+    /// Benchmarks (numbers for the README; they never fail on speed).
+    Bench {
+        /// `sdk` (track() cost and wire bytes in headless Chromium) or `collector`.
+        what: String,
+    },
+    /// Print the gzip size of the script-tag build and fail above the ceiling.
+    Size,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Cmd::Build => build(),
+        Cmd::Demo { listen } => demo(listen),
+        Cmd::Test => test(),
+        Cmd::Bench { what } => bench(&what),
+        Cmd::Size => size().map(|_| ()),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask sits in the repository")
+        .to_path_buf()
+}
+
+fn say(msg: &str) {
+    eprintln!("\x1b[1mxtask:\x1b[0m {msg}");
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    let shown = format!("{cmd:?}");
+    say(&format!("running {shown}"));
+    let status = cmd
+        .status()
+        .with_context(|| format!("cannot start {shown}"))?;
+    if !status.success() {
+        bail!("{shown} failed with {status}");
+    }
+    Ok(())
+}
+
+fn output(cmd: &mut Command) -> Option<String> {
+    let out = cmd.stderr(Stdio::null()).output().ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn cargo() -> Command {
+    Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+}
+
+/// The version `wasm-bindgen` is pinned to in the workspace manifest.
+fn pinned_wasm_bindgen() -> Result<String> {
+    let manifest = std::fs::read_to_string(root().join("Cargo.toml"))?;
+    let line = manifest
+        .lines()
+        .find(|l| l.starts_with("wasm-bindgen ="))
+        .context("wasm-bindgen is not in [workspace.dependencies]")?;
+    let start = line
+        .find("\"=")
+        .context("wasm-bindgen must be pinned with =")?
+        + 2;
+    let end = line[start..].find('"').context("bad wasm-bindgen line")? + start;
+    Ok(line[start..end].to_string())
+}
+
+/// Installs what a build needs and is missing: the wasm target, the wasm-bindgen CLI at
+/// the pinned version, and the npm tooling (esbuild, binaryen's wasm-opt, playwright-core).
+fn ensure_tools() -> Result<()> {
+    let targets =
+        output(Command::new("rustup").args(["target", "list", "--installed"])).unwrap_or_default();
+    if !targets
+        .lines()
+        .any(|t| t.trim() == "wasm32-unknown-unknown")
+    {
+        say("adding the wasm32-unknown-unknown target");
+        run(Command::new("rustup").args(["target", "add", "wasm32-unknown-unknown"]))?;
+    }
+    let version = pinned_wasm_bindgen()?;
+    let have = output(Command::new("wasm-bindgen").arg("--version")).unwrap_or_default();
+    if have.split_whitespace().nth(1) != Some(version.as_str()) {
+        say(&format!(
+            "installing wasm-bindgen-cli {version} (found {:?}); this takes 5-15 minutes, once",
+            have.trim()
+        ));
+        run(cargo().args(["install", "wasm-bindgen-cli", "--version", &version]))?;
+    }
+    ensure_npm(&root())?;
+    Ok(())
+}
+
+/// `npm install` in `dir` unless its node_modules is already up to date with package.json.
+fn ensure_npm(dir: &Path) -> Result<()> {
+    let modules = dir.join("node_modules");
+    let stamp = modules.join(".package-lock.json");
+    let manifest = dir.join("package.json");
+    let fresh = match (std::fs::metadata(&stamp), std::fs::metadata(&manifest)) {
+        (Ok(s), Ok(m)) => s.modified()? >= m.modified()?,
+        _ => false,
+    };
+    if !fresh {
+        say(&format!("installing npm packages in {}", dir.display()));
+        run(Command::new("npm")
+            .args(["install", "--no-audit", "--no-fund"])
+            .current_dir(dir))?;
+    }
+    Ok(())
+}
+
+fn build() -> Result<()> {
+    ensure_tools()?;
+    let root = root();
+    say("compiling the SDK to wasm (release profile: opt-level z, lto, panic abort)");
+    run(cargo().current_dir(&root).args([
+        "build",
+        "--release",
+        "--target",
+        "wasm32-unknown-unknown",
+        "-p",
+        "tracklet-sdk-wasm",
+    ]))?;
+    let wasm = root.join("target/wasm32-unknown-unknown/release/tracklet_sdk_wasm.wasm");
+    let pkg = root.join("npm/pkg");
+    let _ = std::fs::remove_dir_all(&pkg);
+    run(Command::new("wasm-bindgen")
+        .args(["--target", "web", "--no-typescript", "--out-dir"])
+        .arg(&pkg)
+        .arg(&wasm))?;
+    let bg = pkg.join("tracklet_sdk_wasm_bg.wasm");
+    run(Command::new(root.join("node_modules/.bin/wasm-opt"))
+        .args([
+            "-Oz",
+            "--strip-debug",
+            "--strip-producers",
+            "--enable-bulk-memory",
+            "--enable-nontrapping-float-to-int",
+            "--enable-sign-ext",
+            "--enable-mutable-globals",
+        ])
+        .arg(&bg)
+        .arg("-o")
+        .arg(&bg))?;
+    run(Command::new("node")
+        .arg(root.join("npm/build.mjs"))
+        .current_dir(&root))?;
+    size()?;
+    Ok(())
+}
+
+fn sdk_is_built() -> bool {
+    let root = root();
+    let dist = root.join("npm/dist/tracklet.js");
+    let Ok(built) = std::fs::metadata(&dist).and_then(|m| m.modified()) else {
+        return false;
+    };
+    let newest_source = ["sdk-core/src", "sdk-wasm/src", "wire/src", "npm/src"]
+        .iter()
+        .flat_map(|d| walk(&root.join(d)))
+        .filter_map(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok())
+        .max();
+    newest_source.is_some_and(|t| t <= built)
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                out.extend(walk(&p));
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
+fn gzip9(path: &Path) -> Result<u64> {
+    let out = Command::new("gzip")
+        .args(["-9", "-c"])
+        .arg(path)
+        .output()
+        .with_context(|| format!("gzip {}", path.display()))?;
+    Ok(out.stdout.len() as u64)
+}
+
+/// gzip -9 size of everything the script-tag build loads: tracklet.js and tracklet.wasm.
+fn size() -> Result<u64> {
+    let dist = root().join("npm/dist");
+    let js = gzip9(&dist.join("tracklet.js"))?;
+    let wasm = gzip9(&dist.join("tracklet.wasm"))?;
+    let total = js + wasm;
+    say(&format!(
+        "script-tag build, gzip -9: tracklet.js {js} B + tracklet.wasm {wasm} B = {total} B \
+         (goal {SIZE_GOAL} B, CI ceiling {SIZE_CEILING} B)"
+    ));
+    if total > SIZE_CEILING {
+        bail!("the SDK is {total} B gzipped, over the {SIZE_CEILING} B ceiling");
+    }
+    Ok(total)
+}
+
+/// A Postgres URL for tests: DATABASE_URL, else the local server on 127.0.0.1:5432.
+fn postgres_url() -> Result<String> {
+    if let Ok(url) = std::env::var("DATABASE_URL") {
+        if !url.is_empty() {
+            return Ok(url);
+        }
+    }
+    let addr: SocketAddr = "127.0.0.1:5432".parse()?;
+    if TcpStream::connect_timeout(&addr, Duration::from_secs(2)).is_ok() {
+        return Ok("postgres://postgres@127.0.0.1:5432/postgres".into());
+    }
+    bail!(
+        "the tests need Postgres: set DATABASE_URL, or install PostgreSQL and start it on \
+         127.0.0.1:5432 (Debian: apt-get install postgresql; trust auth for user postgres)"
+    )
+}
+
+fn chromium() -> Result<PathBuf> {
+    let path = PathBuf::from(
+        std::env::var("CHROMIUM_PATH").unwrap_or_else(|_| "/usr/bin/chromium".into()),
+    );
+    if !path.exists() {
+        bail!(
+            "the browser tests need Chromium at {}: apt-get update && apt-get install -y chromium \
+             chromium-driver (or set CHROMIUM_PATH)",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+fn collector_bin() -> Result<PathBuf> {
+    run(cargo()
+        .current_dir(root())
+        .args(["build", "-p", "tracklet-collector", "--bins"]))?;
+    Ok(root().join("target/debug/tracklet-collector"))
+}
+
+fn test() -> Result<()> {
+    let root = root();
+    let db = postgres_url()?;
+    let browser = chromium()?;
+    say("host tests (core, wire, collector on Postgres and SQLite, xtask)");
+    run(cargo()
+        .current_dir(&root)
+        .args(["test", "--workspace"])
+        .env("DATABASE_URL", &db))?;
+    build()?;
+    let bin = collector_bin()?;
+    say("browser end-to-end tests (headless Chromium, the real collector, Postgres)");
+    let mut e2e: Vec<PathBuf> = walk(&root.join("tests/e2e"))
+        .into_iter()
+        .filter(|p| p.to_string_lossy().ends_with(".test.mjs"))
+        .collect();
+    e2e.sort();
+    run(Command::new("node")
+        .arg("--test")
+        .arg("--test-concurrency=1")
+        .args(&e2e)
+        .current_dir(&root)
+        .env("DATABASE_URL", &db)
+        .env("CHROMIUM_PATH", &browser)
+        .env("TRACKLET_COLLECTOR_BIN", &bin))?;
+    let packaging = root.join("npm/packaging_tests/run.mjs");
+    if packaging.exists() {
+        say("packaging tests (npm pack into Vite, webpack, script-tag and Node consumers)");
+        run(Command::new("node")
+            .arg(&packaging)
+            .current_dir(&root)
+            .env("CHROMIUM_PATH", &browser))?;
+    }
+    say("all tests passed");
+    Ok(())
+}
+
+/// Kills the child when dropped (the demo's collector, a benchmark's server).
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn demo(listen: SocketAddr) -> Result<()> {
+    let root = root();
+    if sdk_is_built() {
+        say("the SDK in npm/dist is up to date");
+    } else {
+        build()?;
+    }
+    run(cargo().current_dir(&root).args([
+        "build",
+        "--profile",
+        "server",
+        "-p",
+        "tracklet-collector",
+    ]))?;
+    let bin = root.join("target/server/tracklet-collector");
+    let state = root.join(".tracklet");
+    std::fs::create_dir_all(&state)?;
+    let mut db_args: Vec<String> = Vec::new();
+    match std::env::var("DATABASE_URL") {
+        Ok(url) if !url.is_empty() => {
+            say("using the Postgres database in DATABASE_URL");
+            db_args.extend(["--database-url".into(), url]);
+        }
+        _ => {
+            say("no DATABASE_URL: using the embedded SQLite file .tracklet/demo.sqlite3");
+            db_args.extend([
+                "--sqlite-path".into(),
+                state.join("demo.sqlite3").display().to_string(),
+            ]);
+        }
+    }
+    let origins = [
+        format!("http://{listen}"),
+        format!("http://localhost:{}", listen.port()),
+    ];
+    let key = demo_project(&bin, &db_args, &origins)?;
+    // One folder served under `/`: the examples and the SDK build beside them.
+    let site = state.join("site");
+    let _ = std::fs::remove_dir_all(&site);
+    copy_dir(&root.join("examples"), &site)?;
+    copy_dir(&root.join("npm/dist"), &site.join("dist"))?;
+    let config =
+        format!("window.TRACKLET_CONFIG = {{ endpoint: location.origin, apiKey: {key:?} }};\n");
+    for dir in walk(&site)
+        .iter()
+        .filter(|p| p.ends_with("index.html"))
+        .filter_map(|p| p.parent())
+    {
+        std::fs::write(dir.join("config.js"), &config)?;
+    }
+    let mut child = Command::new(&bin);
+    child
+        .args(&db_args)
+        .arg("serve")
+        .arg("--listen")
+        .arg(listen.to_string())
+        .arg("--static-dir")
+        .arg(&site);
+    say(&format!("starting {child:?}"));
+    let mut server = KillOnDrop(child.spawn().context("cannot start the collector")?);
+    wait_for_port(listen, Duration::from_secs(20))?;
+    println!();
+    println!("  Tracklet demo: open http://{listen}/music/  (Ctrl-C to stop)");
+    println!(
+        "  Events land in {}",
+        if db_args[0] == "--database-url" {
+            "Postgres (DATABASE_URL)"
+        } else {
+            ".tracklet/demo.sqlite3 (table events)"
+        }
+    );
+    println!(
+        "  Stats: curl 'http://{listen}/v1/stats?key=<read_key from .tracklet/demo-project.json>'"
+    );
+    println!();
+    let _ = std::io::stdout().flush();
+    let status = server.0.wait()?;
+    if !status.success() {
+        bail!("the collector exited with {status}");
+    }
+    Ok(())
+}
+
+/// The demo project's write key, creating the project on first use.
+fn demo_project(bin: &Path, db_args: &[String], origins: &[String]) -> Result<String> {
+    let saved = root().join(".tracklet/demo-project.json");
+    let listed =
+        output(Command::new(bin).args(db_args).args(["projects", "list"])).unwrap_or_default();
+    let key_of = |json: &str| -> Option<String> {
+        let at = json.find("\"write_key\"")? + "\"write_key\"".len();
+        let rest = json[at..]
+            .trim_start()
+            .strip_prefix(':')?
+            .trim_start()
+            .strip_prefix('"')?;
+        Some(rest[..rest.find('"')?].to_string())
+    };
+    if let Ok(saved_json) = std::fs::read_to_string(&saved) {
+        if let Some(key) = key_of(&saved_json).filter(|k| listed.contains(k.as_str())) {
+            return Ok(key);
+        }
+    }
+    let mut cmd = Command::new(bin);
+    cmd.args(db_args)
+        .args(["projects", "add", "--name", "demo"]);
+    for o in origins {
+        cmd.args(["--origin", o]);
+    }
+    say("creating the demo project");
+    let out = cmd.output().context("cannot run the collector")?;
+    if !out.status.success() {
+        bail!(
+            "projects add failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let json = String::from_utf8_lossy(&out.stdout).into_owned();
+    std::fs::write(&saved, &json)?;
+    key_of(&json).context("projects add printed no write_key")
+}
+
+fn copy_dir(from: &Path, to: &Path) -> Result<()> {
+    std::fs::create_dir_all(to)?;
+    for e in std::fs::read_dir(from).with_context(|| format!("read {}", from.display()))? {
+        let e = e?;
+        let target = to.join(e.file_name());
+        if e.file_type()?.is_dir() {
+            if e.file_name() != "node_modules" {
+                copy_dir(&e.path(), &target)?;
+            }
+        } else {
+            std::fs::copy(e.path(), &target)?;
+        }
+    }
+    Ok(())
+}
+
+fn wait_for_port(addr: SocketAddr, timeout: Duration) -> Result<()> {
+    let start = std::time::Instant::now();
+    while start.elapsed() < timeout {
+        if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    bail!("nothing listens on {addr} after {timeout:?}")
+}
+
+fn bench(what: &str) -> Result<()> {
+    let root = root();
+    match what {
+        "sdk" => {
+            if !sdk_is_built() {
+                build()?;
+            }
+            let bin = collector_bin()?;
+            run(Command::new("node")
+                .arg(root.join("tests/bench/sdk.mjs"))
+                .current_dir(&root)
+                .env("CHROMIUM_PATH", chromium()?)
+                .env("TRACKLET_COLLECTOR_BIN", bin))
+        }
+        "collector" => {
+            let db = postgres_url()?;
+            run(cargo().current_dir(&root).args([
+                "build",
+                "--profile",
+                "server",
+                "-p",
+                "tracklet-collector",
+                "--bins",
+            ]))?;
+            run(Command::new(root.join("target/server/tracklet-loadgen")).env("DATABASE_URL", db))
+        }
+        other => bail!("unknown benchmark {other:?}: use `sdk` or `collector`"),
+    }
+}

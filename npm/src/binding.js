@@ -1,0 +1,234 @@
+// The browser side of the core: carries out its storage actions on localStorage, posts
+// its batches with fetch (sendBeacon at unload), keeps its one timer and feeds it page
+// events. No decisions here: when to send, what to keep and how long to wait are the
+// wasm core's (sdk-core); this file only does the I/O it asks for.
+
+const SEP = '\u0001';
+const PREFIX = 'tl1:';
+const SESSION_KEY = 'tl1:sess';
+
+function localStore() {
+  // Throws in sandboxed iframes and some private modes; a probe write catches the rest.
+  try {
+    const s = window.localStorage;
+    s.setItem('tl1:probe', '1');
+    s.removeItem('tl1:probe');
+    return s;
+  } catch (e) {
+    return null;
+  }
+}
+
+// `Retry-After` in ms (delta-seconds or an HTTP date), or -1.
+function retryAfterMs(resp) {
+  const v = resp.headers.get('Retry-After');
+  if (!v) return -1;
+  if (/^\s*\d+\s*$/.test(v)) return Number(v) * 1000;
+  const at = Date.parse(v);
+  return isNaN(at) ? -1 : Math.max(0, at - Date.now());
+}
+
+/**
+ * Binds an `Engine` (the wasm core) to this page. `o` holds the normalised options,
+ * `emit(statusJson)` is told about changes (coalesced to one call per task).
+ */
+export function bind(Engine, o, emit, log) {
+  const store = localStore();
+  if (!store) log('localStorage unavailable: queueing in memory');
+  const url = o.endpoint.replace(/\/+$/, '') + '/v1/batch?key=' + encodeURIComponent(o.apiKey);
+  const engine = new Engine(
+    o.maxBatchSize,
+    o.maxWaitTime,
+    o.maxQueueSize,
+    o.sampleNames,
+    o.sampleRates,
+    o.alwaysKeep,
+    Math.random() * 9007199254740991,
+  );
+  let timer = 0;
+  let timerAt = -1;
+  let statusQueued = false;
+
+  // Carries out the core's storage actions; a failed write leaves the event in memory.
+  function apply() {
+    const a = engine.takeActions();
+    if (!a || !store) return;
+    const parts = a.split(SEP);
+    for (let i = 0; i < parts.length - 1; ) {
+      if (parts[i] === 'S') {
+        try {
+          store.setItem(parts[i + 1], parts[i + 2]);
+        } catch (e) {
+          log('storage write failed: keeping the event in memory');
+          engine.persistFailed(parts[i + 1]);
+        }
+        i += 3;
+      } else {
+        try {
+          store.removeItem(parts[i + 1]);
+        } catch (e) {}
+        i += 2;
+      }
+    }
+  }
+
+  function snapshot() {
+    if (!store) return '';
+    const out = [];
+    try {
+      for (let i = 0; i < store.length; i++) {
+        const k = store.key(i);
+        if (k && k.startsWith(PREFIX)) out.push(k, store.getItem(k));
+      }
+    } catch (e) {}
+    return out.join(SEP);
+  }
+
+  function refresh() {
+    if (store) engine.refresh(snapshot());
+  }
+
+  function changed() {
+    schedule();
+    if (!statusQueued && o.wantsStatus()) {
+      statusQueued = true;
+      setTimeout(() => {
+        statusQueued = false;
+        emit(engine.status());
+      }, 0);
+    }
+  }
+
+  // One timer, set to the core's next wake-up.
+  function schedule() {
+    const at = engine.nextWake();
+    if (at === timerAt) return;
+    clearTimeout(timer);
+    timerAt = at;
+    if (at >= 0) {
+      timer = setTimeout(() => {
+        timerAt = -1;
+        pump();
+      }, Math.min(Math.max(0, at - Date.now()), 2147483647));
+    }
+  }
+
+  // POSTs one batch and reports its fate. Resolves to whether it was accepted.
+  async function send(body, batch) {
+    let status = 0;
+    let retryAfter = -1;
+    let rejected = [];
+    try {
+      const resp = await fetch(url, {
+        method: 'POST',
+        body: new Blob([body], { type: 'text/plain' }),
+        // Lets the request finish if the page goes away meanwhile.
+        keepalive: true,
+        credentials: 'omit',
+      });
+      status = resp.status;
+      retryAfter = retryAfterMs(resp);
+      if (status >= 200 && status < 300) {
+        try {
+          const r = (await resp.json()).rejected;
+          if (Array.isArray(r)) rejected = r.map((x) => x.index >>> 0);
+        } catch (e) {}
+      }
+    } catch (e) {
+      status = navigator.onLine === false ? -1 : 0;
+    }
+    if (status < 200 || status >= 300) log('send failed (' + status + '): the events stay queued');
+    engine.onResult(batch, status, retryAfter, new Uint32Array(rejected), Date.now());
+    apply();
+    changed();
+    return status >= 200 && status < 300;
+  }
+
+  function pump() {
+    refresh();
+    const body = engine.pollSend(Date.now(), false);
+    apply();
+    if (body) send(body, engine.batch);
+    else schedule();
+  }
+
+  let draining = null;
+  // Sends batch after batch now (after the one in flight), skipping the backoff wait
+  // but never a server's Retry-After. Resolves to the number of events acknowledged.
+  async function drain() {
+    let sent = 0;
+    for (let i = 0; i < 600 && JSON.parse(engine.status()).inFlight > 0; i++) {
+      await new Promise((r) => setTimeout(r, 50));
+    }
+    for (;;) {
+      refresh();
+      const body = engine.pollSend(Date.now(), true);
+      apply();
+      if (!body) break;
+      const n = engine.events;
+      if (!(await send(body, engine.batch))) break;
+      sent += n;
+    }
+    schedule();
+    return sent;
+  }
+
+  // The page is going away: hand what is queued to sendBeacon, which outlives it. The
+  // events stay stored until a normal send is acknowledged; the collector drops repeats.
+  let unloading = false;
+  function unload() {
+    unloading = true;
+    const n = engine.prepareUnload(Date.now());
+    for (let i = 0; i < n; i++) {
+      const body = engine.unloadNext();
+      if (!navigator.sendBeacon || !navigator.sendBeacon(url, new Blob([body], { type: 'text/plain' }))) break;
+    }
+    apply();
+  }
+
+  engine.restore(snapshot(), Date.now());
+  engine.setOnline(navigator.onLine !== false);
+  apply();
+
+  addEventListener('online', () => {
+    engine.setOnline(true);
+    pump();
+  });
+  addEventListener('offline', () => engine.setOnline(false));
+  addEventListener('pagehide', unload);
+  // Back from the back-forward cache: the page lives again.
+  addEventListener('pageshow', () => (unloading = false));
+  addEventListener('storage', (e) => {
+    if (e.key === SESSION_KEY && e.newValue) engine.adoptSession(e.newValue);
+  });
+  document.addEventListener('visibilitychange', () => {
+    // Send now, while the page can still hear the answer.
+    // (Chromium fires it after pagehide when leaving: then the beacon has done the job.)
+    if (document.visibilityState === 'hidden' && !unloading) draining = draining || drain().finally(() => (draining = null));
+  });
+  // Anything left by earlier pages may be due at once.
+  pump();
+
+  const act = (f) =>
+    function () {
+      const r = f.apply(null, arguments);
+      apply();
+      changed();
+      return r;
+    };
+  return {
+    track: act((name, props, at) => engine.track(name, props, isNaN(at) ? Date.now() : at)),
+    setContext: (c) => engine.setContext(c),
+    identify: act((id) => engine.identify(id)),
+    reset: act(() => engine.reset(Date.now())),
+    optOut: act(() => engine.optOut()),
+    optIn: act(() => engine.optIn()),
+    clear: act(() => {
+      refresh();
+      return engine.clear();
+    }),
+    pending: () => engine.pending(),
+    status: () => engine.status(),
+    forceSend: () => drain(),
+  };
+}

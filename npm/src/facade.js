@@ -1,0 +1,370 @@
+// The JavaScript face of Tracklet: a synchronous init() whose calls are kept (in storage)
+// until the wasm is ready, error containment (nothing ever throws into the host page),
+// page context and autocapture. Queueing, batching and retry live in the wasm core.
+//
+// Importing this module touches no browser global, so server-side rendering works.
+
+import { bind } from './binding.js';
+
+export const VERSION = '0.1.0';
+const PRE = 'tl1:p:';
+const METHODS = ['track', 'page', 'identify', 'reset', 'optOut', 'optIn'];
+
+const noop = () => {};
+const inBrowser = () => typeof window !== 'undefined' && typeof document !== 'undefined';
+
+function storage() {
+  try {
+    return window.localStorage;
+  } catch (e) {
+    return null;
+  }
+}
+
+// `props` as a JSON object string, or undefined. Never throws (cycles, BigInt, ...).
+function propsJson(props) {
+  if (props == null) return undefined;
+  try {
+    const obj = typeof props === 'object' && !Array.isArray(props) ? props : { value: props };
+    const s = JSON.stringify(obj);
+    return s && s[0] === '{' ? s : undefined;
+  } catch (e) {
+    return undefined;
+  }
+}
+
+let timezone;
+function context() {
+  const l = location;
+  const s = window.screen || {};
+  if (timezone === undefined) {
+    try {
+      timezone = Intl.DateTimeFormat().resolvedOptions().timeZone;
+    } catch (e) {
+      timezone = null;
+    }
+  }
+  return JSON.stringify({
+    url: l.href,
+    path: l.pathname,
+    referrer: document.referrer || undefined,
+    title: document.title || undefined,
+    screen: s.width + 'x' + s.height,
+    viewport: innerWidth + 'x' + innerHeight,
+    language: navigator.language,
+    timezone: timezone || undefined,
+    webdriver: navigator.webdriver || undefined,
+    sdk: 'tracklet/' + VERSION,
+  });
+}
+
+function options(o) {
+  o = o || {};
+  const auto = o.autocapture;
+  const on = (k) => (auto === undefined || auto === true ? true : auto === false ? false : auto[k] !== false);
+  const sampling = o.sampling || {};
+  return {
+    endpoint: o.endpoint,
+    apiKey: o.apiKey,
+    maxBatchSize: o.maxBatchSize > 0 ? o.maxBatchSize : 50,
+    maxWaitTime: o.maxWaitTime >= 0 ? o.maxWaitTime : 5000,
+    maxQueueSize: o.maxQueueSize > 0 ? o.maxQueueSize : 1000,
+    pageView: on('pageView'),
+    click: on('click'),
+    scroll: on('scroll'),
+    sampleNames: Object.keys(sampling),
+    sampleRates: Object.keys(sampling).map((k) => Number(sampling[k])),
+    alwaysKeep: (o.alwaysKeep || []).map(String),
+    respectPrivacySignals: o.respectPrivacySignals !== false,
+    debug: !!o.debug,
+  };
+}
+
+/**
+ * Makes `init(options)`. `load` resolves to the wasm-bindgen module (with `Tracker`).
+ */
+export function makeInit(load) {
+  return function init(userOptions) {
+    const o = options(userOptions);
+    const log = o.debug ? (...a) => console.warn('[tracklet]', ...a) : noop;
+    const listeners = new Set();
+    let real = null;
+    let ready = null;
+    // Calls made before the wasm is ready: [key, method, args, ts], also in storage.
+    const early = [];
+    let seq = 0;
+
+    const privacyOff =
+      inBrowser() &&
+      o.respectPrivacySignals &&
+      (navigator.doNotTrack === '1' || window.doNotTrack === '1' || navigator.globalPrivacyControl === true);
+    const disabled = !inBrowser() || privacyOff || !o.endpoint || !o.apiKey;
+    if (inBrowser() && (!o.endpoint || !o.apiKey)) console.warn('[tracklet] init() needs endpoint and apiKey');
+    if (privacyOff) log('Do Not Track / Global Privacy Control is on: tracking is off');
+
+    const safe = (fn, fallback) =>
+      function () {
+        try {
+          return fn.apply(null, arguments);
+        } catch (e) {
+          log(e);
+          return fallback;
+        }
+      };
+
+    function invoke(method, args, at) {
+      const [a, b] = args;
+      if (method === 'track') return real.track(String(a), propsJson(b), at);
+      if (method === 'page') {
+        real.setContext(context());
+        return real.track('page_view', propsJson(a), at);
+      }
+      if (method === 'identify') {
+        real.identify(String(a));
+        return real.track('identify', propsJson(b), at);
+      }
+      return real[method]();
+    }
+
+    function call(method, args) {
+      if (disabled) return;
+      if (real) return invoke(method, args, NaN);
+      const ts = Date.now();
+      const key = PRE + ts.toString(36) + '.' + (1e6 + seq++) + Math.random().toString(36).slice(2, 6);
+      let persisted = false;
+      try {
+        storage().setItem(key, JSON.stringify([method, args, ts]));
+        persisted = true;
+      } catch (e) {}
+      early.push([key, method, args, ts, persisted]);
+    }
+
+    // Replays calls kept before the wasm was ready: this page's and any left by a page
+    // closed before its wasm loaded. Each key is removed before its call is replayed.
+    function replay() {
+      const s = storage();
+      const calls = new Map();
+      for (const [key, method, args, ts, persisted] of early) if (!persisted) calls.set(key, [method, args, ts]);
+      if (s) {
+        for (let i = 0; i < s.length; i++) {
+          const key = s.key(i);
+          if (key && key.startsWith(PRE)) {
+            try {
+              calls.set(key, JSON.parse(s.getItem(key)));
+            } catch (e) {
+              calls.set(key, null);
+            }
+          }
+        }
+      }
+      early.length = 0;
+      for (const key of [...calls.keys()].sort()) {
+        const c = calls.get(key);
+        try {
+          if (s) s.removeItem(key);
+        } catch (e) {}
+        if (Array.isArray(c) && METHODS.includes(c[0])) {
+          try {
+            invoke(c[0], c[1] || [], c[2]);
+          } catch (e) {
+            log(e);
+          }
+        }
+      }
+    }
+
+    o.wantsStatus = () => listeners.size > 0;
+    function emit(json) {
+      let st;
+      try {
+        st = JSON.parse(json);
+      } catch (e) {
+        return;
+      }
+      for (const cb of listeners) {
+        try {
+          cb(st);
+        } catch (e) {
+          log(e);
+        }
+      }
+    }
+
+    if (!disabled) {
+      ready = load()
+        .then((m) => {
+          real = bind(m.Engine, o, emit, log);
+          real.setContext(context());
+          replay();
+          if (listeners.size) emit(real.status());
+        })
+        .catch((e) => {
+          console.warn('[tracklet] could not start; events stay queued in storage', e);
+        });
+    }
+
+    const earlyStatus = () => ({
+      pending: early.length,
+      inFlight: 0,
+      lastError: null,
+      lastSentAt: null,
+      nextRetryAt: null,
+      online: inBrowser() ? navigator.onLine : false,
+      rejected: 0,
+      dropped: 0,
+      optedOut: false,
+    });
+
+    const tracker = {
+      track: safe((name, props) => call('track', props === undefined ? [name] : [name, props])),
+      page: safe((props) => call('page', props === undefined ? [] : [props])),
+      identify: safe((userId, traits) => call('identify', traits === undefined ? [userId] : [userId, traits])),
+      reset: safe(() => call('reset', [])),
+      optOut: safe(() => call('optOut', [])),
+      optIn: safe(() => call('optIn', [])),
+      pendingCount: safe(() => (real ? real.pending() : early.length), 0),
+      status: safe(() => (real ? JSON.parse(real.status()) : earlyStatus()), earlyStatus),
+      onStatus: safe((cb) => {
+        listeners.add(cb);
+        return () => listeners.delete(cb);
+      }, noop),
+      clearEvents: safe(() => {
+        let n = 0;
+        for (const [key] of early) {
+          try {
+            storage().removeItem(key);
+          } catch (e) {}
+          n++;
+        }
+        early.length = 0;
+        return n + (real ? real.clear() : 0);
+      }, 0),
+      forceSend: () =>
+        Promise.resolve(ready)
+          .then(() => (real ? real.forceSend() : 0))
+          .then(
+            (sent) => ({ sent, pending: tracker.pendingCount() }),
+            (e) => {
+              log(e);
+              return { sent: 0, pending: tracker.pendingCount() };
+            },
+          ),
+      /** Resolves when the wasm is loaded (or failed to load). */
+      ready: () => Promise.resolve(ready),
+    };
+    tracker.flush = tracker.forceSend;
+
+    if (!disabled) safe(autocapture)(tracker, o, log);
+    return tracker;
+  };
+}
+
+// ---- autocapture --------------------------------------------------------------------
+
+const SKIP_TEXT = /^(INPUT|SELECT|TEXTAREA|OPTION)$/;
+
+function cssPath(el) {
+  const parts = [];
+  for (let n = el; n && n.nodeType === 1 && parts.length < 5; n = n.parentElement) {
+    let p = n.tagName.toLowerCase();
+    if (n.id) {
+      parts.unshift(p + '#' + n.id);
+      break;
+    }
+    const parent = n.parentElement;
+    if (parent) {
+      const same = [...parent.children].filter((c) => c.tagName === n.tagName);
+      if (same.length > 1) p += ':nth-of-type(' + (same.indexOf(n) + 1) + ')';
+    }
+    parts.unshift(p);
+  }
+  return parts.join(' > ');
+}
+
+function describeClick(target) {
+  const el = target.closest('a,button,input,select,textarea,label,summary,[role=button],[role=link],[onclick]') || target;
+  if (el.closest('[data-tracklet-ignore]')) return null;
+  const props = { tag: el.tagName.toLowerCase(), path: cssPath(el) };
+  if (el.id) props.id = el.id;
+  const cls = typeof el.className === 'string' ? el.className.trim() : '';
+  if (cls) props.classes = cls.split(/\s+/).slice(0, 10);
+  const href = el.getAttribute('href');
+  if (href) props.href = href.slice(0, 500);
+  // Never the value or typed text of form fields or editable regions.
+  if (!SKIP_TEXT.test(el.tagName) && !el.isContentEditable && !el.closest('[contenteditable]')) {
+    const text = (el.innerText || el.textContent || '').trim().replace(/\s+/g, ' ');
+    if (text) props.text = text.slice(0, 100);
+  }
+  if (el.tagName === 'INPUT') props.type = el.type;
+  return props;
+}
+
+function autocapture(t, o, log) {
+  let lastPath = null;
+  let marks = new Set();
+  const pageView = () => {
+    const path = location.pathname;
+    if (path === lastPath) return;
+    lastPath = path;
+    marks = new Set();
+    t.page({ path, url: location.href, title: document.title || undefined, referrer: document.referrer || undefined });
+  };
+  if (o.pageView) {
+    pageView();
+    for (const m of ['pushState', 'replaceState']) {
+      const orig = history[m];
+      history[m] = function () {
+        const r = orig.apply(this, arguments);
+        try {
+          pageView();
+        } catch (e) {
+          log(e);
+        }
+        return r;
+      };
+    }
+    addEventListener('popstate', () => pageView());
+    addEventListener('pageshow', (e) => {
+      if (e.persisted) {
+        lastPath = null;
+        pageView();
+      }
+    });
+  }
+  if (o.click) {
+    document.addEventListener(
+      'click',
+      (e) => {
+        try {
+          const props = e.target && e.target.closest ? describeClick(e.target) : null;
+          if (props) t.track('click', props);
+        } catch (err) {
+          log(err);
+        }
+      },
+      { capture: true, passive: true },
+    );
+  }
+  if (o.scroll) {
+    let timer = 0;
+    const check = () => {
+      timer = 0;
+      const d = document.documentElement;
+      const total = Math.max(d.scrollHeight, document.body ? document.body.scrollHeight : 0);
+      const seen = total <= innerHeight ? 100 : ((scrollY + innerHeight) / total) * 100;
+      for (const m of [25, 50, 75, 100]) {
+        if (seen >= m - 0.5 && !marks.has(m)) {
+          marks.add(m);
+          t.track('scroll', { depth: m, path: location.pathname });
+        }
+      }
+    };
+    addEventListener(
+      'scroll',
+      () => {
+        if (!timer) timer = setTimeout(check, 200);
+      },
+      { passive: true },
+    );
+  }
+}
