@@ -44,6 +44,11 @@ impl PgStore {
         Ok(PgStore { pool })
     }
 
+    /// Wraps an existing pool (tests, tools).
+    pub fn from_pool(pool: PgPool) -> PgStore {
+        PgStore { pool }
+    }
+
     pub fn pool(&self) -> &PgPool {
         &self.pool
     }
