@@ -144,33 +144,55 @@ export function bind(Engine, o, emit, log) {
     return status >= 200 && status < 300;
   }
 
+  // Runs `fn` holding the cross-tab send lock (Web Locks, where the browser has them), so
+  // no two tabs send at once; a tab that dies releases it. The core's storage lease does
+  // the same job, with an expiry, where Web Locks are missing. `wait`: queue for the lock
+  // (bounded) instead of giving up when another tab holds it.
+  const locks = navigator.locks;
+  function withSendLock(wait, fn) {
+    if (!locks) return fn();
+    const opts = wait ? (AbortSignal.timeout ? { signal: AbortSignal.timeout(30000) } : {}) : { ifAvailable: true };
+    return locks.request('tracklet:send', opts, (lock) => (lock ? fn() : retrySoon())).catch(() => 0);
+  }
+
+  // Another tab is sending: look again in a second.
+  function retrySoon() {
+    clearTimeout(timer);
+    timerAt = -1;
+    timer = setTimeout(pump, 1000);
+  }
+
   function pump() {
-    refresh();
-    const body = engine.pollSend(Date.now(), false);
-    apply();
-    if (body) send(body, engine.batch);
-    else schedule();
+    withSendLock(false, async () => {
+      refresh();
+      const body = engine.pollSend(Date.now(), false);
+      apply();
+      if (body) await send(body, engine.batch);
+      else schedule();
+    });
   }
 
   let draining = null;
   // Sends batch after batch now (after the one in flight), skipping the backoff wait
   // but never a server's Retry-After. Resolves to the number of events acknowledged.
-  async function drain() {
-    let sent = 0;
-    for (let i = 0; i < 600 && JSON.parse(engine.status()).inFlight > 0; i++) {
-      await new Promise((r) => setTimeout(r, 50));
-    }
-    for (;;) {
-      refresh();
-      const body = engine.pollSend(Date.now(), true);
-      apply();
-      if (!body) break;
-      const n = engine.events;
-      if (!(await send(body, engine.batch))) break;
-      sent += n;
-    }
-    schedule();
-    return sent;
+  function drain() {
+    return withSendLock(true, async () => {
+      let sent = 0;
+      for (let i = 0; i < 600 && JSON.parse(engine.status()).inFlight > 0; i++) {
+        await new Promise((r) => setTimeout(r, 50));
+      }
+      for (;;) {
+        refresh();
+        const body = engine.pollSend(Date.now(), true);
+        apply();
+        if (!body) break;
+        const n = engine.events;
+        if (!(await send(body, engine.batch))) break;
+        sent += n;
+      }
+      schedule();
+      return sent;
+    });
   }
 
   // The page is going away: hand what is queued to sendBeacon, which outlives it. The

@@ -216,7 +216,10 @@ export function makeInit(load) {
     });
 
     const tracker = {
-      track: safe((name, props) => call('track', props === undefined ? [name] : [name, props])),
+      track: safe((name, props) => {
+        if (typeof name !== 'string' || !name) return log('track() needs an event name (a non-empty string)');
+        call('track', props === undefined ? [name] : [name, props]);
+      }),
       page: safe((props) => call('page', props === undefined ? [] : [props])),
       identify: safe((userId, traits) => call('identify', traits === undefined ? [userId] : [userId, traits])),
       reset: safe(() => call('reset', [])),

@@ -494,12 +494,10 @@ fn bench(what: &str) -> Result<()> {
             if !sdk_is_built() {
                 build()?;
             }
-            let bin = collector_bin()?;
             run(Command::new("node")
                 .arg(root.join("tests/bench/sdk.mjs"))
                 .current_dir(&root)
-                .env("CHROMIUM_PATH", chromium()?)
-                .env("TRACKLET_COLLECTOR_BIN", bin))
+                .env("CHROMIUM_PATH", chromium()?))
         }
         "collector" => {
             let db = postgres_url()?;
