@@ -116,6 +116,9 @@ pub struct ServeArgs {
     /// Rows the commit queue holds before answering 503.
     #[arg(long, env = "TRACKLET_QUEUE_CAPACITY_ROWS", default_value_t = 50_000)]
     pub queue_capacity_rows: usize,
+    /// Batches decoded at the same time before answering 503 (bounds memory).
+    #[arg(long, env = "TRACKLET_MAX_INFLIGHT_BATCHES", default_value_t = 128)]
+    pub max_inflight_batches: usize,
     /// Seconds allowed to receive a request body (408 after).
     #[arg(long, env = "TRACKLET_BODY_TIMEOUT_SECS", default_value_t = 10)]
     pub body_timeout_secs: u64,
@@ -178,6 +181,7 @@ impl ServeArgs {
                 high_water_rows: queue / 5 * 4,
                 ..CommitConfig::default()
             },
+            max_inflight_batches: self.max_inflight_batches,
             body_read_timeout: Duration::from_secs(self.body_timeout_secs.max(1)),
             shutdown_timeout: Duration::from_secs(self.shutdown_timeout_secs),
         }

@@ -62,6 +62,9 @@ pub struct ServeConfig {
     /// How often partitions are created/dropped while serving.
     pub partition_interval: Duration,
     pub commit: CommitConfig,
+    /// Batches decoded at the same time; more get 503 (bounds memory: each may hold up to
+    /// 1 MiB compressed + 10 MiB decompressed).
+    pub max_inflight_batches: usize,
     /// Time allowed to receive a request body (408 after).
     pub body_read_timeout: Duration,
     /// Longest wait for in-flight requests and the commit queue on shutdown.
@@ -79,6 +82,7 @@ impl Default for ServeConfig {
             partition_months_ahead: 3,
             partition_interval: Duration::from_secs(3600),
             commit: CommitConfig::default(),
+            max_inflight_batches: 128,
             body_read_timeout: crate::limits::BODY_READ_TIMEOUT,
             shutdown_timeout: Duration::from_secs(30),
         }

@@ -33,6 +33,8 @@ pub enum ApiError {
     Store(#[from] StoreError),
     #[error("invalid query: {0}")]
     BadQuery(String),
+    #[error("too many batches in progress; retry later")]
+    Overloaded,
     #[error("no such route")]
     NotFound,
 }
@@ -84,7 +86,7 @@ impl ApiError {
                 }
                 CommitError::Refused(_) => (S::BAD_REQUEST, error_code::MALFORMED, None),
             },
-            ApiError::Store(_) => unavailable,
+            ApiError::Store(_) | ApiError::Overloaded => unavailable,
             ApiError::BadQuery(_) => (S::BAD_REQUEST, error_code::MALFORMED, None),
             ApiError::NotFound => (S::NOT_FOUND, error_code::MALFORMED, None),
         }

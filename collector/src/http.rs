@@ -41,6 +41,8 @@ pub struct AppState {
     projects: Arc<ProjectCache>,
     limiter: Arc<RateLimiter>,
     enricher: Arc<Enricher>,
+    /// Permits for batches being decoded and processed (bounds memory under load).
+    inflight: Arc<tokio::sync::Semaphore>,
     metrics: PrometheusHandle,
 }
 
@@ -55,6 +57,7 @@ impl AppState {
         let (committer, task) = GroupCommitter::start(store.clone(), config.commit.clone());
         let state = AppState {
             projects: Arc::new(ProjectCache::new(store.clone())),
+            inflight: Arc::new(tokio::sync::Semaphore::new(config.max_inflight_batches)),
             config: Arc::new(config),
             store,
             committer,
@@ -149,6 +152,12 @@ async fn receive_batch(state: &AppState, request: Request) -> Result<BatchRespon
     let key = auth::request_key(&parts.uri, headers).ok_or(AuthError::MissingKey)?;
     let project = state.projects.by_write_key(&key).await?;
     auth::check_origin(&project, header_str(headers, &header::ORIGIN))?;
+
+    // Bounded work in progress: shed load rather than buffer without limit.
+    let _inflight = state
+        .inflight
+        .try_acquire()
+        .map_err(|_| ApiError::Overloaded)?;
 
     // Decode.
     let encoding = Encoding::from_header(header_str(headers, &header::CONTENT_ENCODING))?;

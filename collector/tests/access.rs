@@ -167,6 +167,18 @@ async fn full_commit_queue_is_503_instead_of_growing() {
 }
 
 #[tokio::test]
+async fn too_many_batches_in_progress_is_503() {
+    let config = ServeConfig {
+        max_inflight_batches: 0,
+        ..Default::default()
+    };
+    let app = app_with(Backend::Sqlite, config, None).await;
+    let a = app.post(batch(SENT, vec![event(1)])).await;
+    assert_eq!(a.status, StatusCode::SERVICE_UNAVAILABLE, "{}", a.text);
+    assert!(a.headers.get("retry-after").is_some());
+}
+
+#[tokio::test]
 async fn health_ready_and_metrics() {
     let app = app(Backend::Postgres).await;
     assert_eq!(app.get("/healthz").await.status, StatusCode::OK);
