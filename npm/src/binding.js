@@ -6,6 +6,7 @@
 const SEP = '\u0001';
 const PREFIX = 'tl1:';
 const SESSION_KEY = 'tl1:sess';
+const LEASE_KEY = 'tl1:lease';
 
 function localStore() {
   // Throws in sandboxed iframes and some private modes; a probe write catches the rest.
@@ -85,7 +86,22 @@ export function bind(Engine, o, emit, log) {
   }
 
   function refresh() {
+    apply();
     if (store) engine.refresh(snapshot());
+  }
+
+  // track() leaves its storage write to the end of the task: a microtask writes all the
+  // events of the task as one record (a localStorage write costs 15-25 µs, whatever its
+  // size). Microtasks run before the task ends, so before any unload.
+  let flushQueued = false;
+  function flushSoon() {
+    if (flushQueued) return;
+    flushQueued = true;
+    queueMicrotask(() => {
+      flushQueued = false;
+      apply();
+      changed();
+    });
   }
 
   function changed() {
@@ -181,10 +197,17 @@ export function bind(Engine, o, emit, log) {
       for (let i = 0; i < 600 && JSON.parse(engine.status()).inFlight > 0; i++) {
         await new Promise((r) => setTimeout(r, 50));
       }
-      for (;;) {
+      for (let waits = 0; ; ) {
         refresh();
         const body = engine.pollSend(Date.now(), true);
         apply();
+        // Another tab's lease still shows: its last answer (and the removals before its
+        // lease release) may not have reached this tab's storage yet. Wait for it rather
+        // than resend what it sent.
+        if (!body && engine.leaseHeldElsewhere(Date.now()) >= 0 && waits++ < 150) {
+          await new Promise((r) => setTimeout(r, 20));
+          continue;
+        }
         if (!body) break;
         const n = engine.events;
         if (!(await send(body, engine.batch))) break;
@@ -200,6 +223,7 @@ export function bind(Engine, o, emit, log) {
   let unloading = false;
   function unload() {
     unloading = true;
+    apply();
     const n = engine.prepareUnload(Date.now());
     for (let i = 0; i < n; i++) {
       const body = engine.unloadNext();
@@ -222,6 +246,8 @@ export function bind(Engine, o, emit, log) {
   addEventListener('pageshow', () => (unloading = false));
   addEventListener('storage', (e) => {
     if (e.key === SESSION_KEY && e.newValue) engine.adoptSession(e.newValue);
+    // The sending tab let go: what waited for it may go now.
+    if (e.key === LEASE_KEY && !e.newValue) pump();
   });
   document.addEventListener('visibilitychange', () => {
     // Send now, while the page can still hear the answer.
@@ -239,7 +265,11 @@ export function bind(Engine, o, emit, log) {
       return r;
     };
   return {
-    track: act((name, props, at) => engine.track(name, props, isNaN(at) ? Date.now() : at)),
+    track: (name, props, at) => {
+      const queued = engine.track(name, props, isNaN(at) ? Date.now() : at);
+      flushSoon();
+      return queued;
+    },
     setContext: (c) => engine.setContext(c),
     identify: act((id) => engine.identify(id)),
     reset: act(() => engine.reset(Date.now())),

@@ -167,6 +167,12 @@ pub struct Core {
     last_error: Option<String>,
     last_sent_at: Option<u64>,
     actions: Vec<Action>,
+    /// The storage record this task's events go into, written by the next
+    /// [`Core::take_actions`] (which the binding calls before the task ends).
+    open_chunk: Option<String>,
+    /// Per storage record still holding queued events: the ids of its events that are
+    /// gone (the value of its `tl1:a:` key).
+    gone: Vec<(String, String)>,
     /// `always_keep` names as JSON literals, to recognise stored records.
     keep_literals: Vec<String>,
 }
@@ -179,6 +185,13 @@ fn pair(a: &str, n: u64) -> String {
     s.push(' ');
     push_u64(&mut s, n);
     s
+}
+
+/// `tl1:a:<first id>`: the gone-list of record `tl1:e:<first id>`.
+fn gone_key(chunk: &str) -> String {
+    let mut k = String::from(storage::GONE);
+    k.push_str(&chunk[storage::EVENT.len()..]);
+    k
 }
 
 fn event_key(id: &str) -> String {
@@ -226,6 +239,8 @@ impl Core {
             last_error: None,
             last_sent_at: None,
             actions: Vec::new(),
+            open_chunk: None,
+            gone: Vec::new(),
             keep_literals,
         }
     }
@@ -251,29 +266,58 @@ impl Core {
     }
 
     fn adopt<'a>(&mut self, entries: impl IntoIterator<Item = (&'a str, &'a str)>, first: bool) {
+        let entries: Vec<(&str, &str)> = entries.into_iter().collect();
+        // Gone-lists first: their ids are not queued, whatever their records say.
+        let mut gone_lists: Vec<(&str, &str)> = Vec::new();
+        for &(key, value) in &entries {
+            if let Some(first_id) = key.strip_prefix(storage::GONE) {
+                if entries
+                    .iter()
+                    .any(|(k, _)| k.strip_prefix(storage::EVENT) == Some(first_id))
+                {
+                    gone_lists.push((first_id, value));
+                    self.merge_gone(&event_key(first_id), value);
+                } else {
+                    // Its record is gone: so is the list.
+                    self.actions.push(Action::Remove(key.into()));
+                }
+            }
+        }
         let mut stored_ids: Vec<&str> = Vec::new();
         let mut retry = RetryState::default();
         let mut lease = None;
         let mut dropped = 0;
         let mut opted_out = false;
         let mut user = None;
-        for (key, value) in entries {
-            if let Some(id) = key.strip_prefix(storage::EVENT) {
-                if !storage::looks_like_event(id, value) {
-                    self.actions.push(Action::Remove(key.into()));
-                    continue;
-                }
-                stored_ids.push(id);
-                if !self.queue.contains(id) {
-                    let keep = self.is_keep_record(id.len(), value);
-                    self.queue.insert(
-                        id.into(),
-                        Record {
-                            json: value.into(),
+        for &(key, value) in &entries {
+            if let Some(first_id) = key.strip_prefix(storage::EVENT) {
+                let gone = gone_lists
+                    .iter()
+                    .find(|(f, _)| *f == first_id)
+                    .map_or("", |(_, g)| *g);
+                let mut valid = false;
+                for line in value.split(storage::LINE) {
+                    let Some(id) = storage::event_line_id(line) else {
+                        continue;
+                    };
+                    valid = true;
+                    if gone.split(storage::LINE).any(|g| g == id) {
+                        continue;
+                    }
+                    stored_ids.push(id);
+                    if !self.queue.contains(id) {
+                        let keep = self.is_keep_record(id.len(), line);
+                        let record = Record {
+                            json: line.into(),
                             keep,
                             persisted: true,
-                        },
-                    );
+                            chunk: key.into(),
+                        };
+                        self.queue.insert(id.into(), record);
+                    }
+                }
+                if !valid {
+                    self.actions.push(Action::Remove(key.into()));
                 }
                 continue;
             }
@@ -368,13 +412,23 @@ impl Core {
         if json.len() > tracklet_wire::MAX_EVENT_BYTES {
             return Err(Skipped::TooLarge);
         }
-        self.actions.push(Action::Set(event_key(&id), json.clone()));
+        let chunk = match &self.open_chunk {
+            Some(c) => c.clone(),
+            None => {
+                let c = event_key(&id);
+                self.open_chunk = Some(c.clone());
+                c
+            }
+        };
+        // Persisted by the next `take_actions()`, which the binding calls before the task
+        // ends: one storage write for all the events of a task.
         self.queue.insert(
             id.clone(),
             Record {
                 json,
                 keep,
-                persisted: true,
+                persisted: false,
+                chunk,
             },
         );
         self.enforce_caps();
@@ -487,13 +541,10 @@ impl Core {
         self.actions.push(Action::Set(storage::DROPPED.into(), d));
     }
 
-    /// The binding could not write this key (quota exceeded, storage disabled): the event
-    /// lives on in memory only, and a refresh must not mistake it for acknowledged.
+    /// The binding could not write this key (quota exceeded, storage disabled): its events
+    /// live on in memory only, and a refresh must not mistake them for acknowledged.
     pub fn persist_failed(&mut self, key: &str) {
-        if let Some(r) = key
-            .strip_prefix(storage::EVENT)
-            .and_then(|id| self.queue.get_mut(id))
-        {
+        for r in self.queue.iter_mut().filter(|r| r.chunk == key) {
             r.persisted = false;
         }
     }
@@ -518,7 +569,48 @@ impl Core {
 
     /// Storage changes to carry out now, in order.
     pub fn take_actions(&mut self) -> Vec<Action> {
+        self.write_open_chunk();
         core::mem::take(&mut self.actions)
+    }
+
+    /// Adds ids (one per line) to the gone-list of record `chunk`.
+    fn merge_gone(&mut self, chunk: &str, ids: &str) {
+        let at = match self.gone.iter().position(|(c, _)| c == chunk) {
+            Some(at) => at,
+            None => {
+                self.gone.push((chunk.into(), String::new()));
+                self.gone.len() - 1
+            }
+        };
+        let list = &mut self.gone[at].1;
+        for id in ids.split(storage::LINE).filter(|id| !id.is_empty()) {
+            if !list.split(storage::LINE).any(|g| g == id) {
+                if !list.is_empty() {
+                    list.push(storage::LINE);
+                }
+                list.push_str(id);
+            }
+        }
+    }
+
+    /// Writes this task's record: the events tracked since the last `take_actions`.
+    fn write_open_chunk(&mut self) {
+        let Some(chunk) = self.open_chunk.take() else {
+            return;
+        };
+        // A record's events all come at or after its first event (the key's id).
+        let first = &chunk[storage::EVENT.len()..];
+        let mut value = String::new();
+        for r in self.queue.iter_mut_from(first).filter(|r| r.chunk == chunk) {
+            if !value.is_empty() {
+                value.push(storage::LINE);
+            }
+            value.push_str(&r.json);
+            r.persisted = true;
+        }
+        if !value.is_empty() {
+            self.actions.push(Action::Set(chunk, value));
+        }
     }
 
     /// Events not yet acknowledged, in flight included.
@@ -541,7 +633,8 @@ impl Core {
         }
     }
 
-    fn lease_held_elsewhere(&self, now: u64) -> Option<u64> {
+    /// Until when another tab holds the sending lease, if it does.
+    pub fn lease_held_elsewhere(&self, now: u64) -> Option<u64> {
         match &self.lease {
             Some((owner, until)) if *owner != self.tab && *until > now => Some(*until),
             _ => None,
@@ -646,7 +739,13 @@ impl Core {
         let Some(flight) = self.in_flight.take_if(|f| f.batch == batch) else {
             return;
         };
+        self.settle(flight, outcome, now);
+        // Last, after the removals: a tab that sees the lease gone also sees them (one
+        // tab's storage writes reach the others in order), so it never resends them.
         self.release_lease();
+    }
+
+    fn settle(&mut self, flight: InFlight, outcome: Outcome, now: u64) {
         let n = flight.ids.len();
         match outcome {
             Outcome::Accepted { rejected } => {
@@ -735,10 +834,33 @@ impl Core {
         }
     }
 
+    /// Removes events from the queue and from storage: a record with none of its events
+    /// left is removed, otherwise the ids join the record's gone-list. Records are never
+    /// rewritten (see [`storage::EVENT`]).
     fn remove_events(&mut self, ids: &[String]) {
+        let mut touched: Vec<String> = Vec::new();
         for id in ids {
-            if self.queue.remove(id).is_some() {
-                self.actions.push(Action::Remove(event_key(id)));
+            let Some((r, emptied)) = self.queue.remove(id) else {
+                continue;
+            };
+            if emptied {
+                self.gone.retain(|(c, _)| *c != r.chunk);
+                touched.retain(|c| *c != r.chunk);
+                if self.open_chunk.as_deref() != Some(r.chunk.as_str()) {
+                    self.actions.push(Action::Remove(gone_key(&r.chunk)));
+                    self.actions.push(Action::Remove(r.chunk));
+                }
+            } else {
+                self.merge_gone(&r.chunk, id);
+                if !touched.contains(&r.chunk) {
+                    touched.push(r.chunk);
+                }
+            }
+        }
+        for chunk in touched {
+            if let Some((_, list)) = self.gone.iter().find(|(c, _)| *c == chunk) {
+                self.actions
+                    .push(Action::Set(gone_key(&chunk), list.clone()));
             }
         }
     }

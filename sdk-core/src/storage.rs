@@ -5,8 +5,17 @@
 
 /// Every key the SDK writes starts with this.
 pub const PREFIX: &str = "tl1:";
-/// `tl1:e:<event id>` -> the event's JSON, exactly as it goes on the wire.
+/// `tl1:e:<id of its first event>` -> the events tracked in one task of one page, one JSON
+/// object per line, each exactly as it goes on the wire. One storage write per task keeps
+/// `track()` cheap (a localStorage write costs 15-25 µs whatever its size); a corrupt line
+/// loses only itself, a corrupt record only its task's events. A record is written once
+/// and never rewritten, only removed when none of its events is left: another tab's stale
+/// copy can then never bring back an event that was acknowledged.
 pub const EVENT: &str = "tl1:e:";
+/// `tl1:a:<id of the record's first event>` -> ids of that record's events that are gone
+/// (acknowledged, rejected, dropped or cleared) while others in it are still queued, one
+/// per line.
+pub const GONE: &str = "tl1:a:";
 /// Anonymous id of this browser.
 pub const ANON: &str = "tl1:anon";
 /// User id set by `identify()`.
@@ -33,24 +42,27 @@ pub fn split_pair(value: &str) -> Option<(&str, u64)> {
     Some((a, b.parse().ok()?))
 }
 
-/// Whether `value` can be an event record written by this version: an object whose `id`
-/// is `id`. Cheap: records are checked at start-up, before anything is sent.
-pub fn looks_like_event(id: &str, value: &str) -> bool {
-    let b = value.as_bytes();
-    b.len() > 12 + id.len()
-        && value.starts_with("{\"id\":\"")
-        && value[7..].starts_with(id)
-        && value[7 + id.len()..].starts_with("\",\"name\":\"")
-        && b[b.len() - 1] == b'}'
+/// The id of one event line of a record, if the line looks like an event written by this
+/// version: an object starting with its `id`, then its `name`. Cheap: records are checked
+/// at start-up, before anything is sent.
+pub fn event_line_id(line: &str) -> Option<&str> {
+    let rest = line.strip_prefix("{\"id\":\"")?;
+    let end = rest.find('"')?;
+    let id = &rest[..end];
+    (!id.is_empty() && rest[end..].starts_with("\",\"name\":\"") && line.ends_with('}'))
+        .then_some(id)
 }
 
-/// Whether the event record's name is `escaped_name` (a JSON string literal, quotes
+/// Whether the event line's name is `escaped_name` (a JSON string literal, quotes
 /// included).
-pub fn event_name_is(value: &str, id_len: usize, escaped_name: &str) -> bool {
-    value.get(7 + id_len + 9..).is_some_and(|rest| {
+pub fn event_name_is(line: &str, id_len: usize, escaped_name: &str) -> bool {
+    line.get(7 + id_len + 9..).is_some_and(|rest| {
         rest.starts_with(escaped_name) && rest[escaped_name.len()..].starts_with(',')
     })
 }
+
+/// Events of one record are separated by newlines (never inside the JSON the core writes).
+pub const LINE: char = '\n';
 
 #[cfg(test)]
 mod tests {
@@ -65,12 +77,13 @@ mod tests {
     }
 
     #[test]
-    fn event_records() {
+    fn event_lines() {
         let v = r#"{"id":"X1","name":"play","ts":1}"#;
-        assert!(looks_like_event("X1", v));
-        assert!(!looks_like_event("X2", v));
-        assert!(!looks_like_event("X1", &v[..v.len() - 1]));
-        assert!(!looks_like_event("X1", "garbage"));
+        assert_eq!(event_line_id(v), Some("X1"));
+        assert_eq!(event_line_id(&v[..v.len() - 1]), None);
+        assert_eq!(event_line_id("garbage"), None);
+        assert_eq!(event_line_id(r#"{"id":"","name":"x"}"#), None);
+        assert_eq!(event_line_id(r#"{"id":"X1","ts":1}"#), None);
         assert!(event_name_is(v, 2, "\"play\""));
         assert!(!event_name_is(v, 2, "\"pla\""));
     }

@@ -68,11 +68,29 @@ fn ok() -> Outcome {
     Outcome::Accepted { rejected: vec![] }
 }
 
+/// Every stored event line by id, as a new page would read it: the lines of each record
+/// minus the record's gone-list.
+fn stored(storage: &Storage) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    for (k, v) in storage
+        .iter()
+        .filter(|(k, _)| k.starts_with(storage::EVENT))
+    {
+        let gone_key = k.replacen(storage::EVENT, storage::GONE, 1);
+        let gone: Vec<&str> = storage
+            .get(&gone_key)
+            .map_or(vec![], |g| g.split('\n').collect());
+        for line in v.split('\n') {
+            if let Some(id) = storage::event_line_id(line).filter(|id| !gone.contains(id)) {
+                out.insert(id.to_string(), line.to_string());
+            }
+        }
+    }
+    out
+}
+
 fn stored_events(storage: &Storage) -> usize {
-    storage
-        .keys()
-        .filter(|k| k.starts_with(storage::EVENT))
-        .count()
+    stored(storage).len()
 }
 
 #[test]
@@ -120,7 +138,7 @@ fn events_are_persisted_at_once_and_removed_only_when_acknowledged() {
     let mut c = tab(&mut st, Config::default(), 1, 0);
     let ids = track_n(&mut c, &mut st, 3, 100);
     for id in &ids {
-        let v = &st[&format!("tl1:e:{id}")];
+        let v = &stored(&st)[id];
         let e: Event = serde_json::from_str(v).unwrap();
         assert_eq!(&e.id, id);
         assert_eq!(e.anonymous_id, st["tl1:anon"]);
@@ -135,6 +153,22 @@ fn events_are_persisted_at_once_and_removed_only_when_acknowledged() {
     assert_eq!(c.pending(), 0);
     assert_eq!(c.status().last_sent_at, Some(200));
     assert!(!st.contains_key(storage::LEASE), "lease released");
+}
+
+#[test]
+fn the_lease_is_released_after_the_acknowledged_events_are_removed() {
+    let mut st = Storage::new();
+    let mut c = tab(&mut st, Config::default(), 1, 0);
+    track_n(&mut c, &mut st, 3, 100);
+    let out = c.poll_send(100, true).unwrap();
+    c.take_actions();
+    c.on_result(out.batch, ok(), 200);
+    let actions = c.take_actions();
+    assert_eq!(
+        actions.last(),
+        Some(&Action::Remove(storage::LEASE.into())),
+        "{actions:?}"
+    );
 }
 
 #[test]
@@ -161,19 +195,84 @@ fn corrupt_records_lose_only_themselves() {
     let mut st = Storage::new();
     let mut c = tab(&mut st, Config::default(), 1, 0);
     let ids = track_n(&mut c, &mut st, 3, 100);
-    st.insert(format!("tl1:e:{}", ids[1]), "{\"id\":\"trunc".into());
+    assert_eq!(
+        st.keys().filter(|k| k.starts_with("tl1:e:")).count(),
+        1,
+        "one record per task"
+    );
+    let more = track_n(&mut c, &mut st, 2, 101);
+    let key = format!("tl1:e:{}", ids[0]);
+    // Truncate the middle line of the first record; the second record stays whole.
+    let lines: Vec<String> = st[&key].split('\n').map(String::from).collect();
+    let damaged = [
+        lines[0].clone(),
+        lines[1][..20].to_string(),
+        lines[2].clone(),
+    ]
+    .join("\n");
+    st.insert(key.clone(), damaged);
     st.insert("tl1:e:nonsense".into(), "\u{0}\u{1}".into());
     st.insert(storage::RETRY.into(), "garbage".into());
     st.insert(storage::SESSION.into(), "no-number".into());
     let mut c2 = tab(&mut st, Config::default(), 2, 200);
-    assert_eq!(c2.pending(), 2);
+    assert_eq!(c2.pending(), 4);
     assert!(!st.contains_key("tl1:e:nonsense"));
-    assert!(!st.contains_key(&format!("tl1:e:{}", ids[1])));
     let out = c2.poll_send(200, true).unwrap();
     let (_, _, events) = decode(&out.body);
     assert_eq!(
         events.iter().map(|e| &e.id).collect::<Vec<_>>(),
-        vec![&ids[0], &ids[2]]
+        vec![&ids[0], &ids[2], &more[0], &more[1]]
+    );
+    c2.on_result(out.batch, ok(), 201);
+    apply(&mut st, &mut c2);
+    assert!(
+        !st.keys()
+            .any(|k| k.starts_with("tl1:e:") || k.starts_with("tl1:a:")),
+        "{st:?}"
+    );
+}
+
+#[test]
+fn records_are_never_rewritten_and_gone_lists_hide_acknowledged_events() {
+    let mut st = Storage::new();
+    let cfg = Config {
+        max_batch_size: 3,
+        ..Config::default()
+    };
+    let mut a = tab(&mut st, cfg.clone(), 1, 0);
+    let ids = track_n(&mut a, &mut st, 5, 10); // one record of 5
+    let key = format!("tl1:e:{}", ids[0]);
+    let record = st[&key].clone();
+    let out = a.poll_send(10, false).unwrap();
+    a.on_result(out.batch, ok(), 11);
+    apply(&mut st, &mut a);
+    assert_eq!(st[&key], record, "the record itself is untouched");
+    let gone_key = format!("tl1:a:{}", ids[0]);
+    assert_eq!(st[&gone_key], ids[..3].join("\n"));
+    assert_eq!(
+        stored(&st).keys().cloned().collect::<Vec<_>>(),
+        ids[3..].to_vec()
+    );
+    // A stale tab that still has the first three queued forgets them on refresh ...
+    let mut b = tab(&mut Storage::new(), cfg.clone(), 2, 0);
+    b.refresh(entries(&{
+        let mut old = st.clone();
+        old.remove(&gone_key);
+        old
+    }));
+    assert_eq!(b.pending(), 5);
+    let snap = st.clone();
+    b.refresh(entries(&snap));
+    assert_eq!(b.pending(), 2);
+    // ... and a new page never sees them.
+    let mut c = tab(&mut st, cfg, 3, 20);
+    assert_eq!(c.pending(), 2);
+    let out = c.poll_send(20, true).unwrap();
+    c.on_result(out.batch, ok(), 21);
+    apply(&mut st, &mut c);
+    assert!(
+        !st.contains_key(&key) && !st.contains_key(&gone_key),
+        "both go with the last event"
     );
 }
 
@@ -435,13 +534,13 @@ fn sessions_expire_after_30_idle_minutes_and_reset_makes_new_ids() {
     c.identify("user-1");
     let id = c.track("a", None, 60 * 60_000 + 1).unwrap();
     apply(&mut st, &mut c);
-    let e: Event = serde_json::from_str(&st[&format!("tl1:e:{id}")]).unwrap();
+    let e: Event = serde_json::from_str(&stored(&st)[&id]).unwrap();
     assert_eq!(e.user_id.as_deref(), Some("user-1"));
     c.reset(60 * 60_000 + 2);
     assert_ne!(c.anonymous_id(), anon);
     let id = c.track("a", None, 60 * 60_000 + 3).unwrap();
     apply(&mut st, &mut c);
-    let e: Event = serde_json::from_str(&st[&format!("tl1:e:{id}")]).unwrap();
+    let e: Event = serde_json::from_str(&stored(&st)[&id]).unwrap();
     assert_eq!(e.user_id, None);
 }
 
@@ -504,6 +603,7 @@ fn an_event_not_persisted_survives_a_refresh() {
     let id = c.track("x", None, 0).unwrap();
     c.take_actions(); // the write failed: storage never got it
     c.persist_failed(&format!("tl1:e:{id}"));
+    assert!(stored(&st).is_empty());
     let snap = st.clone();
     c.refresh(entries(&snap));
     assert_eq!(c.pending(), 1);
@@ -555,7 +655,7 @@ mod properties {
 
     #[derive(Debug, Clone)]
     enum Op {
-        Track(usize),
+        Track(usize, usize),
         Tick(usize, u64),
         Answer(usize, u8),
         Reload(usize),
@@ -563,7 +663,7 @@ mod properties {
 
     fn op() -> impl Strategy<Value = Op> {
         prop_oneof![
-            4 => (0..2usize).prop_map(Op::Track),
+            4 => (0..2usize, 1..4usize).prop_map(|(t, n)| Op::Track(t, n)),
             2 => (0..2usize, 0..40_000u64).prop_map(|(t, d)| Op::Tick(t, d)),
             3 => (0..2usize, 0..5u8).prop_map(|(t, r)| Op::Answer(t, r)),
             1 => (0..2usize).prop_map(Op::Reload),
@@ -586,10 +686,12 @@ mod properties {
             let mut seeds = 2u64;
             for op in ops {
                 match op {
-                    Op::Track(t) => {
-                        let id = tabs[t].track("e", Some("{}"), now).unwrap();
+                    Op::Track(t, n) => {
+                        // n events in one task: one storage record.
+                        for _ in 0..n {
+                            tracked.insert(tabs[t].track("e", Some("{}"), now).unwrap());
+                        }
                         apply(&mut st, &mut tabs[t]);
-                        tracked.insert(id);
                     }
                     Op::Tick(t, d) => {
                         now += d;
@@ -619,9 +721,9 @@ mod properties {
                         inflight[t] = None;
                     }
                 }
+                let kept = stored(&st);
                 for id in &tracked {
-                    let key = format!("tl1:e:{id}");
-                    prop_assert!(collector.contains(id) || st.contains_key(&key), "lost {}", id);
+                    prop_assert!(collector.contains(id) || kept.contains_key(id), "lost {}", id);
                 }
                 prop_assert!(collector.is_subset(&tracked));
             }

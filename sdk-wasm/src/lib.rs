@@ -224,6 +224,14 @@ impl Engine {
         self.unload.pop()
     }
 
+    /// Until when (ms) another tab holds the sending lease, or -1.
+    #[wasm_bindgen(js_name = leaseHeldElsewhere)]
+    pub fn lease_held_elsewhere(&self, now: f64) -> f64 {
+        self.core
+            .lease_held_elsewhere(now as u64)
+            .map_or(-1.0, |t| t as f64)
+    }
+
     /// When to call `pollSend` next (ms since the epoch), or -1 for "on the next event".
     #[wasm_bindgen(js_name = nextWake)]
     pub fn next_wake(&self) -> f64 {
