@@ -46,6 +46,18 @@ export function bind(Engine, o, emit, log) {
     o.alwaysKeep,
     Math.random() * 9007199254740991,
   );
+  // Every callback the browser calls goes through this: a failure (even a trap in the
+  // wasm) is logged in debug mode and never reaches the page's error handlers.
+  const guard =
+    (fn) =>
+    (...args) => {
+      try {
+        const r = fn(...args);
+        return r && typeof r.catch === 'function' ? r.catch(log) : r;
+      } catch (e) {
+        log(e);
+      }
+    };
   let timer = 0;
   let timerAt = -1;
   let statusQueued = false;
@@ -97,21 +109,26 @@ export function bind(Engine, o, emit, log) {
   function flushSoon() {
     if (flushQueued) return;
     flushQueued = true;
-    queueMicrotask(() => {
-      flushQueued = false;
-      apply();
-      changed();
-    });
+    queueMicrotask(
+      guard(() => {
+        flushQueued = false;
+        apply();
+        changed();
+      }),
+    );
   }
 
   function changed() {
     schedule();
     if (!statusQueued && o.wantsStatus()) {
       statusQueued = true;
-      setTimeout(() => {
-        statusQueued = false;
-        emit(engine.status());
-      }, 0);
+      setTimeout(
+        guard(() => {
+          statusQueued = false;
+          emit(engine.status());
+        }),
+        0,
+      );
     }
   }
 
@@ -122,10 +139,13 @@ export function bind(Engine, o, emit, log) {
     clearTimeout(timer);
     timerAt = at;
     if (at >= 0) {
-      timer = setTimeout(() => {
-        timerAt = -1;
-        pump();
-      }, Math.min(Math.max(0, at - Date.now()), 2147483647));
+      timer = setTimeout(
+        guard(() => {
+          timerAt = -1;
+          pump();
+        }),
+        Math.min(Math.max(0, at - Date.now()), 2147483647),
+      );
     }
   }
 
@@ -166,16 +186,16 @@ export function bind(Engine, o, emit, log) {
   // (bounded) instead of giving up when another tab holds it.
   const locks = navigator.locks;
   function withSendLock(wait, fn) {
-    if (!locks) return fn();
+    if (!locks) return Promise.resolve().then(fn).catch((e) => (log(e), 0));
     const opts = wait ? (AbortSignal.timeout ? { signal: AbortSignal.timeout(30000) } : {}) : { ifAvailable: true };
-    return locks.request('tracklet:send', opts, (lock) => (lock ? fn() : retrySoon())).catch(() => 0);
+    return locks.request('tracklet:send', opts, (lock) => (lock ? fn() : retrySoon())).catch((e) => (log(e), 0));
   }
 
   // Another tab is sending: look again in a second.
   function retrySoon() {
     clearTimeout(timer);
     timerAt = -1;
-    timer = setTimeout(pump, 1000);
+    timer = setTimeout(guard(pump), 1000);
   }
 
   function pump() {
@@ -236,24 +256,30 @@ export function bind(Engine, o, emit, log) {
   engine.setOnline(navigator.onLine !== false);
   apply();
 
-  addEventListener('online', () => {
-    engine.setOnline(true);
-    pump();
-  });
-  addEventListener('offline', () => engine.setOnline(false));
-  addEventListener('pagehide', unload);
+  addEventListener(
+    'online',
+    guard(() => {
+      engine.setOnline(true);
+      pump();
+    }),
+  );
+  addEventListener(
+    'offline',
+    guard(() => engine.setOnline(false)),
+  );
+  addEventListener('pagehide', guard(unload));
   // Back from the back-forward cache: the page lives again.
   addEventListener('pageshow', () => (unloading = false));
-  addEventListener('storage', (e) => {
+  addEventListener('storage', guard((e) => {
     if (e.key === SESSION_KEY && e.newValue) engine.adoptSession(e.newValue);
     // The sending tab let go: what waited for it may go now.
     if (e.key === LEASE_KEY && !e.newValue) pump();
-  });
-  document.addEventListener('visibilitychange', () => {
+  }));
+  document.addEventListener('visibilitychange', guard(() => {
     // Send now, while the page can still hear the answer.
     // (Chromium fires it after pagehide when leaving: then the beacon has done the job.)
     if (document.visibilityState === 'hidden' && !unloading) draining = draining || drain().finally(() => (draining = null));
-  });
+  }));
   // Anything left by earlier pages may be due at once.
   pump();
 

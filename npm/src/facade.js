@@ -352,6 +352,13 @@ function autocapture(t, o, log) {
     let timer = 0;
     const check = () => {
       timer = 0;
+      try {
+        scrollMarks();
+      } catch (e) {
+        log(e);
+      }
+    };
+    const scrollMarks = () => {
       const d = document.documentElement;
       const total = Math.max(d.scrollHeight, document.body ? document.body.scrollHeight : 0);
       const seen = total <= innerHeight ? 100 : ((scrollY + innerHeight) / total) * 100;

@@ -234,7 +234,12 @@ test('calls made before the wasm is ready are kept and replayed in order', async
 
 test('Global Privacy Control turns tracking off; bad input never throws', async () => {
   const page = await browser.context.newPage();
-  await page.addInitScript(() => Object.defineProperty(Navigator.prototype, 'globalPrivacyControl', { get: () => true }));
+  await page.addInitScript(() => {
+    Object.defineProperty(Navigator.prototype, 'globalPrivacyControl', { get: () => true });
+    window.pageErrors = [];
+    addEventListener('error', (e) => window.pageErrors.push(String(e.message)));
+    addEventListener('unhandledrejection', (e) => window.pageErrors.push(String(e.reason)));
+  });
   await page.goto(`${c.origin}/index.html`);
   await page.addScriptTag({ url: '/dist/tracklet.js' });
   const r = await page.evaluate(
@@ -254,12 +259,15 @@ test('Global Privacy Control turns tracking off; bad input never throws', async 
           threw.push(String(e));
         }
       }
-      return { off, threw, sent: await t2.forceSend() };
+      const sent = await t2.forceSend();
+      await new Promise((r) => setTimeout(r, 300));
+      return { off, threw, sent, pageErrors: window.pageErrors };
     },
     { endpoint: c.origin, apiKey: c.key },
   );
   assert.deepEqual(r.off, { pending: 0, sent: 0 });
   assert.deepEqual(r.threw, []);
+  assert.deepEqual(r.pageErrors, [], 'nothing reached the page\'s error handlers');
   assert.equal(r.sent.pending, 0);
   const names = (await c.db.query('SELECT name, props FROM events ORDER BY ts')).map((x) => x.name);
   // No name, null, '' and a 500-character name are refused, as is a 100 KB event; a cyclic
