@@ -97,9 +97,15 @@ export function bind(Engine, o, emit, log) {
     return out.join(SEP);
   }
 
+  // Other tabs' writes reach this one as `storage` events: re-read storage (O(queue)) only
+  // after one came.
+  let othersWrote = false;
   function refresh() {
     apply();
-    if (store) engine.refresh(snapshot());
+    if (store && othersWrote) {
+      othersWrote = false;
+      engine.refresh(snapshot());
+    }
   }
 
   // track() leaves its storage write to the end of the task: a microtask writes all the
@@ -271,6 +277,7 @@ export function bind(Engine, o, emit, log) {
   // Back from the back-forward cache: the page lives again.
   addEventListener('pageshow', () => (unloading = false));
   addEventListener('storage', guard((e) => {
+    if (e.key === null || e.key.startsWith(PREFIX)) othersWrote = true;
     if (e.key === SESSION_KEY && e.newValue) engine.adoptSession(e.newValue);
     // The sending tab let go: what waited for it may go now.
     if (e.key === LEASE_KEY && !e.newValue) pump();

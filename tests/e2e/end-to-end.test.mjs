@@ -2,7 +2,7 @@
 // script-tag SDK, the collector binary, rows in Postgres.
 import { test, before, after, beforeEach, afterEach } from 'node:test';
 import assert from 'node:assert/strict';
-import { startCollector, launchBrowser, eventually, musicUrl, freePort } from './harness.mjs';
+import { startCollector, launchBrowser, eventually, musicUrl, freePort, sdkReady } from './harness.mjs';
 
 let c;
 let browser;
@@ -26,6 +26,7 @@ const count = async (where = 'true') => Number((await c.db.query(`SELECT count(*
 test('button presses on the example page become rows in Postgres', async () => {
   const page = await browser.context.newPage();
   await page.goto(musicUrl(c, { maxBatchSize: '3', maxWaitTime: '60000', autocapture: 'false' }));
+  await sdkReady(page);
   await page.waitForFunction(() => window.tracker && window.tracker.status().lastError === null);
   await page.click('button.play[data-song="1"]');
   await page.click('button.like[data-song="2"]');
@@ -53,6 +54,7 @@ test('events survive a reload and are sent by forceSend()', async () => {
   const nowhere = `http://127.0.0.1:${await freePort()}`;
   const opts = { maxBatchSize: '100', maxWaitTime: '600000', autocapture: 'false' };
   await page.goto(musicUrl(c, { ...opts, endpoint: nowhere }));
+  await sdkReady(page);
   await page.waitForFunction(() => window.tracker && window.tracker.pendingCount() === 0);
   await page.evaluate(() => {
     for (let i = 0; i < 5; i++) window.tracker.track('Song Played', { seq: i });
@@ -65,9 +67,11 @@ test('events survive a reload and are sent by forceSend()', async () => {
   );
   assert.equal(stored, 5, 'every event is in localStorage by the end of the task that tracked it');
   await page.reload();
+  await sdkReady(page);
   await page.waitForFunction(() => window.tracker && window.tracker.status().pending === 5);
   // Now with the real collector.
   await page.goto(musicUrl(c, opts));
+  await sdkReady(page);
   await page.waitForFunction(() => window.tracker && window.tracker.status().pending === 5);
   assert.equal(await count(), 0, 'nothing reached the collector yet');
   const r = await page.evaluate(() => window.tracker.forceSend());
@@ -86,6 +90,7 @@ test('events survive a reload and are sent by forceSend()', async () => {
 test('the unload beacon delivers at navigation, and the later resend stores nothing twice', async () => {
   const page = await browser.context.newPage();
   await page.goto(musicUrl(c, { maxBatchSize: '100', maxWaitTime: '600000', autocapture: 'false' }));
+  await sdkReady(page);
   await page.waitForFunction(() => window.tracker && window.tracker.pendingCount() === 0);
   // Track and leave in the same task, like a click handler that follows a link.
   await page.evaluate((origin) => {
@@ -95,6 +100,7 @@ test('the unload beacon delivers at navigation, and the later resend stores noth
   await eventually(async () => (await count()) === 20, 15000, 'the beacon to arrive');
   // Back on the page the events are still stored (a beacon is never acknowledged) ...
   await page.goto(musicUrl(c, { maxBatchSize: '100', maxWaitTime: '600000', autocapture: 'false' }));
+  await sdkReady(page);
   await page.waitForFunction(() => window.tracker && window.tracker.status().pending === 20);
   // ... and sending them again stores nothing twice.
   assert.deepEqual(await page.evaluate(() => window.tracker.forceSend()), { sent: 20, pending: 0 });
@@ -105,6 +111,7 @@ test('the unload beacon delivers at navigation, and the later resend stores noth
 test('clearEvents() empties the queue and reports how many it removed', async () => {
   const page = await browser.context.newPage();
   await page.goto(musicUrl(c, { maxBatchSize: '100', maxWaitTime: '600000', autocapture: 'false' }));
+  await sdkReady(page);
   await page.waitForFunction(() => window.tracker && window.tracker.status().pending === 0);
   await page.click('button.share[data-song="4"]');
   await page.click('button.share[data-song="3"]');

@@ -158,6 +158,13 @@ export async function eventually(fn, ms = 15000, what = 'condition') {
   }
 }
 
+/** Waits until the page's `window.tracker` has its wasm loaded (calls before that are
+ * kept as early calls, which `pendingCount()` counts differently). */
+export async function sdkReady(page) {
+  await page.waitForFunction(() => window.tracker);
+  await page.evaluate(() => window.tracker.ready());
+}
+
 /** The music page with the SDK pointed at the collector. */
 export function musicUrl(c, params = {}) {
   const q = new URLSearchParams({ endpoint: c.origin, apiKey: c.key, ...params });

@@ -2,7 +2,7 @@
 // Retry-After, offline, full storage, autocapture, early calls, privacy signals.
 import { test, before, after, beforeEach, afterEach } from 'node:test';
 import assert from 'node:assert/strict';
-import { startCollector, launchBrowser, eventually, musicUrl } from './harness.mjs';
+import { startCollector, launchBrowser, eventually, musicUrl, sdkReady } from './harness.mjs';
 
 let c;
 let browser;
@@ -26,6 +26,7 @@ const QUIET = { maxBatchSize: '1000', maxWaitTime: '600000', autocapture: 'false
 async function open(params = QUIET, page) {
   page = page || (await browser.context.newPage());
   await page.goto(musicUrl(c, params));
+  await sdkReady(page);
   await page.waitForFunction(() => window.tracker && window.tracker.status().lastError === null);
   return page;
 }
