@@ -275,3 +275,43 @@ test('Global Privacy Control turns tracking off; bad input never throws', async 
   // or BigInt props object is sent without props.
   assert.deepEqual(names, ['ok', 'ok']);
 });
+
+test('identify(), reset() and a persisted optOut()', async () => {
+  const page = await open();
+  await page.evaluate(() => {
+    window.tracker.track('Before');
+    window.tracker.identify('user-42', { plan: 'pro' });
+    window.tracker.track('After');
+  });
+  await page.evaluate(() => window.tracker.forceSend());
+  const rows = await c.db.query('SELECT name, user_id, anonymous_id, props FROM events ORDER BY ts, id');
+  assert.deepEqual(rows.map((r) => [r.name, r.user_id]), [['Before', null], ['identify', 'user-42'], ['After', 'user-42']]);
+  assert.equal(rows[1].props.plan, 'pro');
+  const anon = rows[0].anonymous_id;
+  await page.evaluate(() => {
+    window.tracker.reset();
+    window.tracker.track('Logged out');
+  });
+  await page.evaluate(() => window.tracker.forceSend());
+  const out = (await c.db.query("SELECT user_id, anonymous_id FROM events WHERE name = 'Logged out'"))[0];
+  assert.equal(out.user_id, null);
+  assert.notEqual(out.anonymous_id, anon, 'a new anonymous id');
+  // Opting out discards the queue, stops tracking, and is remembered across a reload.
+  await page.evaluate(() => {
+    window.tracker.track('Queued then discarded');
+    window.tracker.optOut();
+    window.tracker.track('Not tracked');
+  });
+  assert.equal(await page.evaluate(() => window.tracker.pendingCount()), 0);
+  await page.reload();
+  await sdkReady(page);
+  assert.equal(await page.evaluate(() => (window.tracker.track('Still not tracked'), window.tracker.status().optedOut)), true);
+  assert.equal(await page.evaluate(() => window.tracker.pendingCount()), 0);
+  await page.evaluate(() => {
+    window.tracker.optIn();
+    window.tracker.track('Back');
+  });
+  await page.evaluate(() => window.tracker.forceSend());
+  const names = (await c.db.query('SELECT name FROM events ORDER BY ts, id')).map((r) => r.name);
+  assert.deepEqual(names, ['Before', 'identify', 'After', 'Logged out', 'Back']);
+});
