@@ -12,6 +12,7 @@
 extern crate alloc;
 
 pub mod backoff;
+pub mod deflate;
 pub mod gzip;
 pub mod ids;
 mod queue;
