@@ -1,6 +1,9 @@
 // Bundles the JavaScript around the wasm (already built into npm/pkg by `cargo xtask build`)
 // into npm/dist:
 //   tracklet.js + tracklet.wasm   the script-tag build (defines window.tracklet)
+//   index.js                      ESM, `import { init } from 'tracklet'`, wasm inlined (base64)
+//   slim.js                       ESM, `tracklet/slim`: the page passes tracklet.wasm's URL or bytes
+//   react.js                      ESM, `tracklet/react`: imports ./index.js and react
 import { build } from 'esbuild';
 import { copyFileSync, mkdirSync, rmSync } from 'node:fs';
 import { dirname, join } from 'node:path';
@@ -12,14 +15,43 @@ rmSync(dist, { recursive: true, force: true });
 mkdirSync(dist, { recursive: true });
 
 const common = { bundle: true, minify: true, target: 'es2020', logLevel: 'warning', legalComments: 'none' };
+// wasm-bindgen's default path uses import.meta.url; every entry passes the wasm itself, and
+// without the reference bundlers do not go looking for tracklet_sdk_wasm_bg.wasm.
+const noImportMetaUrl = { 'import.meta.url': 'undefined' };
 
 await build({
   ...common,
   entryPoints: [join(here, 'src/script-tag.js')],
   format: 'iife',
   outfile: join(dist, 'tracklet.js'),
-  // wasm-bindgen's default path uses import.meta.url; the script tag always passes a URL.
-  define: { 'import.meta.url': 'undefined' },
+  define: noImportMetaUrl,
 });
 copyFileSync(join(here, 'pkg/tracklet_sdk_wasm_bg.wasm'), join(dist, 'tracklet.wasm'));
-console.log('npm/dist: tracklet.js, tracklet.wasm');
+
+// The ESM entries are not minified (the consumer's bundler does that) so stack traces and
+// tree-shaking stay readable; they keep `export` and reference no browser global at import.
+const esm = { ...common, minify: false, format: 'esm', platform: 'neutral', define: noImportMetaUrl };
+await build({
+  ...esm,
+  entryPoints: { index: join(here, 'src/index.js'), slim: join(here, 'src/slim.js') },
+  outdir: dist,
+  loader: { '.wasm': 'base64' },
+});
+await build({
+  ...esm,
+  entryPoints: { react: join(here, 'src/react.js') },
+  outdir: dist,
+  // Next.js app router: the provider and hook are client components.
+  banner: { js: "'use client';" },
+  external: ['react'],
+  plugins: [
+    {
+      // The binding shares the default entry's tracker module instead of bundling a copy.
+      name: 'react-uses-index',
+      setup(b) {
+        b.onResolve({ filter: /^\.\/index\.js$/ }, () => ({ path: './index.js', external: true }));
+      },
+    },
+  ],
+});
+console.log('npm/dist: tracklet.js, tracklet.wasm, index.js, slim.js, react.js');
