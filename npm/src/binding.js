@@ -41,9 +41,9 @@ export function bind(Engine, o, emit, log) {
     o.maxBatchSize,
     o.maxWaitTime,
     o.maxQueueSize,
-    o.sampleNames,
-    o.sampleRates,
-    o.alwaysKeep,
+    // Sampling as `name<sep>rate in millionths<sep>...`, alwaysKeep as `name<sep>...`.
+    o.sampleNames.flatMap((n, i) => [n, Math.round(Math.min(1, Math.max(0, o.sampleRates[i] || 0)) * 1e6)]).join(SEP),
+    o.alwaysKeep.join(SEP),
     Math.random() * 9007199254740991,
   );
   // Every callback the browser calls goes through this: a failure (even a trap in the
@@ -180,7 +180,7 @@ export function bind(Engine, o, emit, log) {
       status = navigator.onLine === false ? -1 : 0;
     }
     if (status < 200 || status >= 300) log('send failed (' + status + '): the events stay queued');
-    engine.onResult(batch, status, retryAfter, new Uint32Array(rejected), Date.now());
+    engine.onResult(batch, status, retryAfter, rejected.join(','), Date.now());
     apply();
     changed();
     return status >= 200 && status < 300;

@@ -191,7 +191,7 @@ fn pair(a: &str, n: u64) -> String {
 /// `tl1:a:<first id>`: the gone-list of record `tl1:e:<first id>`.
 fn gone_key(chunk: &str) -> String {
     let mut k = String::from(storage::GONE);
-    k.push_str(&chunk[storage::EVENT.len()..]);
+    k.push_str(chunk.get(storage::EVENT.len()..).unwrap_or_default());
     k
 }
 
@@ -383,7 +383,9 @@ impl Core {
         if self.opted_out {
             return Err(Skipped::OptedOut);
         }
-        if name.is_empty() || name.chars().count() > tracklet_wire::MAX_NAME_LEN {
+        // Characters are the bytes that do not continue a UTF-8 sequence.
+        let chars = name.bytes().filter(|b| b & 0xc0 != 0x80).count();
+        if chars == 0 || chars > tracklet_wire::MAX_NAME_LEN {
             return Err(Skipped::InvalidName);
         }
         let keep = self.cfg.always_keep.iter().any(|k| k == name);
@@ -600,7 +602,7 @@ impl Core {
             return;
         };
         // A record's events all come at or after its first event (the key's id).
-        let first = &chunk[storage::EVENT.len()..];
+        let first = chunk.get(storage::EVENT.len()..).unwrap_or_default();
         let mut value = String::new();
         for r in self.queue.iter_mut_from(first).filter(|r| r.chunk == chunk) {
             if !value.is_empty() {

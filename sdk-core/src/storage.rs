@@ -48,16 +48,16 @@ pub fn split_pair(value: &str) -> Option<(&str, u64)> {
 pub fn event_line_id(line: &str) -> Option<&str> {
     let rest = line.strip_prefix("{\"id\":\"")?;
     let end = rest.find('"')?;
-    let id = &rest[..end];
-    (!id.is_empty() && rest[end..].starts_with("\",\"name\":\"") && line.ends_with('}'))
-        .then_some(id)
+    let (id, after) = rest.split_at_checked(end)?;
+    (!id.is_empty() && after.starts_with("\",\"name\":\"") && line.ends_with('}')).then_some(id)
 }
 
 /// Whether the event line's name is `escaped_name` (a JSON string literal, quotes
 /// included).
 pub fn event_name_is(line: &str, id_len: usize, escaped_name: &str) -> bool {
     line.get(7 + id_len + 9..).is_some_and(|rest| {
-        rest.starts_with(escaped_name) && rest[escaped_name.len()..].starts_with(',')
+        rest.strip_prefix(escaped_name)
+            .is_some_and(|r| r.starts_with(','))
     })
 }
 

@@ -52,21 +52,29 @@ pub struct Engine {
 #[wasm_bindgen]
 impl Engine {
     #[wasm_bindgen(constructor)]
+    /// `sampling` is `name<sep>rate in millionths<sep>...`, `always_keep` is `name<sep>...` (strings
+    /// rather than arrays keep the generated glue small).
     pub fn new(
         max_batch_size: u32,
         max_wait_ms: f64,
         max_queue_size: u32,
-        sample_names: Vec<String>,
-        sample_rates: Vec<f64>,
-        always_keep: Vec<String>,
+        sampling: &str,
+        always_keep: &str,
         seed: f64,
     ) -> Engine {
         let cfg = Config {
             max_batch_size: max_batch_size.max(1) as usize,
             max_wait_ms: max_wait_ms as u64,
             max_queue_events: max_queue_size.max(1) as usize,
-            sampling: sample_names.into_iter().zip(sample_rates).collect(),
-            always_keep,
+            // Rates come in millionths: no float parser in the module.
+            sampling: pairs(sampling)
+                .map(|(n, r)| (n.into(), r.parse::<u32>().map_or(1.0, |m| m as f64 / 1e6)))
+                .collect(),
+            always_keep: always_keep
+                .split(SEP)
+                .filter(|n| !n.is_empty())
+                .map(String::from)
+                .collect(),
             ..Config::default()
         };
         Engine {
@@ -182,20 +190,21 @@ impl Engine {
     }
 
     /// What became of `batch`: `status` is the HTTP status, 0 for a network error and -1
-    /// for a network error while offline; `rejected` the indices a 2xx listed.
+    /// for a network error while offline; `rejected` the indices a 2xx listed, joined by
+    /// commas.
     #[wasm_bindgen(js_name = onResult)]
     pub fn on_result(
         &mut self,
         batch: f64,
         status: i32,
         retry_after_ms: f64,
-        rejected: Vec<u32>,
+        rejected: &str,
         now: f64,
     ) {
         let outcome = match status {
             -1 => Outcome::Offline,
             200..=299 => Outcome::Accepted {
-                rejected: rejected.into_iter().map(|i| i as usize).collect(),
+                rejected: rejected.split(',').filter_map(|i| i.parse().ok()).collect(),
             },
             400 => Outcome::BadRequest,
             401 | 403 => Outcome::Unauthorized {

@@ -315,3 +315,42 @@ test('identify(), reset() and a persisted optOut()', async () => {
   const names = (await c.db.query('SELECT name FROM events ORDER BY ts, id')).map((r) => r.name);
   assert.deepEqual(names, ['Before', 'identify', 'After', 'Logged out', 'Back']);
 });
+
+test('sampling, alwaysKeep, and events the collector rejects are dropped and counted', async () => {
+  const page = await browser.context.newPage();
+  await page.goto(`${c.origin}/index.html`);
+  await page.addScriptTag({ url: '/dist/tracklet.js' });
+  const r = await page.evaluate(
+    async ({ endpoint, apiKey }) => {
+      const t = window.tracklet.init({
+        endpoint,
+        apiKey,
+        autocapture: false,
+        sampling: { Noisy: 0, Kept: 0, Half: 0.5 },
+        alwaysKeep: ['Kept'],
+      });
+      await t.ready();
+      for (let i = 0; i < 5; i++) t.track('Noisy', { i });
+      for (let i = 0; i < 3; i++) t.track('Kept', { i });
+      for (let i = 0; i < 400; i++) t.track('Half', { i });
+      // Nested deeper than the collector allows: it lists this event as rejected.
+      let deep = { leaf: true };
+      for (let i = 0; i < 40; i++) deep = { deep };
+      t.track('Too deep', deep);
+      t.track('Fine');
+      const pending = t.pendingCount();
+      const sent = await t.forceSend();
+      return { pending, sent, status: t.status() };
+    },
+    { endpoint: c.origin, apiKey: c.key },
+  );
+  const byName = Object.fromEntries((await c.db.query('SELECT name, count(*)::int AS n FROM events GROUP BY name')).map((x) => [x.name, x.n]));
+  assert.equal(byName.Noisy, undefined, 'rate 0 keeps nothing');
+  assert.equal(byName.Kept, 3, 'alwaysKeep beats sampling');
+  assert.ok(byName.Half > 140 && byName.Half < 260, `about half kept (${byName.Half})`);
+  assert.equal(byName['Too deep'], undefined);
+  assert.equal(byName.Fine, 1);
+  assert.equal(r.sent.pending, 0, 'the rejected event left the queue');
+  assert.equal(r.status.rejected, 1);
+  assert.match(r.status.lastError, /1 events rejected/);
+});
