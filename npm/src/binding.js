@@ -209,8 +209,10 @@ export function bind(Engine, o, emit, log) {
       refresh();
       const body = engine.pollSend(Date.now(), false);
       apply();
-      if (body) await send(body, engine.batch);
-      else schedule();
+      if (body) {
+        changed(); // listeners see the batch in flight
+        await send(body, engine.batch);
+      } else schedule();
     });
   }
 
@@ -235,6 +237,7 @@ export function bind(Engine, o, emit, log) {
           continue;
         }
         if (!body) break;
+        changed();
         const n = engine.events;
         if (!(await send(body, engine.batch))) break;
         sent += n;

@@ -67,10 +67,8 @@ function same(a, b) {
   return true;
 }
 
-// One status store per tracker, shared by every hook using it. The tracker announces changes
-// with onStatus(), but not the start of a send, so while events are pending the store also
-// reads status() a few times a second (only while some component is subscribed).
-const POLL_MS = 250;
+// One status store per tracker, shared by every hook using it, fed by the tracker's
+// onStatus() (called after every change, the start of a send included).
 const stores = new WeakMap();
 function storeFor(t) {
   let store = stores.get(t);
@@ -78,15 +76,11 @@ function storeFor(t) {
   const subscribers = new Set();
   let current = t.status() || idle;
   let unsubscribe = null;
-  let poll = 0;
   const update = (s) => {
     if (s && !same(current, s)) {
       current = s;
       for (const fn of subscribers) fn(s);
     }
-    const busy = current.pending > 0 || current.inFlight > 0;
-    if (busy && !poll && subscribers.size) poll = setInterval(() => update(t.status()), POLL_MS);
-    if ((!busy || !subscribers.size) && poll) poll = (clearInterval(poll), 0);
   };
   store = {
     get: () => current,
@@ -99,7 +93,6 @@ function storeFor(t) {
         if (!subscribers.size) {
           unsubscribe();
           unsubscribe = null;
-          update(current);
         }
       };
     },
