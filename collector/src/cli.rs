@@ -110,6 +110,9 @@ pub struct ServeArgs {
     /// Rows per group-commit transaction (at most).
     #[arg(long, env = "TRACKLET_COMMIT_MAX_ROWS", default_value_t = 2000)]
     pub commit_max_rows: usize,
+    /// Group-commit transactions in flight at once (keep below --db-max-connections).
+    #[arg(long, env = "TRACKLET_COMMIT_CONCURRENCY", default_value_t = 4)]
+    pub commit_concurrency: usize,
     /// Milliseconds a group commit waits for more rows after the first.
     #[arg(long, env = "TRACKLET_COMMIT_MAX_DELAY_MS", default_value_t = 2)]
     pub commit_max_delay_ms: u64,
@@ -177,6 +180,7 @@ impl ServeArgs {
             commit: CommitConfig {
                 max_rows: self.commit_max_rows.max(1),
                 max_delay: Duration::from_millis(self.commit_max_delay_ms),
+                concurrency: self.commit_concurrency.max(1),
                 queue_capacity_rows: queue,
                 high_water_rows: queue / 5 * 4,
                 ..CommitConfig::default()

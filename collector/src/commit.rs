@@ -118,7 +118,20 @@ async fn run_committer(
     config: CommitConfig,
     queued_rows: Arc<AtomicUsize>,
 ) {
-    while let Some(first) = receiver.recv().await {
+    // Up to `concurrency` transactions in flight: while one waits for its commit record to be
+    // flushed, the next one gathers the rows that arrived meanwhile and inserts them. Rows
+    // are inserted in key order, so concurrent transactions that share a key wait for each
+    // other instead of deadlocking, and the later one sees the row as a duplicate.
+    let slots = Arc::new(Semaphore::new(config.concurrency.max(1)));
+    let mut in_flight = tokio::task::JoinSet::new();
+    loop {
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            break;
+        };
+        while in_flight.try_join_next().is_some() {}
+        let Some(first) = receiver.recv().await else {
+            break;
+        };
         let mut rows = first.rows.len();
         let mut jobs = vec![first];
         let deadline = tokio::time::Instant::now() + config.max_delay;
@@ -141,10 +154,16 @@ async fn run_committer(
                 None => break,
             }
         }
-        commit_jobs(store.as_ref(), jobs, &config).await;
-        queued_rows.fetch_sub(rows, Ordering::Relaxed);
-        metrics::queue_depth(queued_rows.load(Ordering::Relaxed));
+        let (store, config, queued_rows) = (store.clone(), config.clone(), queued_rows.clone());
+        in_flight.spawn(async move {
+            commit_jobs(store.as_ref(), jobs, &config).await;
+            queued_rows.fetch_sub(rows, Ordering::Relaxed);
+            metrics::queue_depth(queued_rows.load(Ordering::Relaxed));
+            drop(slot);
+        });
     }
+    // Everything accepted is committed before the committer reports that it has stopped.
+    while in_flight.join_next().await.is_some() {}
     tracing::debug!("commit queue drained; committer stopped");
 }
 
@@ -152,32 +171,34 @@ async fn run_committer(
 /// refuses the transaction (not an outage), each job is retried alone so that one bad request
 /// cannot fail the others.
 async fn commit_jobs(store: &dyn EventStore, jobs: Vec<Job>, config: &CommitConfig) {
-    let rows: Vec<EventRow> = jobs.iter().flat_map(|j| j.rows.iter().cloned()).collect();
+    // Move (not copy) every job's rows into one slice; each job keeps its range.
+    let mut rows = Vec::with_capacity(jobs.iter().map(|j| j.rows.len()).sum());
+    let mut answers = Vec::with_capacity(jobs.len());
+    for job in jobs {
+        let start = rows.len();
+        rows.extend(job.rows);
+        answers.push((start..rows.len(), job.reply, job._capacity));
+    }
     match insert_with_retry(store, &rows, config).await {
         Ok(inserted) => {
-            let mut rest = inserted.as_slice();
-            for job in jobs {
-                let (mine, tail) = rest.split_at(job.rows.len().min(rest.len()));
-                rest = tail;
-                let _ = job.reply.send(Ok(mine.to_vec()));
+            for (range, reply, _capacity) in answers {
+                let _ = reply.send(Ok(inserted.get(range).unwrap_or_default().to_vec()));
             }
         }
-        Err(e) if !e.is_transient() && jobs.len() > 1 => {
-            tracing::warn!(error = %e, jobs = jobs.len(), "group commit refused; committing requests one by one");
-            for job in jobs {
-                let result = insert_with_retry(store, &job.rows, config)
+        Err(e) if !e.is_transient() && answers.len() > 1 => {
+            tracing::warn!(error = %e, jobs = answers.len(), "group commit refused; committing requests one by one");
+            for (range, reply, _capacity) in answers {
+                let result = insert_with_retry(store, &rows[range], config)
                     .await
                     .map_err(to_commit_error);
-                let _ = job.reply.send(result);
+                let _ = reply.send(result);
             }
         }
         Err(e) => {
             tracing::warn!(error = %e, rows = rows.len(), "commit failed");
             let (transient, message) = (e.is_transient(), e.to_string());
-            for job in jobs {
-                let _ = job
-                    .reply
-                    .send(Err(commit_error(transient, message.clone())));
+            for (_, reply, _capacity) in answers {
+                let _ = reply.send(Err(commit_error(transient, message.clone())));
             }
         }
     }

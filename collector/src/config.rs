@@ -31,6 +31,9 @@ pub struct CommitConfig {
     pub high_water_rows: usize,
     /// Attempts per transaction while the database is unreachable, before answering 503.
     pub max_attempts: u32,
+    /// Group-commit transactions in flight at once (each on its own connection): while one
+    /// waits for its commit to be flushed, the next gathers and inserts.
+    pub concurrency: usize,
 }
 
 impl Default for CommitConfig {
@@ -41,6 +44,7 @@ impl Default for CommitConfig {
             queue_capacity_rows: 50_000,
             high_water_rows: 40_000,
             max_attempts: 3,
+            concurrency: 4,
         }
     }
 }

@@ -104,20 +104,15 @@ pub fn decompress(raw: Bytes, encoding: Encoding) -> Result<Bytes, DecodeError> 
         return Ok(raw);
     }
     let limit = decompressed_limit(raw.len());
-    let mut decoder = flate2::read::MultiGzDecoder::new(&raw[..]);
-    let mut out = Vec::with_capacity((raw.len() * 4).min(limit));
-    let mut chunk = vec![0u8; 64 * 1024];
-    loop {
-        let n = decoder
-            .read(&mut chunk)
-            .map_err(|e| DecodeError::InvalidGzip(e.to_string()))?;
-        if n == 0 {
-            break;
-        }
-        if out.len() + n > limit {
-            return Err(DecodeError::DecompressedTooLarge { limit });
-        }
-        out.extend_from_slice(&chunk[..n]);
+    // Inflate straight into the output, never more than one byte past the cap (a gzip bomb
+    // costs at most the cap).
+    let mut decoder = flate2::read::MultiGzDecoder::new(&raw[..]).take(limit as u64 + 1);
+    let mut out = Vec::with_capacity((raw.len() * 8).min(limit + 1));
+    decoder
+        .read_to_end(&mut out)
+        .map_err(|e| DecodeError::InvalidGzip(e.to_string()))?;
+    if out.len() > limit {
+        return Err(DecodeError::DecompressedTooLarge { limit });
     }
     Ok(Bytes::from(out))
 }

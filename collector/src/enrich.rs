@@ -4,12 +4,13 @@
 //! with a reason and stored, not dropped; the client IP is truncated before it goes
 //! anywhere (IPv4 /24, IPv6 /48); country and city come from a MaxMind file when configured.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 
 use chrono::{DateTime, Utc};
-use tracklet_wire::types::Event;
+use serde_json::value::RawValue;
 
 /// Server-side facts stored with each event.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -38,9 +39,14 @@ pub enum EnrichError {
     },
 }
 
-/// Holds what enrichment needs that is loaded once (the GeoIP database).
+/// Distinct user agents whose parse is remembered (the cache is emptied when full).
+const UA_CACHE_ENTRIES: usize = 4096;
+
+/// Holds what enrichment needs that is loaded once (the GeoIP database), and the parses of
+/// recently seen user agents (a handful of strings cover nearly all traffic).
 pub struct Enricher {
     geo: Option<maxminddb::Reader<Vec<u8>>>,
+    user_agents: Mutex<HashMap<Box<str>, Enrichment>>,
 }
 
 impl Enricher {
@@ -53,14 +59,23 @@ impl Enricher {
                 })
             })
             .transpose()?;
-        Ok(Enricher { geo })
+        Ok(Enricher {
+            geo,
+            user_agents: Mutex::new(HashMap::new()),
+        })
     }
 
     /// What is common to every event of one request: user agent and (truncated) IP.
-    pub fn for_request(&self, user_agent: Option<&str>, client_ip: Option<IpAddr>) -> Enrichment {
+    pub fn for_request(
+        &self,
+        user_agent: Option<&str>,
+        client_ip: Option<IpAddr>,
+    ) -> Arc<Enrichment> {
         // Bounded: user agents longer than this are not real browsers anyway.
         let user_agent = user_agent.map(|ua| ua.get(..ua.len().min(1024)).unwrap_or(ua));
-        let mut out = user_agent.map(parse_user_agent).unwrap_or_default();
+        let mut out = user_agent
+            .map(|ua| self.parse_user_agent_cached(ua))
+            .unwrap_or_default();
         if let Some(ip) = client_ip {
             if let Some((country, city)) = self.geo.as_ref().and_then(|db| lookup_geo(db, ip)) {
                 out.country = country;
@@ -68,25 +83,47 @@ impl Enricher {
             }
             out.ip = Some(truncate_ip(ip).to_string());
         }
-        out
+        Arc::new(out)
+    }
+
+    fn parse_user_agent_cached(&self, ua: &str) -> Enrichment {
+        let Ok(mut cache) = self.user_agents.lock() else {
+            return parse_user_agent(ua);
+        };
+        if let Some(known) = cache.get(ua) {
+            return known.clone();
+        }
+        let parsed = parse_user_agent(ua);
+        if cache.len() >= UA_CACHE_ENTRIES {
+            cache.clear();
+        }
+        cache.insert(ua.into(), parsed.clone());
+        parsed
     }
 }
 
-/// The request's enrichment, plus what the event itself says (e.g. `navigator.webdriver`).
-pub fn for_event(request: &Enrichment, event: &Event) -> Enrichment {
-    let mut out = request.clone();
-    let webdriver = event.context.as_ref().is_some_and(|c| {
-        c.get("webdriver").and_then(|v| v.as_bool()) == Some(true)
-            || c.get("navigator")
-                .and_then(|n| n.get("webdriver"))
-                .and_then(|v| v.as_bool())
-                == Some(true)
-    });
-    if webdriver && !out.is_bot {
-        out.is_bot = true;
-        out.bot_reason = Some("webdriver".to_owned());
+/// The request's enrichment, plus what the event itself says (`context.webdriver` or
+/// `context.navigator.webdriver`): shared unless the event changes it.
+pub fn for_event(request: &Arc<Enrichment>, context: Option<&RawValue>) -> Arc<Enrichment> {
+    if request.is_bot || !context.is_some_and(|c| c.get().contains("webdriver")) {
+        return request.clone();
     }
-    out
+    let webdriver = context
+        .and_then(|c| serde_json::from_str::<serde_json::Value>(c.get()).ok())
+        .is_some_and(|c| {
+            c.get("webdriver").and_then(|v| v.as_bool()) == Some(true)
+                || c.get("navigator")
+                    .and_then(|n| n.get("webdriver"))
+                    .and_then(|v| v.as_bool())
+                    == Some(true)
+        });
+    if !webdriver {
+        return request.clone();
+    }
+    let mut out = Enrichment::clone(request);
+    out.is_bot = true;
+    out.bot_reason = Some("webdriver".to_owned());
+    Arc::new(out)
 }
 
 fn parse_user_agent(ua: &str) -> Enrichment {
@@ -289,12 +326,19 @@ mod tests {
 
     #[test]
     fn webdriver_context_flags_a_bot() {
-        let mut ev: Event = serde_json::from_str(r#"{"id":"x","name":"n","ts":1,"anonymous_id":"a","session_id":"s","context":{"webdriver":true}}"#).unwrap();
-        assert_eq!(
-            for_event(&Enrichment::default(), &ev).bot_reason.as_deref(),
-            Some("webdriver")
-        );
-        ev.context = None;
-        assert!(!for_event(&Enrichment::default(), &ev).is_bot);
+        let none = Arc::new(Enrichment::default());
+        for context in [
+            r#"{"webdriver":true}"#,
+            r#"{"navigator":{"webdriver":true}}"#,
+        ] {
+            let raw: Box<RawValue> = serde_json::from_str(context).unwrap();
+            assert_eq!(
+                for_event(&none, Some(&raw)).bot_reason.as_deref(),
+                Some("webdriver")
+            );
+        }
+        let raw: Box<RawValue> = serde_json::from_str(r#"{"webdriver":false}"#).unwrap();
+        assert!(!for_event(&none, Some(&raw)).is_bot);
+        assert!(!for_event(&none, None).is_bot);
     }
 }

@@ -17,6 +17,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use chrono::{DateTime, Utc};
 use metrics_exporter_prometheus::PrometheusHandle;
+use serde_json::value::RawValue;
 use tracing::Instrument;
 use tracklet_wire::types::BatchResponse;
 
@@ -207,13 +208,13 @@ async fn receive_batch(state: &AppState, request: Request) -> Result<BatchRespon
                 sent_at,
                 received_at,
                 time: enrich::skew_corrected(v.event.ts, envelope.sent_at, received_at),
-                enrichment: enrich::for_event(&request_facts, &v.event),
+                enrichment: enrich::for_event(&request_facts, v.event.context),
                 name: v.event.name,
                 anonymous_id: v.event.anonymous_id,
                 session_id: v.event.session_id,
                 user_id: v.event.user_id,
-                props: v.event.props.map(serde_json::Value::Object),
-                context: v.event.context.map(serde_json::Value::Object),
+                props: v.event.props.map(RawValue::to_owned),
+                context: v.event.context.map(RawValue::to_owned),
             })
         })
         .collect();

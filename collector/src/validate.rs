@@ -3,10 +3,17 @@
 //! Each raw event from the envelope is size-checked, decoded on its own, and checked for id
 //! format, string lengths, nesting depth, timestamps and NUL characters (which Postgres
 //! refuses in text and jsonb, and which would otherwise fail a whole group commit).
+//!
+//! `props` and `context` are not decoded into a tree: they stay raw JSON text (already
+//! syntax-checked by the JSON parser), are scanned once for what Postgres' `jsonb` would
+//! refuse (NUL, lone surrogates, numbers out of range) and for depth, and are stored as sent.
 
+use std::borrow::Cow;
+
+use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::Value;
-use tracklet_wire::types::{Event, Rejected};
+use tracklet_wire::types::Rejected;
 use uuid::Uuid;
 
 use crate::limits::{
@@ -54,24 +61,43 @@ impl EventRejection {
     }
 }
 
+/// One event as received (the fields of `tracklet_wire::types::Event`; unknown fields are
+/// ignored), with `props` and `context` kept as raw JSON text.
+#[derive(Debug, Deserialize)]
+pub struct IncomingEvent<'a> {
+    #[serde(borrow)]
+    pub id: Cow<'a, str>,
+    pub name: String,
+    /// Client clock when the event happened (ms since the Unix epoch).
+    pub ts: u64,
+    pub anonymous_id: String,
+    pub session_id: String,
+    #[serde(default)]
+    pub user_id: Option<String>,
+    #[serde(default, borrow)]
+    pub props: Option<&'a RawValue>,
+    #[serde(default, borrow)]
+    pub context: Option<&'a RawValue>,
+}
+
 /// An event that passed every check, with its parsed id.
-#[derive(Debug, Clone)]
-pub struct ValidEvent {
+#[derive(Debug)]
+pub struct ValidEvent<'a> {
     /// Position in the batch's `events` array.
     pub index: usize,
     pub id: Uuid,
-    pub event: Event,
+    pub event: IncomingEvent<'a>,
 }
 
 /// The events of one batch, split into the valid ones and the rejections.
 #[derive(Debug, Default)]
-pub struct Validated {
-    pub valid: Vec<ValidEvent>,
+pub struct Validated<'a> {
+    pub valid: Vec<ValidEvent<'a>>,
     pub rejected: Vec<(Rejected, &'static str)>,
 }
 
 /// Validates every raw event of a batch.
-pub fn validate_batch(events: &[&RawValue]) -> Validated {
+pub fn validate_batch<'a>(events: &[&'a RawValue]) -> Validated<'a> {
     let mut out = Validated::default();
     for (index, raw) in events.iter().enumerate() {
         match validate_event(raw) {
@@ -90,12 +116,12 @@ pub fn validate_batch(events: &[&RawValue]) -> Validated {
 }
 
 /// Decodes and checks one event.
-pub fn validate_event(raw: &RawValue) -> Result<(Uuid, Event), EventRejection> {
+pub fn validate_event(raw: &RawValue) -> Result<(Uuid, IncomingEvent<'_>), EventRejection> {
     let text = raw.get();
     if text.len() > MAX_EVENT_BYTES {
         return Err(EventRejection::TooLarge { bytes: text.len() });
     }
-    let event: Event =
+    let event: IncomingEvent =
         serde_json::from_str(text).map_err(|e| EventRejection::Malformed(e.to_string()))?;
     check_string("id", &event.id, MAX_ID_LEN)?;
     let id = Uuid::try_parse(&event.id).map_err(|_| EventRejection::InvalidId)?;
@@ -108,9 +134,9 @@ pub fn validate_event(raw: &RawValue) -> Result<(Uuid, Event), EventRejection> {
     if !(MIN_TS_MS..=MAX_TS_MS).contains(&event.ts) {
         return Err(EventRejection::TsOutOfRange);
     }
-    for (field, map) in [("props", &event.props), ("context", &event.context)] {
-        if let Some(map) = map {
-            check_json(field, map.iter(), 1)?;
+    for (field, raw) in [("props", event.props), ("context", event.context)] {
+        if let Some(raw) = raw {
+            check_raw_object(field, raw.get())?;
         }
     }
     Ok((id, event))
@@ -129,37 +155,88 @@ fn check_string(field: &'static str, value: &str, max: usize) -> Result<(), Even
     Ok(())
 }
 
-/// Checks depth and NUL characters of an object's entries; `depth` is the object's own level.
-fn check_json<'a>(
-    field: &'static str,
-    entries: impl Iterator<Item = (&'a String, &'a Value)>,
-    depth: usize,
-) -> Result<(), EventRejection> {
-    if depth > MAX_PROPS_DEPTH {
-        return Err(EventRejection::TooDeep { field });
+/// Checks the raw JSON text of `props`/`context` (syntactically valid JSON, as cut out by the
+/// parser): an object, nested at most [`MAX_PROPS_DEPTH`] levels (the object itself is level
+/// 1), no `\u0000`, no lone UTF-16 surrogate escapes, no number beyond `f64` range. These are
+/// what Postgres' `jsonb` input would refuse, failing a whole group-commit transaction.
+pub fn check_raw_object(field: &'static str, text: &str) -> Result<(), EventRejection> {
+    let b = text.as_bytes();
+    if b.first() != Some(&b'{') {
+        return Err(EventRejection::Malformed(format!(
+            "invalid type: {field} must be an object"
+        )));
     }
-    for (key, value) in entries {
-        if key.contains('\0') {
-            return Err(EventRejection::NulCharacter);
+    let mut depth = 0usize;
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'{' | b'[' => {
+                depth += 1;
+                if depth > MAX_PROPS_DEPTH {
+                    return Err(EventRejection::TooDeep { field });
+                }
+                i += 1;
+            }
+            b'}' | b']' => {
+                depth = depth.saturating_sub(1);
+                i += 1;
+            }
+            b'"' => i = scan_string(b, i + 1)?,
+            b'-' | b'0'..=b'9' => {
+                let start = i;
+                while i < b.len() && matches!(b[i], b'0'..=b'9' | b'-' | b'+' | b'.' | b'e' | b'E')
+                {
+                    i += 1;
+                }
+                check_number(&text[start..i])?;
+            }
+            _ => i += 1,
         }
-        check_value(field, value, depth)?;
     }
     Ok(())
 }
 
-fn check_value(field: &'static str, value: &Value, depth: usize) -> Result<(), EventRejection> {
-    match value {
-        Value::String(s) if s.contains('\0') => Err(EventRejection::NulCharacter),
-        Value::Object(map) => check_json(field, map.iter(), depth + 1),
-        Value::Array(items) => {
-            if depth + 1 > MAX_PROPS_DEPTH {
-                return Err(EventRejection::TooDeep { field });
+/// Scans a JSON string whose opening quote is just before `i`; returns the index after its
+/// closing quote.
+fn scan_string(b: &[u8], mut i: usize) -> Result<usize, EventRejection> {
+    let lone = || EventRejection::Malformed("lone surrogate in hex escape".into());
+    // A high surrogate escape must be followed at once by a low surrogate escape.
+    let mut want_low = false;
+    loop {
+        match b.get(i) {
+            None => return Err(EventRejection::Malformed("unterminated string".into())),
+            Some(b'"') if !want_low => return Ok(i + 1),
+            Some(b'\\') if b.get(i + 1) == Some(&b'u') => {
+                let hex = b
+                    .get(i + 2..i + 6)
+                    .and_then(|h| std::str::from_utf8(h).ok());
+                let unit = hex
+                    .and_then(|h| u16::from_str_radix(h, 16).ok())
+                    .ok_or_else(|| EventRejection::Malformed("invalid escape".into()))?;
+                match unit {
+                    0 => return Err(EventRejection::NulCharacter),
+                    0xD800..=0xDBFF if !want_low => want_low = true,
+                    0xDC00..=0xDFFF if want_low => want_low = false,
+                    0xD800..=0xDFFF => return Err(lone()),
+                    _ if want_low => return Err(lone()),
+                    _ => {}
+                }
+                i += 6;
             }
-            items
-                .iter()
-                .try_for_each(|v| check_value(field, v, depth + 1))
+            Some(_) if want_low => return Err(lone()),
+            Some(b'\\') => i += 2,
+            Some(_) => i += 1,
         }
-        _ => Ok(()),
+    }
+}
+
+/// A JSON number the JSON parser would have refused to turn into a value (beyond `f64`).
+fn check_number(token: &str) -> Result<(), EventRejection> {
+    let plain_integer = token.len() <= 18 && !token.contains(['.', 'e', 'E']);
+    if plain_integer || token.parse::<f64>().is_ok_and(f64::is_finite) {
+        Ok(())
+    } else {
+        Err(EventRejection::Malformed("number out of range".into()))
     }
 }
 
@@ -187,16 +264,19 @@ mod tests {
         )
     }
 
-    fn check(json: &str) -> Result<(Uuid, Event), EventRejection> {
+    fn check(json: &str) -> Result<Uuid, EventRejection> {
         let raw: Box<RawValue> = serde_json::from_str(json).unwrap();
-        validate_event(&raw)
+        validate_event(&raw).map(|(id, _)| id)
     }
 
     #[test]
     fn valid_event_passes_and_unknown_fields_are_ignored() {
-        let (id, ev) = check(&event(r#","future_field":[1,2],"props":{"a":{"b":1}}"#)).unwrap();
+        let json = event(r#","future_field":[1,2],"props":{"a":{"b":1}}"#);
+        let raw: Box<RawValue> = serde_json::from_str(&json).unwrap();
+        let (id, ev) = validate_event(&raw).unwrap();
         assert_eq!(id.to_string(), ID);
         assert_eq!(ev.name, "page_view");
+        assert_eq!(ev.props.unwrap().get(), r#"{"a":{"b":1}}"#);
     }
 
     #[test]
@@ -244,6 +324,13 @@ mod tests {
                 "nul_character",
             ),
             (event(r#","props":{"k":"v\u0000"}"#), "nul_character"),
+            (event(r#","context":{"k\u0000":1}"#), "nul_character"),
+            (event(r#","props":{"k":"\ud83d"}"#), "malformed"),
+            (event(r#","props":{"k":"\udc00x"}"#), "malformed"),
+            (event(r#","props":{"k":"\ud83d\u0041"}"#), "malformed"),
+            (event(r#","props":{"k":1e400}"#), "malformed"),
+            (event(r#","props":[1]"#), "malformed"),
+            (event(r#","context":"x""#), "malformed"),
             (
                 event(&format!(
                     r#","props":{{"k":{}1{}}}"#,
@@ -264,6 +351,12 @@ mod tests {
             let err = check(&json).expect_err(&json);
             assert_eq!(err.code(), code, "{json}: {err}");
         }
+        // What jsonb accepts passes: escaped backslash before "u0000", surrogate pairs,
+        // big but finite numbers, nested strings with brackets, null props.
+        check(&event(
+            r#","props":{"a":"\\u0000","b":"\ud83d\ude00","c":[1e300,-0.5,12345678901234567890],"d":"{[\"]}"},"context":null"#,
+        ))
+        .unwrap();
         // Nine levels of arrays below props (depth 10 in total) is still fine.
         check(&event(&format!(
             r#","props":{{"k":{}1{}}}"#,

@@ -80,9 +80,11 @@ pub struct EventRow {
     pub anonymous_id: String,
     pub session_id: String,
     pub user_id: Option<String>,
-    pub props: Option<serde_json::Value>,
-    pub context: Option<serde_json::Value>,
-    pub enrichment: Enrichment,
+    /// Raw JSON object text, as sent (checked by `validate::check_raw_object`).
+    pub props: Option<Box<serde_json::value::RawValue>>,
+    pub context: Option<Box<serde_json::value::RawValue>>,
+    /// Usually shared by every event of a request.
+    pub enrichment: Arc<Enrichment>,
 }
 
 /// Answer of `GET /v1/stats`.

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Datelike, Utc};
+use serde_json::value::RawValue;
 use sqlx::postgres::{PgPool, PgPoolOptions};
 use sqlx::Row;
 use uuid::Uuid;
@@ -127,7 +128,11 @@ impl EventStore for PgStore {
         let mut ip = Vec::with_capacity(n);
         let mut country = Vec::with_capacity(n);
         let mut city = Vec::with_capacity(n);
-        for r in rows {
+        // Key order: concurrent group commits sharing a key then wait for one another instead
+        // of deadlocking (the later one sees a duplicate).
+        let mut order: Vec<&EventRow> = rows.iter().collect();
+        order.sort_unstable_by_key(|r| (r.project_id, r.id, r.ts));
+        for r in order {
             let e = &r.enrichment;
             project_id.push(r.project_id);
             id.push(r.id);
@@ -136,8 +141,8 @@ impl EventStore for PgStore {
             anonymous_id.push(r.anonymous_id.as_str());
             session_id.push(r.session_id.as_str());
             user_id.push(r.user_id.as_deref());
-            props.push(r.props.clone());
-            context.push(r.context.clone());
+            props.push(r.props.as_deref().map(RawValue::get));
+            context.push(r.context.as_deref().map(RawValue::get));
             sent_at.push(r.sent_at);
             received_at.push(r.received_at);
             time.push(r.time);
@@ -155,11 +160,17 @@ impl EventStore for PgStore {
             "INSERT INTO events (project_id, id, ts, name, anonymous_id, session_id, user_id, \
                  props, context, sent_at, received_at, time, browser, browser_version, os, \
                  device_type, is_bot, bot_reason, ip, country, city) \
-             SELECT * FROM UNNEST($1::uuid[], $2::uuid[], $3::timestamptz[], $4::text[], \
-                 $5::text[], $6::text[], $7::text[], $8::jsonb[], $9::jsonb[], \
+             SELECT project_id, id, ts, name, anonymous_id, session_id, user_id, \
+                 props::jsonb, context::jsonb, sent_at, received_at, time, browser, \
+                 browser_version, os, device_type, is_bot, bot_reason, ip, country, city \
+             FROM UNNEST($1::uuid[], $2::uuid[], $3::timestamptz[], $4::text[], \
+                 $5::text[], $6::text[], $7::text[], $8::text[], $9::text[], \
                  $10::timestamptz[], $11::timestamptz[], $12::timestamptz[], $13::text[], \
                  $14::text[], $15::text[], $16::text[], $17::bool[], $18::text[], $19::text[], \
                  $20::text[], $21::text[]) \
+                 AS u(project_id, id, ts, name, anonymous_id, session_id, user_id, props, \
+                 context, sent_at, received_at, time, browser, browser_version, os, \
+                 device_type, is_bot, bot_reason, ip, country, city) \
              ON CONFLICT DO NOTHING \
              RETURNING project_id, id",
         )
