@@ -1,19 +1,33 @@
 //! Load benchmark for the collector (127.0.0.1 only, bounded in time and requests).
 //!
-//! Creates a scratch Postgres database, runs a collector in-process on 127.0.0.1, has many
-//! concurrent clients post gzipped batches of 20 events for a fixed time, and reports events
-//! committed per second and request latency; then measures the raw ceiling: the same rows
-//! written with `COPY` in large batches into a table with the same columns and primary key.
+//! Creates a scratch Postgres database, starts the `tracklet-collector` binary next to this
+//! one (`serve` on 127.0.0.1, its own process, so its CPU time and peak memory are its own),
+//! and measures:
+//!
+//! 1. **max**: `--clients` closed-loop clients post gzipped batches of `--batch` events for
+//!    `--duration-secs`: events committed per second, request latency p50/p99;
+//! 2. **half**: an open-loop phase at a fixed request rate of half the measured maximum,
+//!    latency measured from each request's scheduled time (no coordinated omission);
+//! 3. **COPY**: the same number of rows written with `COPY` (batches of 50,000) into a table
+//!    with the same columns and primary key, as the raw ceiling.
+//!
+//! Request bodies are generated and gzipped before each phase (every event id distinct), so
+//! the timed windows only send bytes and read answers. The collector's and the load
+//! generator's CPU time are read from `/proc`, and the collector's peak RSS from its `VmHWM`.
+//! Prints a markdown table at the end.
 
+use std::io::Write;
 use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
+use anyhow::{bail, Context};
+use bytes::Bytes;
 use clap::Parser;
 use sqlx::Connection;
-use tracklet_collector::config::ServeConfig;
-use tracklet_collector::http::{router, AppState};
 use tracklet_collector::store::postgres::PgStore;
 use tracklet_collector::store::{EventStore, Project};
 
@@ -30,26 +44,44 @@ struct Args {
         default_value = "postgres://postgres@127.0.0.1:5432/postgres"
     )]
     database_url: String,
-    /// Concurrent clients.
-    #[arg(long, default_value_t = 32)]
+    /// Concurrent clients in the max-throughput phase.
+    #[arg(long, default_value_t = 64)]
     clients: usize,
-    /// Seconds of load.
+    /// Seconds of load per phase.
     #[arg(long, default_value_t = 20)]
     duration_secs: u64,
     /// Events per batch.
     #[arg(long, default_value_t = 20)]
     batch: usize,
-    /// Upper bound on requests per client.
-    #[arg(long, default_value_t = 100_000)]
-    max_requests_per_client: usize,
+    /// Upper bound on events generated for the max phase (bounds memory and work; the phase
+    /// ends early when they are all sent).
+    #[arg(long, default_value_t = 4_000_000)]
+    max_events: usize,
+    /// Skip the half-load phase.
+    #[arg(long)]
+    no_half_load: bool,
+    /// The collector binary (default: `tracklet-collector` next to this executable).
+    #[arg(long)]
+    collector_bin: Option<PathBuf>,
+    /// Extra arguments for `tracklet-collector serve`, e.g. `--commit-max-rows=4000`.
+    #[arg(long, allow_hyphen_values = true, num_args = 1)]
+    collector_arg: Vec<String>,
 }
 
-#[tokio::main]
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     anyhow::ensure!(
         args.database_url.contains("127.0.0.1") || args.database_url.contains("localhost"),
         "the benchmark only talks to a local Postgres (127.0.0.1)"
+    );
+    anyhow::ensure!(
+        (1..=1000).contains(&args.batch) && (1..=1024).contains(&args.clients),
+        "--batch must be 1..=1000 and --clients 1..=1024"
+    );
+    anyhow::ensure!(
+        (1..=600).contains(&args.duration_secs),
+        "--duration-secs must be 1..=600"
     );
     let mut admin = sqlx::PgConnection::connect(&args.database_url)
         .await
@@ -71,114 +103,497 @@ async fn main() -> anyhow::Result<()> {
     result
 }
 
+/// The collector process; killed when dropped.
+struct Collector {
+    child: Child,
+}
+
+impl Drop for Collector {
+    /// SIGTERM (the collector drains and exits), SIGKILL after 10 s.
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        for _ in 0..100 {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Collector {
+    fn start(args: &Args, url: &str) -> anyhow::Result<(Collector, SocketAddr)> {
+        let bin = match &args.collector_bin {
+            Some(bin) => bin.clone(),
+            None => std::env::current_exe()?.with_file_name("tracklet-collector"),
+        };
+        if !bin.exists() {
+            bail!(
+                "{} not found: build it with `cargo build --profile server -p tracklet-collector --bins` (or pass --collector-bin)",
+                bin.display()
+            );
+        }
+        // A free port on 127.0.0.1 (closed again just before the collector binds it).
+        let addr = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+        let child = Command::new(&bin)
+            .arg("serve")
+            .arg("--listen")
+            .arg(addr.to_string())
+            .args(&args.collector_arg)
+            .env("DATABASE_URL", url)
+            .env("TRACKLET_LOG", "error")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .with_context(|| format!("cannot start {}", bin.display()))?;
+        println!(
+            "collector: {} (pid {}) on {addr}",
+            bin.display(),
+            child.id()
+        );
+        Ok((Collector { child }, addr))
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+/// CPU seconds (user + system) of a process, from `/proc/<pid>/stat`.
+fn cpu_secs(pid: &str) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    // Fields after the command name (which may contain spaces) start at state (field 3).
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // utime is field 14, stime field 15; `fields[0]` is field 3. Linux USER_HZ is 100.
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// Busy CPU seconds of the whole machine (all processes), from `/proc/stat`.
+fn machine_busy_secs() -> f64 {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let Some(line) = stat.lines().next() else {
+        return 0.0;
+    };
+    let v: Vec<f64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|f| f.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal ...: busy = all but idle and iowait.
+    let total: f64 = v.iter().take(8).sum();
+    let idle = v.get(3).copied().unwrap_or(0.0) + v.get(4).copied().unwrap_or(0.0);
+    (total - idle) / 100.0
+}
+
+/// Peak resident memory (`VmHWM`) of a process, in MiB.
+fn peak_rss_mib(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(0.0)
+}
+
+/// CPU use during a phase (cores): collector, the Postgres backends serving the scratch
+/// database, load generator, whole machine (everything, other users included).
+#[derive(Debug, Clone, Copy, Default)]
+struct CpuShare {
+    collector: f64,
+    postgres: f64,
+    loadgen: f64,
+    machine: f64,
+}
+
+/// What the CPU meter watches: the collector process and the scratch database's backends.
+struct Watch<'a> {
+    pid: u32,
+    conn: &'a mut sqlx::PgConnection,
+    db: &'a str,
+}
+
+struct CpuMeter {
+    pid: String,
+    db: String,
+    started: Instant,
+    collector: f64,
+    backends: std::collections::HashMap<i32, f64>,
+    loadgen: f64,
+    machine: f64,
+}
+
+/// CPU seconds of each Postgres backend connected to `db` (same machine: `/proc`).
+async fn backend_cpu(
+    admin: &mut sqlx::PgConnection,
+    db: &str,
+) -> std::collections::HashMap<i32, f64> {
+    let pids: Vec<i32> = sqlx::query_scalar("SELECT pid FROM pg_stat_activity WHERE datname = $1")
+        .bind(db)
+        .fetch_all(admin)
+        .await
+        .unwrap_or_default();
+    pids.into_iter()
+        .map(|pid| (pid, cpu_secs(&pid.to_string())))
+        .collect()
+}
+
+impl CpuMeter {
+    async fn start(pid: u32, admin: &mut sqlx::PgConnection, db: &str) -> CpuMeter {
+        let pid = pid.to_string();
+        CpuMeter {
+            collector: cpu_secs(&pid),
+            backends: backend_cpu(admin, db).await,
+            loadgen: cpu_secs("self"),
+            machine: machine_busy_secs(),
+            started: Instant::now(),
+            db: db.to_owned(),
+            pid,
+        }
+    }
+
+    async fn stop(&self, admin: &mut sqlx::PgConnection) -> CpuShare {
+        let secs = self.started.elapsed().as_secs_f64().max(1e-9);
+        let share = CpuShare {
+            collector: (cpu_secs(&self.pid) - self.collector) / secs,
+            loadgen: (cpu_secs("self") - self.loadgen) / secs,
+            machine: (machine_busy_secs() - self.machine) / secs,
+            postgres: 0.0,
+        };
+        let postgres: f64 = backend_cpu(admin, &self.db)
+            .await
+            .into_iter()
+            .map(|(pid, now)| now - self.backends.get(&pid).copied().unwrap_or(0.0))
+            .sum();
+        CpuShare {
+            postgres: postgres / secs,
+            ..share
+        }
+    }
+}
+
+/// What one phase measured.
+#[derive(Debug, Default)]
+struct PhaseResult {
+    elapsed: f64,
+    accepted: u64,
+    requests: usize,
+    failed: u64,
+    /// Requests not sent because too many were already waiting (open loop only).
+    skipped: u64,
+    p50_ms: f64,
+    p99_ms: f64,
+    cpu: CpuShare,
+}
+
+impl PhaseResult {
+    fn events_per_sec(&self) -> f64 {
+        self.accepted as f64 / self.elapsed.max(1e-9)
+    }
+
+    fn finish(&mut self, mut latencies: Vec<Duration>) {
+        latencies.sort();
+        let pct = |p: f64| {
+            latencies
+                .get(((latencies.len() as f64 * p) as usize).min(latencies.len().saturating_sub(1)))
+                .map(|d| d.as_secs_f64() * 1000.0)
+                .unwrap_or_default()
+        };
+        self.requests = latencies.len();
+        self.p50_ms = pct(0.50);
+        self.p99_ms = pct(0.99);
+    }
+}
+
 async fn bench(args: &Args, url: &str) -> anyhow::Result<()> {
-    let store = Arc::new(PgStore::connect(url, 10).await?);
+    let store = PgStore::connect(url, 2).await?;
     store.migrate().await?;
     store.maintain_partitions(chrono::Utc::now(), 1, 0).await?;
     let project = Project::new("bench", vec![], None);
     store.add_project(&project).await?;
-    let (state, committer) = AppState::new(ServeConfig::default(), store.clone())?;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    let server = tokio::spawn(async move {
-        axum::serve(
-            listener,
-            router(state).into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .await
-    });
+    store.pool().close().await;
 
-    println!(
-        "load: {} clients, batches of {} events, {} s, collector on {addr} (Postgres)",
-        args.clients, args.batch, args.duration_secs
-    );
+    let (collector, addr) = Collector::start(args, url)?;
+    wait_until_up(addr).await?;
     let batch_url = format!("http://{addr}/v1/batch?key={}", project.write_key);
+
+    // Phase 1: closed loop, as fast as the collector answers.
+    let requests = (args.max_events / args.batch).max(args.clients);
+    let bodies = make_bodies(0, requests, args.batch);
+    println!(
+        "max: {} clients, batches of {} events, {} s ({} distinct bodies ready)",
+        args.clients,
+        args.batch,
+        args.duration_secs,
+        bodies.len()
+    );
+    let db = url.rsplit('/').next().unwrap_or_default();
+    let mut probe = sqlx::PgConnection::connect(url).await?;
+    let mut watch = Watch {
+        pid: collector.pid(),
+        conn: &mut probe,
+        db,
+    };
+    let max = closed_loop(args, &batch_url, bodies, &mut watch).await?;
+    print_phase("max", &max);
+
+    // Phase 2: open loop at half of the measured rate.
+    let half = if args.no_half_load || max.accepted == 0 {
+        None
+    } else {
+        let rate = max.events_per_sec() / 2.0 / args.batch as f64;
+        let n = (rate * args.duration_secs as f64).ceil() as usize;
+        let bodies = make_bodies(1, n.max(1), args.batch);
+        println!(
+            "half: {rate:.0} requests/s open loop for {} s",
+            args.duration_secs
+        );
+        let half = open_loop(args, &batch_url, bodies, rate, &mut watch).await?;
+        print_phase("half", &half);
+        Some(half)
+    };
+    let peak_rss = peak_rss_mib(collector.pid());
+    drop(collector);
+    probe.close().await?;
+
+    // Raw ceiling: COPY the same number of rows into a table of the same columns and key.
+    let rows = max.accepted.max(100_000);
+    let (written, copy_secs) = copy_ceiling(url, project.id, rows).await?;
+    let copy_rate = written as f64 / copy_secs;
+    println!("COPY ceiling: {written} rows in {copy_secs:.1} s = {copy_rate:.0} rows/s (batches of 50000)");
+
+    println!();
+    println!("| phase | events/s | requests (failed) | p50 | p99 | CPU collector / Postgres / loadgen / machine (cores) |");
+    println!("|---|---|---|---|---|---|");
+    let row = |name: &str, p: &PhaseResult| {
+        println!(
+            "| {name} | {:.0} | {} ({}{}) | {:.1} ms | {:.1} ms | {:.2} / {:.2} / {:.2} / {:.2} |",
+            p.events_per_sec(),
+            p.requests,
+            p.failed,
+            if p.skipped > 0 {
+                format!(", {} skipped", p.skipped)
+            } else {
+                String::new()
+            },
+            p.p50_ms,
+            p.p99_ms,
+            p.cpu.collector,
+            p.cpu.postgres,
+            p.cpu.loadgen,
+            p.cpu.machine
+        )
+    };
+    row(
+        &format!("max ({} clients, closed loop)", args.clients),
+        &max,
+    );
+    if let Some(half) = &half {
+        row("half of max (open loop)", half);
+    }
+    println!("| `COPY` ceiling (same rows) | {copy_rate:.0} rows/s | — | — | — | — |");
+    println!();
+    println!(
+        "collector / COPY: {:.2}; collector peak RSS (VmHWM): {peak_rss:.1} MiB; loadgen CPU share at max: {:.0} % of the machine's busy time",
+        max.events_per_sec() / copy_rate,
+        100.0 * max.cpu.loadgen / max.cpu.machine.max(1e-9)
+    );
+    Ok(())
+}
+
+fn print_phase(name: &str, p: &PhaseResult) {
+    println!(
+        "{name}: {} events committed in {:.1} s = {:.0} events/s ({} requests, {} failed, {} skipped); p50 {:.1} ms, p99 {:.1} ms; CPU cores: collector {:.2}, Postgres backends {:.2}, loadgen {:.2}, machine {:.2}",
+        p.accepted,
+        p.elapsed,
+        p.events_per_sec(),
+        p.requests,
+        p.failed,
+        p.skipped,
+        p.p50_ms,
+        p.p99_ms,
+        p.cpu.collector,
+        p.cpu.postgres,
+        p.cpu.loadgen,
+        p.cpu.machine,
+    );
+}
+
+async fn wait_until_up(addr: SocketAddr) -> anyhow::Result<()> {
+    let client = reqwest::Client::new();
+    let url = format!("http://{addr}/healthz");
+    for _ in 0..100 {
+        if let Ok(r) = client.get(&url).send().await {
+            if r.status().is_success() {
+                return Ok(());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    bail!("the collector did not come up on {addr} within 10 s")
+}
+
+/// Sends one body; returns the `accepted` count of a 200 answer.
+async fn post(client: &reqwest::Client, url: &str, body: Bytes) -> Option<u64> {
+    let r = client
+        .post(url)
+        .header("content-type", "text/plain")
+        .body(body)
+        .send()
+        .await
+        .ok()?;
+    if !r.status().is_success() {
+        return None;
+    }
+    accepted_of(&r.bytes().await.ok()?)
+}
+
+/// `accepted` from `{"accepted":N,...}` without building a JSON tree.
+fn accepted_of(answer: &[u8]) -> Option<u64> {
+    const KEY: &[u8] = b"\"accepted\":";
+    let at = answer.windows(KEY.len()).position(|w| w == KEY)? + KEY.len();
+    let digits = answer[at..].iter().take_while(|b| b.is_ascii_digit());
+    Some(digits.fold(0u64, |n, d| n * 10 + u64::from(d - b'0')))
+}
+
+async fn closed_loop(
+    args: &Args,
+    url: &str,
+    bodies: Vec<Bytes>,
+    watch: &mut Watch<'_>,
+) -> anyhow::Result<PhaseResult> {
+    let bodies = Arc::new(bodies);
+    let next = Arc::new(AtomicUsize::new(0));
     let deadline = Instant::now() + Duration::from_secs(args.duration_secs);
+    let cpu = CpuMeter::start(watch.pid, watch.conn, watch.db).await;
     let started = Instant::now();
     let mut tasks = Vec::new();
-    for client_no in 0..args.clients {
-        let (url, batch, max) = (batch_url.clone(), args.batch, args.max_requests_per_client);
+    for _ in 0..args.clients {
+        let (url, bodies, next) = (url.to_owned(), bodies.clone(), next.clone());
         tasks.push(tokio::spawn(async move {
             let client = reqwest::Client::new();
-            let mut latencies = Vec::new();
+            let mut latencies = Vec::with_capacity(bodies.len() / 16);
             let (mut accepted, mut failed) = (0u64, 0u64);
-            for request_no in 0..max {
-                if Instant::now() >= deadline {
+            while Instant::now() < deadline {
+                let Some(body) = bodies.get(next.fetch_add(1, Ordering::Relaxed)) else {
                     break;
-                }
-                let body = gzip_batch(client_no, request_no, batch);
+                };
                 let sent = Instant::now();
-                match client
-                    .post(&url)
-                    .header("content-type", "text/plain")
-                    .body(body)
-                    .send()
-                    .await
-                {
-                    Ok(r) if r.status().is_success() => {
-                        let answer: serde_json::Value = r.json().await.unwrap_or_default();
-                        accepted += answer["accepted"].as_u64().unwrap_or(0);
+                match post(&client, &url, body.clone()).await {
+                    Some(n) => {
+                        accepted += n;
                         latencies.push(sent.elapsed());
                     }
-                    _ => failed += 1,
+                    None => failed += 1,
                 }
             }
             (latencies, accepted, failed)
         }));
     }
-    let (mut latencies, mut accepted, mut failed) = (Vec::new(), 0, 0);
+    let mut result = PhaseResult::default();
+    let mut latencies = Vec::new();
     for t in tasks {
         let (l, a, f) = t.await?;
         latencies.extend(l);
-        accepted += a;
-        failed += f;
+        result.accepted += a;
+        result.failed += f;
     }
-    let elapsed = started.elapsed().as_secs_f64();
-    latencies.sort();
-    let pct = |p: f64| {
-        latencies
-            .get(((latencies.len() as f64 * p) as usize).min(latencies.len().saturating_sub(1)))
-            .copied()
-            .unwrap_or_default()
-    };
-    println!(
-        "collector: {accepted} events committed in {elapsed:.1} s = {:.0} events/s ({} requests, {failed} failed); latency p50 {:.1} ms, p99 {:.1} ms",
-        accepted as f64 / elapsed,
-        latencies.len(),
-        pct(0.50).as_secs_f64() * 1000.0,
-        pct(0.99).as_secs_f64() * 1000.0,
-    );
-    server.abort();
-    drop(committer);
+    result.elapsed = started.elapsed().as_secs_f64();
+    result.cpu = cpu.stop(watch.conn).await;
+    result.finish(latencies);
+    Ok(result)
+}
 
-    // Raw ceiling: COPY the same number of rows into a table of the same columns and key.
-    let rows = accepted.max(100_000);
-    let mut conn = sqlx::PgConnection::connect(url).await?;
-    sqlx::query("CREATE TABLE events_copy (LIKE events INCLUDING DEFAULTS, PRIMARY KEY (project_id, id, ts))")
-        .execute(&mut conn)
-        .await?;
-    let copy_started = Instant::now();
-    let mut written = 0u64;
-    while written < rows {
-        let n = (rows - written).min(50_000);
-        let mut csv = String::with_capacity(n as usize * 300);
-        for i in written..written + n {
-            csv.push_str(&copy_row(project.id, i));
+async fn open_loop(
+    args: &Args,
+    url: &str,
+    bodies: Vec<Bytes>,
+    requests_per_sec: f64,
+    watch: &mut Watch<'_>,
+) -> anyhow::Result<PhaseResult> {
+    // Enough connections for the rate at a few hundred ms of latency; beyond that many
+    // requests waiting, a request is skipped (counted) rather than queued without bound.
+    const MAX_WAITING: usize = 512;
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(MAX_WAITING)
+        .build()?;
+    let interval = Duration::from_secs_f64(1.0 / requests_per_sec.max(0.1));
+    let waiting = Arc::new(AtomicUsize::new(0));
+    let cpu = CpuMeter::start(watch.pid, watch.conn, watch.db).await;
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(args.duration_secs);
+    let mut tasks = Vec::with_capacity(bodies.len());
+    let mut result = PhaseResult::default();
+    for (i, body) in bodies.into_iter().enumerate() {
+        // The schedule is fixed in advance; latency counts from the scheduled instant.
+        let due = started + interval.mul_f64(i as f64);
+        if due >= deadline {
+            break;
         }
-        let mut copy = conn
-            .copy_in_raw("COPY events_copy (project_id, id, ts, name, anonymous_id, session_id, props, context, sent_at, received_at, time, browser, os, device_type, is_bot, ip) FROM STDIN (FORMAT csv)")
-            .await?;
-        copy.send(csv.into_bytes()).await?;
-        copy.finish().await?;
-        written += n;
+        tokio::time::sleep_until(due.into()).await;
+        if waiting.load(Ordering::Relaxed) >= MAX_WAITING {
+            result.skipped += 1;
+            continue;
+        }
+        waiting.fetch_add(1, Ordering::Relaxed);
+        let (client, url, waiting) = (client.clone(), url.to_owned(), waiting.clone());
+        tasks.push(tokio::spawn(async move {
+            let answer = post(&client, &url, body).await;
+            waiting.fetch_sub(1, Ordering::Relaxed);
+            (answer, due.elapsed())
+        }));
     }
-    let copy_secs = copy_started.elapsed().as_secs_f64();
-    println!(
-        "COPY ceiling: {written} rows in {copy_secs:.1} s = {:.0} rows/s (batches of 50000)",
-        written as f64 / copy_secs
-    );
-    conn.close().await?;
-    Ok(())
+    let mut latencies = Vec::with_capacity(tasks.len());
+    for t in tasks {
+        match t.await? {
+            (Some(n), latency) => {
+                result.accepted += n;
+                latencies.push(latency);
+            }
+            (None, _) => result.failed += 1,
+        }
+    }
+    result.elapsed = started.elapsed().as_secs_f64();
+    result.cpu = cpu.stop(watch.conn).await;
+    result.finish(latencies);
+    Ok(result)
+}
+
+/// `count` gzipped batch bodies, every event id distinct (`phase` keeps phases apart); built
+/// on all cores before the timed window starts.
+fn make_bodies(phase: u64, count: usize, batch: usize) -> Vec<Bytes> {
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let per_thread = count.div_ceil(threads);
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..threads)
+            .map(|t| {
+                s.spawn(move || {
+                    let from = t * per_thread;
+                    let to = (from + per_thread).min(count);
+                    (from..to)
+                        .map(|r| gzip_batch(phase, r as u64, batch))
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap_or_default())
+            .collect()
+    })
 }
 
 fn event_id(n: u64) -> String {
@@ -189,25 +604,50 @@ fn event_id(n: u64) -> String {
     )
 }
 
-fn gzip_batch(client_no: usize, request_no: usize, batch: usize) -> Vec<u8> {
-    use std::io::Write;
+fn gzip_batch(phase: u64, request_no: u64, batch: usize) -> Bytes {
     let now = chrono::Utc::now().timestamp_millis() as u64;
-    let events: Vec<serde_json::Value> = (0..batch)
-        .map(|i| {
-            let n = ((client_no as u64) << 40) | ((request_no as u64) << 8) | i as u64;
-            serde_json::json!({
-                "id": event_id(n), "name": "page_view", "ts": now - 500,
-                "anonymous_id": format!("anon-{client_no}"), "session_id": format!("sess-{client_no}"),
-                "props": {"path": "/products/42", "referrer": "https://search.example/?q=shoes"},
-                "context": {"screen": {"w": 1920, "h": 1080}, "locale": "en-GB"},
-            })
-        })
-        .collect();
-    let body = serde_json::to_vec(&serde_json::json!({"sent_at": now, "events": events}))
-        .unwrap_or_default();
+    let client = request_no % 1000;
+    let mut body = format!("{{\"sent_at\":{now},\"events\":[");
+    for i in 0..batch as u64 {
+        let n = (phase << 44) | (request_no << 10) | i;
+        if i > 0 {
+            body.push(',');
+        }
+        body.push_str(&format!(
+            "{{\"id\":\"{}\",\"name\":\"page_view\",\"ts\":{},\"anonymous_id\":\"anon-{client}\",\"session_id\":\"sess-{client}\",\"props\":{{\"path\":\"/products/42\",\"referrer\":\"https://search.example/?q=shoes\"}},\"context\":{{\"screen\":{{\"w\":1920,\"h\":1080}},\"locale\":\"en-GB\"}}}}",
+            event_id(n),
+            now - 500
+        ));
+    }
+    body.push_str("]}");
     let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-    let _ = enc.write_all(&body);
-    enc.finish().unwrap_or_default()
+    let _ = enc.write_all(body.as_bytes());
+    Bytes::from(enc.finish().unwrap_or_default())
+}
+
+async fn copy_ceiling(url: &str, project: uuid::Uuid, rows: u64) -> anyhow::Result<(u64, f64)> {
+    let mut conn = sqlx::PgConnection::connect(url).await?;
+    sqlx::query("CREATE TABLE events_copy (LIKE events INCLUDING DEFAULTS, PRIMARY KEY (project_id, id, ts))")
+        .execute(&mut conn)
+        .await?;
+    let copy_started = Instant::now();
+    let mut written = 0u64;
+    while written < rows {
+        let n = (rows - written).min(50_000);
+        let mut csv = String::with_capacity(n as usize * 300);
+        for i in written..written + n {
+            csv.push_str(&copy_row(project, i));
+        }
+        let mut copy = conn
+            .copy_in_raw("COPY events_copy (project_id, id, ts, name, anonymous_id, session_id, props, context, sent_at, received_at, time, browser, os, device_type, is_bot, ip) FROM STDIN (FORMAT csv)")
+            .await?;
+        copy.send(csv.into_bytes()).await?;
+        copy.finish().await?;
+        written += n;
+    }
+    let copy_secs = copy_started.elapsed().as_secs_f64();
+    conn.close().await?;
+    Ok((written, copy_secs))
 }
 
 fn copy_row(project: uuid::Uuid, i: u64) -> String {
