@@ -106,7 +106,7 @@ pub fn decompress(raw: Bytes, encoding: Encoding) -> Result<Bytes, DecodeError> 
     let limit = decompressed_limit(raw.len());
     // Inflate straight into the output, never more than one byte past the cap (a gzip bomb
     // costs at most the cap).
-    let mut decoder = flate2::read::MultiGzDecoder::new(&raw[..]).take(limit as u64 + 1);
+    let mut decoder = flate2::bufread::MultiGzDecoder::new(&raw[..]).take(limit as u64 + 1);
     let mut out = Vec::with_capacity((raw.len() * 8).min(limit + 1));
     decoder
         .read_to_end(&mut out)

@@ -154,8 +154,10 @@ async fn receive_batch(state: &AppState, request: Request) -> Result<BatchRespon
     let project = state.projects.by_write_key(&key).await?;
     auth::check_origin(&project, header_str(headers, &header::ORIGIN))?;
 
-    // Bounded work in progress: shed load rather than buffer without limit.
-    let _inflight = state
+    // Bounded work in progress: shed load rather than buffer without limit. The permit covers
+    // reading, inflating and decoding (the memory-hungry part); once the rows are built it is
+    // returned, and rows waiting for their commit are bounded by the commit queue instead.
+    let inflight = state
         .inflight
         .try_acquire()
         .map_err(|_| ApiError::Overloaded)?;
@@ -186,6 +188,8 @@ async fn receive_batch(state: &AppState, request: Request) -> Result<BatchRespon
     let mut seen = HashSet::with_capacity(validated.valid.len());
     let (unique, repeats): (Vec<_>, Vec<_>) =
         validated.valid.into_iter().partition(|v| seen.insert(v.id));
+    let repeats = repeats.len() as u64;
+    let rejected: Vec<_> = validated.rejected.into_iter().map(|(r, _)| r).collect();
 
     // Enrich.
     let peer = parts
@@ -219,16 +223,21 @@ async fn receive_batch(state: &AppState, request: Request) -> Result<BatchRespon
         })
         .collect();
 
+    // The body is no longer needed while waiting for the commit.
+    drop(envelope);
+    drop(json);
+    drop(inflight);
+
     // Group commit: returns only once the rows are committed.
     let inserted = state.committer.commit(rows).await?;
     let accepted = inserted.iter().filter(|new| **new).count() as u64;
-    let duplicates = (inserted.len() as u64 - accepted) + repeats.len() as u64;
+    let duplicates = (inserted.len() as u64 - accepted) + repeats;
     metrics::events_accepted(accepted);
     metrics::events_duplicate(duplicates);
     Ok(BatchResponse {
         accepted,
         duplicates,
-        rejected: validated.rejected.into_iter().map(|(r, _)| r).collect(),
+        rejected,
     })
 }
 

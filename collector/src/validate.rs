@@ -203,6 +203,11 @@ fn scan_string(b: &[u8], mut i: usize) -> Result<usize, EventRejection> {
     // A high surrogate escape must be followed at once by a low surrogate escape.
     let mut want_low = false;
     loop {
+        if !want_low {
+            // Plain characters need no look: jump to the next quote or backslash.
+            i += memchr::memchr2(b'"', b'\\', b.get(i..).unwrap_or_default())
+                .ok_or_else(|| EventRejection::Malformed("unterminated string".into()))?;
+        }
         match b.get(i) {
             None => return Err(EventRejection::Malformed("unterminated string".into())),
             Some(b'"') if !want_low => return Ok(i + 1),
