@@ -1,27 +1,13 @@
 // The whole path once, for real: the music example page in headless Chromium, the
 // script-tag SDK, the collector binary, rows in Postgres.
-import { test, before, after, beforeEach, afterEach } from 'node:test';
+import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { startCollector, launchBrowser, eventually, musicUrl, freePort, sdkReady } from './harness.mjs';
+import { collectorSuite, eventually, musicUrl, freePort, sdkReady } from './harness.mjs';
 
 let c;
 let browser;
-before(async () => {
-  c = await startCollector();
-});
-after(async () => {
-  await c?.stop();
-});
 // A fresh profile (empty localStorage) and an empty events table for each test.
-beforeEach(async () => {
-  await c.db.query('DELETE FROM events');
-  browser = await launchBrowser();
-});
-afterEach(async () => {
-  await browser?.close();
-});
-
-const count = async (where = 'true') => Number((await c.db.query(`SELECT count(*) AS n FROM events WHERE ${where}`))[0].n);
+const count = collectorSuite((collector, b) => ((c = collector), (browser = b)));
 
 test('button presses on the example page become rows in Postgres', async () => {
   const page = await browser.context.newPage();

@@ -9,6 +9,7 @@ import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { before, after, beforeEach, afterEach } from 'node:test';
 import pg from 'pg';
 import { chromium } from 'playwright-core';
 
@@ -169,4 +170,30 @@ export async function sdkReady(page) {
 export function musicUrl(c, params = {}) {
   const q = new URLSearchParams({ endpoint: c.origin, apiKey: c.key, ...params });
   return `${c.origin}/music/?${q}`;
+}
+
+/**
+ * The hooks every browser test file uses: one collector (and database) per file, and for
+ * each test an empty `events` table and a fresh browser profile. `use(collector, browser)`
+ * receives them; `count(where)` counts rows.
+ */
+export function collectorSuite(use) {
+  let c;
+  let browser;
+  before(async () => {
+    c = await startCollector();
+    use(c, undefined);
+  });
+  after(async () => {
+    await c?.stop();
+  });
+  beforeEach(async () => {
+    await c.db.query('DELETE FROM events');
+    browser = await launchBrowser();
+    use(c, browser);
+  });
+  afterEach(async () => {
+    await browser?.close();
+  });
+  return async (where = 'true') => Number((await c.db.query(`SELECT count(*) AS n FROM events WHERE ${where}`))[0].n);
 }

@@ -1,26 +1,12 @@
 // The SDK's promises in a real browser against the real collector: tabs, outages,
 // Retry-After, offline, full storage, autocapture, early calls, privacy signals.
-import { test, before, after, beforeEach, afterEach } from 'node:test';
+import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { startCollector, launchBrowser, eventually, musicUrl, sdkReady } from './harness.mjs';
+import { collectorSuite, eventually, musicUrl, sdkReady } from './harness.mjs';
 
 let c;
 let browser;
-before(async () => {
-  c = await startCollector();
-});
-after(async () => {
-  await c?.stop();
-});
-beforeEach(async () => {
-  await c.db.query('DELETE FROM events');
-  browser = await launchBrowser();
-});
-afterEach(async () => {
-  await browser?.close();
-});
-
-const count = async (where = 'true') => Number((await c.db.query(`SELECT count(*) AS n FROM events WHERE ${where}`))[0].n);
+const count = collectorSuite((collector, b) => ((c = collector), (browser = b)));
 const QUIET = { maxBatchSize: '1000', maxWaitTime: '600000', autocapture: 'false' };
 
 async function open(params = QUIET, page) {
