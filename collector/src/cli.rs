@@ -114,7 +114,7 @@ pub struct ServeArgs {
     #[arg(long, env = "TRACKLET_COMMIT_CONCURRENCY", default_value_t = 4)]
     pub commit_concurrency: usize,
     /// Milliseconds a group commit waits for more rows after the first.
-    #[arg(long, env = "TRACKLET_COMMIT_MAX_DELAY_MS", default_value_t = 2)]
+    #[arg(long, env = "TRACKLET_COMMIT_MAX_DELAY_MS", default_value_t = 0)]
     pub commit_max_delay_ms: u64,
     /// Rows the commit queue holds before answering 503.
     #[arg(long, env = "TRACKLET_QUEUE_CAPACITY_ROWS", default_value_t = 50_000)]

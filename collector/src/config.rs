@@ -23,7 +23,9 @@ pub struct DbConfig {
 pub struct CommitConfig {
     /// A transaction is started once this many rows are waiting...
     pub max_rows: usize,
-    /// ...or once the first waiting row has waited this long.
+    /// ...or once the first waiting row has waited this long. With several transactions in
+    /// flight ([`CommitConfig::concurrency`]) no wait is needed: rows gather by themselves
+    /// while every slot is busy, and a lone request at low load is committed at once.
     pub max_delay: Duration,
     /// Rows accepted into the queue before requests get 503 (bounds memory).
     pub queue_capacity_rows: usize,
@@ -40,7 +42,7 @@ impl Default for CommitConfig {
     fn default() -> Self {
         CommitConfig {
             max_rows: 2000,
-            max_delay: Duration::from_millis(2),
+            max_delay: Duration::ZERO,
             queue_capacity_rows: 50_000,
             high_water_rows: 40_000,
             max_attempts: 3,

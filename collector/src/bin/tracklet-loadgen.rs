@@ -45,7 +45,7 @@ struct Args {
     )]
     database_url: String,
     /// Concurrent clients in the max-throughput phase.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 128)]
     clients: usize,
     /// Seconds of load per phase.
     #[arg(long, default_value_t = 20)]
@@ -55,7 +55,7 @@ struct Args {
     batch: usize,
     /// Upper bound on events generated for the max phase (bounds memory and work; the phase
     /// ends early when they are all sent).
-    #[arg(long, default_value_t = 4_000_000)]
+    #[arg(long, default_value_t = 3_000_000)]
     max_events: usize,
     /// Skip the half-load phase.
     #[arg(long)]
@@ -210,13 +210,31 @@ fn peak_rss_mib(pid: u32) -> f64 {
 }
 
 /// CPU use during a phase (cores): collector, the Postgres backends serving the scratch
-/// database, load generator, whole machine (everything, other users included).
+/// database, load generator, whole machine (everything, other users included); and the
+/// checkpoints Postgres started meanwhile (each brings a burst of full-page writes).
 #[derive(Debug, Clone, Copy, Default)]
 struct CpuShare {
     collector: f64,
     postgres: f64,
     loadgen: f64,
     machine: f64,
+    checkpoints: i64,
+}
+
+/// Checkpoints started so far (Postgres 15/16: `pg_stat_bgwriter`; 17+: `pg_stat_checkpointer`).
+async fn checkpoints(conn: &mut sqlx::PgConnection) -> i64 {
+    for sql in [
+        "SELECT (checkpoints_timed + checkpoints_req)::int8 FROM pg_stat_bgwriter",
+        "SELECT (num_timed + num_requested)::int8 FROM pg_stat_checkpointer",
+    ] {
+        if let Ok(n) = sqlx::query_scalar::<_, i64>(sql)
+            .fetch_one(&mut *conn)
+            .await
+        {
+            return n;
+        }
+    }
+    0
 }
 
 /// What the CPU meter watches: the collector process and the scratch database's backends.
@@ -234,6 +252,7 @@ struct CpuMeter {
     backends: std::collections::HashMap<i32, f64>,
     loadgen: f64,
     machine: f64,
+    checkpoints: i64,
 }
 
 /// CPU seconds of each Postgres backend connected to `db` (same machine: `/proc`).
@@ -259,6 +278,7 @@ impl CpuMeter {
             backends: backend_cpu(admin, db).await,
             loadgen: cpu_secs("self"),
             machine: machine_busy_secs(),
+            checkpoints: checkpoints(admin).await,
             started: Instant::now(),
             db: db.to_owned(),
             pid,
@@ -272,6 +292,7 @@ impl CpuMeter {
             loadgen: (cpu_secs("self") - self.loadgen) / secs,
             machine: (machine_busy_secs() - self.machine) / secs,
             postgres: 0.0,
+            checkpoints: checkpoints(admin).await - self.checkpoints,
         };
         let postgres: f64 = backend_cpu(admin, &self.db)
             .await
@@ -376,11 +397,11 @@ async fn bench(args: &Args, url: &str) -> anyhow::Result<()> {
     println!("COPY ceiling: {written} rows in {copy_secs:.1} s = {copy_rate:.0} rows/s (batches of 50000)");
 
     println!();
-    println!("| phase | events/s | requests (failed) | p50 | p99 | CPU collector / Postgres / loadgen / machine (cores) |");
-    println!("|---|---|---|---|---|---|");
+    println!("| phase | events/s | requests (failed) | p50 | p99 | CPU collector / Postgres / loadgen / machine (cores) | checkpoints |");
+    println!("|---|---|---|---|---|---|---|");
     let row = |name: &str, p: &PhaseResult| {
         println!(
-            "| {name} | {:.0} | {} ({}{}) | {:.1} ms | {:.1} ms | {:.2} / {:.2} / {:.2} / {:.2} |",
+            "| {name} | {:.0} | {} ({}{}) | {:.1} ms | {:.1} ms | {:.2} / {:.2} / {:.2} / {:.2} | {} |",
             p.events_per_sec(),
             p.requests,
             p.failed,
@@ -394,7 +415,8 @@ async fn bench(args: &Args, url: &str) -> anyhow::Result<()> {
             p.cpu.collector,
             p.cpu.postgres,
             p.cpu.loadgen,
-            p.cpu.machine
+            p.cpu.machine,
+            p.cpu.checkpoints
         )
     };
     row(
@@ -404,7 +426,7 @@ async fn bench(args: &Args, url: &str) -> anyhow::Result<()> {
     if let Some(half) = &half {
         row("half of max (open loop)", half);
     }
-    println!("| `COPY` ceiling (same rows) | {copy_rate:.0} rows/s | — | — | — | — |");
+    println!("| `COPY` ceiling (same rows) | {copy_rate:.0} rows/s | — | — | — | — | — |");
     println!();
     println!(
         "collector / COPY: {:.2}; collector peak RSS (VmHWM): {peak_rss:.1} MiB; loadgen CPU share at max: {:.0} % of the machine's busy time",
