@@ -362,6 +362,8 @@ mod tests {
             r#","props":{"a":"\\u0000","b":"\ud83d\ude00","c":[1e300,-0.5,12345678901234567890],"d":"{[\"]}"},"context":null"#,
         ))
         .unwrap();
+        // Whitespace around the value is not part of the raw text.
+        check(&event(r#","props" :  { "a" : [ 1 , 2 ] } ,"context":	{}"#)).unwrap();
         // Nine levels of arrays below props (depth 10 in total) is still fine.
         check(&event(&format!(
             r#","props":{{"k":{}1{}}}"#,
