@@ -23,8 +23,7 @@ use wasm_bindgen::prelude::*;
 #[cfg(target_arch = "wasm32")]
 #[global_allocator]
 // SAFETY: wasm32 in the browser runs this module on one thread.
-static ALLOC: lol_alloc::AssumeSingleThreaded<lol_alloc::FreeListAllocator> =
-    unsafe { lol_alloc::AssumeSingleThreaded::new(lol_alloc::FreeListAllocator::new()) };
+static ALLOC: talc::TalckWasm = unsafe { talc::TalckWasm::new_global() };
 
 #[cfg(all(target_arch = "wasm32", not(test)))]
 #[panic_handler]
