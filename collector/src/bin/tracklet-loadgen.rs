@@ -60,6 +60,12 @@ struct Args {
     /// Skip the half-load phase.
     #[arg(long)]
     no_half_load: bool,
+    /// Do not run `CHECKPOINT` before each timed phase. By default each phase starts from a
+    /// fresh checkpoint, so the WAL written by the previous phase (or by anything before the
+    /// run) cannot trigger a checkpoint inside it; one the phase's own WAL triggers still
+    /// happens and is counted.
+    #[arg(long)]
+    no_checkpoint_first: bool,
     /// The collector binary (default: `tracklet-collector` next to this executable).
     #[arg(long)]
     collector_bin: Option<PathBuf>,
@@ -339,6 +345,17 @@ impl PhaseResult {
     }
 }
 
+/// `CHECKPOINT` before a timed phase (unless `--no-checkpoint-first`): see that flag.
+async fn fresh_checkpoint(args: &Args, watch: &mut Watch<'_>) -> anyhow::Result<()> {
+    if !args.no_checkpoint_first {
+        sqlx::query("CHECKPOINT")
+            .execute(&mut *watch.conn)
+            .await
+            .context("CHECKPOINT (the benchmark's database user must be a superuser; or pass --no-checkpoint-first)")?;
+    }
+    Ok(())
+}
+
 async fn bench(args: &Args, url: &str) -> anyhow::Result<()> {
     let store = PgStore::connect(url, 2).await?;
     store.migrate().await?;
@@ -368,6 +385,7 @@ async fn bench(args: &Args, url: &str) -> anyhow::Result<()> {
         conn: &mut probe,
         db,
     };
+    fresh_checkpoint(args, &mut watch).await?;
     let max = closed_loop(args, &batch_url, bodies, &mut watch).await?;
     print_phase("max", &max);
 
@@ -382,6 +400,7 @@ async fn bench(args: &Args, url: &str) -> anyhow::Result<()> {
             "half: {rate:.0} requests/s open loop for {} s",
             args.duration_secs
         );
+        fresh_checkpoint(args, &mut watch).await?;
         let half = open_loop(args, &batch_url, bodies, rate, &mut watch).await?;
         print_phase("half", &half);
         Some(half)
