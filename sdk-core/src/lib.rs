@@ -29,7 +29,8 @@ use tracklet_wire::json::{push_str_literal, push_u64, BatchJson, EventJson};
 /// Settings of one tracker, from `tracklet.init(options)`.
 #[derive(Clone, Debug)]
 pub struct Config {
-    /// Send when this many events are queued.
+    /// Send when this many events are queued. A larger backlog goes in bigger requests (up
+    /// to [`tracklet_wire::MAX_EVENTS_PER_BATCH`] events and the request size cap).
     pub max_batch_size: usize,
     /// ... or when the oldest queued event is this old (ms).
     pub max_wait_ms: u64,
@@ -313,6 +314,7 @@ impl Core {
                             keep,
                             persisted: true,
                             chunk: key.into(),
+                            in_flight: false,
                         };
                         self.queue.insert(id.into(), record);
                     }
@@ -348,10 +350,8 @@ impl Core {
         if !first {
             // Persisted records gone from storage were acknowledged (or cleared) by another
             // tab. Ours in flight stay until our own answer comes.
-            let in_flight = self.in_flight.as_ref().map(|f| &f.ids[..]).unwrap_or(&[]);
-            self.queue.retain_present(&stored_ids, |id, r| {
-                !r.persisted || in_flight.iter().any(|i| i == id)
-            });
+            self.queue
+                .retain_present(&stored_ids, |_, r| !r.persisted || r.in_flight);
         }
         self.retry = retry;
         self.lease = lease;
@@ -432,6 +432,7 @@ impl Core {
                 keep,
                 persisted: false,
                 chunk,
+                in_flight: false,
             },
         );
         self.enforce_caps();
@@ -520,7 +521,6 @@ impl Core {
         {
             return;
         }
-        let in_flight = self.in_flight.as_ref().map(|f| &f.ids[..]).unwrap_or(&[]);
         let mut count = self.queue.len();
         let mut bytes = self.queue.bytes();
         let mut victims = Vec::new();
@@ -528,7 +528,7 @@ impl Core {
             if count <= self.cfg.max_queue_events && bytes <= self.cfg.max_queue_bytes {
                 break;
             }
-            if !r.keep && !in_flight.contains(id) {
+            if !r.keep && !r.in_flight {
                 count -= 1;
                 bytes -= r.json.len();
                 victims.push(id.clone());
@@ -554,13 +554,11 @@ impl Core {
 
     /// Discards every queued event that is not in flight; returns how many.
     pub fn clear(&mut self) -> usize {
-        let in_flight = self.in_flight.as_ref().map(|f| &f.ids[..]).unwrap_or(&[]);
         let ids: Vec<String> = self
             .queue
             .iter()
-            .map(|(id, _)| id)
-            .filter(|id| !in_flight.contains(id))
-            .cloned()
+            .filter(|(_, r)| !r.in_flight)
+            .map(|(id, _)| id.clone())
             .collect();
         self.remove_events(&ids);
         ids.len()
@@ -645,14 +643,8 @@ impl Core {
     }
 
     fn oldest_ms(&self) -> Option<u64> {
-        let (id, _) = self.queue.iter().find(|(id, _)| !self.is_in_flight(id))?;
+        let (id, _) = self.queue.iter().find(|(_, r)| !r.in_flight)?;
         Some(ids::uuid_v7_ms(id).unwrap_or(0))
-    }
-
-    fn is_in_flight(&self, id: &str) -> bool {
-        self.in_flight
-            .as_ref()
-            .is_some_and(|f| f.ids.iter().any(|i| i == id))
     }
 
     /// Whether a batch is due now (for `force`, whenever anything is queued), given the
@@ -688,11 +680,25 @@ impl Core {
         if !self.may_send(now, force) {
             return None;
         }
+        // A backlog (a burst, or what queued up during an outage) goes in bigger requests,
+        // bounded by the collector's cap and the request size: it drains in a few round
+        // trips instead of reaching the queue's bounds.
+        let backlog = self.queue.len() > self.cfg.max_batch_size;
+        let normal = if backlog {
+            tracklet_wire::MAX_EVENTS_PER_BATCH
+        } else {
+            self.cfg.max_batch_size
+        };
         let limit = self
             .split_limit
-            .unwrap_or(self.cfg.max_batch_size)
+            .unwrap_or(normal)
             .clamp(1, tracklet_wire::MAX_EVENTS_PER_BATCH);
-        let (ids, body) = self.build_body(now, limit, |_| true);
+        let (ids, body) = self.build_body(now, 0, limit);
+        for id in &ids {
+            if let Some(r) = self.queue.get_mut(id) {
+                r.in_flight = true;
+            }
+        }
         let batch = self.next_batch;
         self.next_batch += 1;
         let events = ids.len();
@@ -715,17 +721,18 @@ impl Core {
 
     /// Up to `limit` of the oldest events passing `include`, as a gzip body under the
     /// request cap (halving the count until it fits).
-    fn build_body(
-        &self,
-        now: u64,
-        limit: usize,
-        include: impl Fn(&str) -> bool,
-    ) -> (Vec<String>, Vec<u8>) {
+    fn build_body(&self, now: u64, skip: usize, limit: usize) -> (Vec<String>, Vec<u8>) {
         let mut n = limit;
         loop {
             let mut batch = BatchJson::new(now, self.dropped);
             let mut ids = Vec::new();
-            for (id, r) in self.queue.iter().filter(|(id, _)| include(id)).take(n) {
+            for (id, r) in self
+                .queue
+                .iter()
+                .filter(|(_, r)| !r.in_flight)
+                .skip(skip)
+                .take(n)
+            {
                 batch.push_raw_event(&r.json);
                 ids.push(id.clone());
             }
@@ -742,6 +749,11 @@ impl Core {
         let Some(flight) = self.in_flight.take_if(|f| f.batch == batch) else {
             return;
         };
+        for id in &flight.ids {
+            if let Some(r) = self.queue.get_mut(id) {
+                r.in_flight = false;
+            }
+        }
         self.settle(flight, outcome, now);
         // Last, after the removals: a tab that sees the lease gone also sees them (one
         // tab's storage writes reach the others in order), so it never resends them.
@@ -890,20 +902,18 @@ impl Core {
             return out;
         }
         let mut budget = tracklet_wire::SDK_MAX_REQUEST_BYTES;
-        let mut sent: Vec<String> = Vec::new();
+        let mut skip = 0;
         let limit = self
             .cfg
             .max_batch_size
             .clamp(1, tracklet_wire::MAX_EVENTS_PER_BATCH);
         loop {
-            let (ids, body) = self.build_body(now, limit, |id| {
-                !self.is_in_flight(id) && !sent.iter().any(|s| s == id)
-            });
+            let (ids, body) = self.build_body(now, skip, limit);
             if ids.is_empty() || body.len() > budget {
                 return out;
             }
             budget -= body.len();
-            sent.extend(ids);
+            skip += ids.len();
             out.push(body);
         }
     }

@@ -15,6 +15,8 @@ pub(crate) struct Record {
     pub persisted: bool,
     /// The storage record holding it: `tl1:e:<id of the record's first event>`.
     pub chunk: String,
+    /// Part of the batch this tab has on the wire.
+    pub in_flight: bool,
 }
 
 #[derive(Default)]
@@ -118,6 +120,11 @@ impl EventQueue {
         });
     }
 
+    pub fn get_mut(&mut self, id: &str) -> Option<&mut Record> {
+        let at = self.find(id).ok()?;
+        self.items.get_mut(at).map(|(_, r)| r)
+    }
+
     pub fn iter_mut(&mut self) -> impl Iterator<Item = &mut Record> {
         self.items.iter_mut().map(|(_, r)| r)
     }
@@ -163,6 +170,7 @@ mod tests {
             keep: false,
             persisted: true,
             chunk: String::from("c"),
+            in_flight: false,
         }
     }
 

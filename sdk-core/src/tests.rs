@@ -243,17 +243,22 @@ fn records_are_never_rewritten_and_gone_lists_hide_acknowledged_events() {
     let ids = track_n(&mut a, &mut st, 5, 10); // one record of 5
     let key = format!("tl1:e:{}", ids[0]);
     let record = st[&key].clone();
+    // A 413 makes the next batch take 2 of the 5: a partial acknowledgement of the record.
     let out = a.poll_send(10, false).unwrap();
+    assert_eq!(out.events, 5, "a backlog goes in one bigger batch");
+    a.on_result(out.batch, Outcome::TooLarge, 10);
+    let out = a.poll_send(10, true).unwrap();
+    assert_eq!(out.events, 2);
     a.on_result(out.batch, ok(), 11);
     apply(&mut st, &mut a);
     assert_eq!(st[&key], record, "the record itself is untouched");
     let gone_key = format!("tl1:a:{}", ids[0]);
-    assert_eq!(st[&gone_key], ids[..3].join("\n"));
+    assert_eq!(st[&gone_key], ids[..2].join("\n"));
     assert_eq!(
         stored(&st).keys().cloned().collect::<Vec<_>>(),
-        ids[3..].to_vec()
+        ids[2..].to_vec()
     );
-    // A stale tab that still has the first three queued forgets them on refresh ...
+    // A stale tab that still has the first two queued forgets them on refresh ...
     let mut b = tab(&mut Storage::new(), cfg.clone(), 2, 0);
     b.refresh(entries(&{
         let mut old = st.clone();
@@ -263,10 +268,10 @@ fn records_are_never_rewritten_and_gone_lists_hide_acknowledged_events() {
     assert_eq!(b.pending(), 5);
     let snap = st.clone();
     b.refresh(entries(&snap));
-    assert_eq!(b.pending(), 2);
+    assert_eq!(b.pending(), 3);
     // ... and a new page never sees them.
     let mut c = tab(&mut st, cfg, 3, 20);
-    assert_eq!(c.pending(), 2);
+    assert_eq!(c.pending(), 3);
     let out = c.poll_send(20, true).unwrap();
     c.on_result(out.batch, ok(), 21);
     apply(&mut st, &mut c);
@@ -615,13 +620,15 @@ fn unload_batches_fit_the_beacon_budget_and_cover_the_queue() {
     let mut c = tab(&mut st, Config::default(), 1, 0);
     track_n(&mut c, &mut st, 120, 0);
     let inflight = c.poll_send(0, true).unwrap();
+    assert_eq!(inflight.events, 120, "a backlog goes in one bigger batch");
+    track_n(&mut c, &mut st, 130, 1);
     let bodies = c.unload_batches(1);
-    assert_eq!(bodies.len(), 2);
+    assert_eq!(bodies.len(), 3, "batches of maxBatchSize");
     let total: usize = bodies.iter().map(Vec::len).sum();
     assert!(total <= tracklet_wire::SDK_MAX_REQUEST_BYTES);
     let n: usize = bodies.iter().map(|b| decode(b).2.len()).sum();
-    assert_eq!(n + inflight.events, 120);
-    assert_eq!(c.pending(), 120, "still stored until acknowledged");
+    assert_eq!(n, 130, "everything not in flight");
+    assert_eq!(c.pending(), 250, "still stored until acknowledged");
     apply(&mut st, &mut c);
     assert!(
         !st.contains_key(storage::LEASE),
@@ -741,4 +748,22 @@ mod properties {
             prop_assert_eq!(stored_events(&st), 0);
         }
     }
+}
+
+#[test]
+fn a_backlog_drains_in_few_requests_under_the_size_cap() {
+    let mut st = Storage::new();
+    let mut c = tab(&mut st, Config::default(), 1, 0);
+    track_n(&mut c, &mut st, 1_000, 0);
+    let mut requests = 0;
+    let mut now = 0;
+    while let Some(out) = c.poll_send(now, false) {
+        assert!(out.body.len() <= tracklet_wire::SDK_MAX_REQUEST_BYTES);
+        assert!(out.events <= tracklet_wire::MAX_EVENTS_PER_BATCH);
+        requests += 1;
+        now += 1;
+        c.on_result(out.batch, ok(), now);
+    }
+    assert_eq!(c.pending(), 0);
+    assert!(requests <= 3, "{requests} requests for 1,000 queued events");
 }
