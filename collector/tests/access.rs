@@ -252,6 +252,57 @@ async fn enrichment_truncates_ip_and_flags_bots() {
 }
 
 #[tokio::test]
+async fn geo_lookup_fills_country_and_city_from_a_maxmind_file() {
+    // tests/fixtures/geo-test.mmdb (see make-geo-test-mmdb.py next to it): 203.0.113.0/24
+    // is Amsterdam, NL; 2001:db8::/32 is Berlin, DE; nothing else.
+    let config = ServeConfig {
+        trust_forwarded_for: true,
+        geoip_db: Some(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/geo-test.mmdb"),
+        ),
+        ..Default::default()
+    };
+    let app = app_with(Backend::Postgres, config, None).await;
+    for (n, ip) in [
+        (1, "203.0.113.77"),
+        (2, "2001:db8:1234:5678::9"),
+        (3, "198.51.100.7"),
+    ] {
+        let req = Request::post(app.batch_uri())
+            .header("x-forwarded-for", ip)
+            .body(Body::from(batch(SENT, vec![event(n)])))
+            .unwrap();
+        assert_eq!(app.send(req).await.json["accepted"], 1);
+    }
+    let pool = sqlx::PgPool::connect(&app.db.as_ref().unwrap().url)
+        .await
+        .unwrap();
+    let rows: Vec<(String, Option<String>, Option<String>)> =
+        sqlx::query_as("SELECT ip, country, city FROM events ORDER BY id")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        rows,
+        vec![
+            (
+                "203.0.113.0".into(),
+                Some("NL".into()),
+                Some("Amsterdam".into())
+            ),
+            (
+                "2001:db8:1234::".into(),
+                Some("DE".into()),
+                Some("Berlin".into())
+            ),
+            ("198.51.100.0".into(), None, None),
+        ],
+        "looked up on the full address, stored truncated"
+    );
+    pool.close().await;
+}
+
+#[tokio::test]
 async fn partitions_are_created_ahead_and_dropped_after_retention() {
     let db = TestDb::create().await;
     let store = PgStore::connect(&db.url, 2).await.unwrap();
