@@ -1,6 +1,7 @@
 // Packaging tests: `npm pack` the package, install the tarball into small consumer projects
 // (Vite + React, webpack, a plain page with the script tag, Node), build them, and run the
-// builds in headless Chromium against a stub collector.
+// builds in headless Chromium against a stub collector (and the Vite app once against the
+// real collector on Postgres).
 //
 //   node npm/packaging_tests/run.mjs          (after `cargo xtask build`; `cargo xtask test` runs it)
 //
@@ -23,6 +24,7 @@ import {
   stubCollector,
   work,
 } from './lib.mjs';
+import { startCollector } from '../../tests/e2e/harness.mjs';
 
 const started = Date.now();
 const log = (msg) => console.log(`[packaging ${((Date.now() - started) / 1000).toFixed(1)}s] ${msg}`);
@@ -219,6 +221,29 @@ test('vite + react (examples/react): provider, hook and SyncStatus in Chromium',
     assert.deepEqual(stub.events.filter((e) => e.name === 'page_view').map((e) => e.props.path), ['/', '/cart']);
     assert.ok(!site.requests.some((p) => p.endsWith('.wasm')), 'no .wasm request: the wasm is inlined');
     await page.close();
+  });
+});
+
+test('vite + react in Chromium against the real collector: the events land in Postgres', async () => {
+  // The build from the previous test, served from its own origin; the collector binary on a
+  // fresh Postgres database allows that origin.
+  await withSite(join(viteDir, 'dist'), { fallback: () => 'index.html' }, async (site) => {
+    const c = await startCollector({ extraOrigins: [site.origin] });
+    try {
+      const page = await browser.page();
+      const q = new URLSearchParams({ endpoint: c.origin, apiKey: c.key, maxBatchSize: '100', maxWaitTime: '600000' });
+      await page.goto(`${site.origin}/?${q}`);
+      const badge = page.locator('.tracklet-sync');
+      for (const id of [1, 2]) await page.click(`button.add[data-product="${id}"]`);
+      await eventually(async () => (await badge.getAttribute('data-pending')) === '3', () => 'three pending events');
+      await page.click('#send-now');
+      await eventually(async () => (await badge.getAttribute('data-state')) === 'idle', () => 'the badge to show all sent');
+      const rows = await c.db.query("SELECT name, props->>'productId' AS product FROM events ORDER BY ts, id");
+      assert.deepEqual(rows.map((r) => [r.name, r.product]), [['page_view', null], ['Product Added', '1'], ['Product Added', '2']]);
+      await page.close();
+    } finally {
+      await c.stop();
+    }
   });
 });
 

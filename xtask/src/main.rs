@@ -323,7 +323,9 @@ fn test() -> Result<()> {
         run(Command::new("node")
             .arg(&packaging)
             .current_dir(&root)
-            .env("CHROMIUM_PATH", &browser))?;
+            .env("CHROMIUM_PATH", &browser)
+            .env("DATABASE_URL", &db)
+            .env("TRACKLET_COLLECTOR_BIN", &bin))?;
     }
     say("all tests passed");
     Ok(())
