@@ -16,7 +16,8 @@ export interface TrackletOptions {
   endpoint: string;
   /** The project's write key. Required. */
   apiKey: string;
-  /** Send when this many events are queued. Default 50. */
+  /** Send when this many events are queued; a larger backlog goes in bigger requests (up to
+   * 1,000 events and 60 KB). Default 50. */
   maxBatchSize?: number;
   /** ... or when the oldest queued event is this many ms old. Default 5000. */
   maxWaitTime?: number;
@@ -65,7 +66,7 @@ export interface ForceSendResult {
 
 /** Returned by `init()`. No method ever throws. */
 export interface Tracker {
-  /** Queues an event. It is in localStorage when this returns. */
+  /** Queues an event. It is in localStorage before the current task ends. */
   track(name: string, props?: Properties): void;
   /** A `page_view` event with fresh page context. */
   page(props?: Properties): void;
