@@ -4,6 +4,25 @@
 // wasm core's (sdk-core); this file only does the I/O it asks for.
 
 const SEP = '\u0001';
+// The operations of the wasm's `Engine.call` (sdk-wasm/src/lib.rs, `mod op`).
+const RESTORE = 0;
+const REFRESH = 1;
+const TAKE_ACTIONS = 2;
+const PERSIST_FAILED = 3;
+const SET_CONTEXT = 4;
+const IDENTIFY = 5;
+const RESET = 6;
+const OPT_OUT = 7;
+const OPT_IN = 8;
+const ADOPT_SESSION = 9;
+const SET_ONLINE = 10;
+const CLEAR = 11;
+const PENDING = 12;
+const STATUS = 13;
+const NEXT_WAKE = 14;
+const LEASE_HELD_ELSEWHERE = 15;
+const LAST_BATCH = 16;
+const PREPARE_UNLOAD = 17;
 const PREFIX = 'tl1:';
 const SESSION_KEY = 'tl1:sess';
 const LEASE_KEY = 'tl1:lease';
@@ -46,6 +65,8 @@ export function bind(Engine, o, emit, log) {
     o.alwaysKeep.join(SEP),
     Math.random() * 9007199254740991,
   );
+  const call = (op, text = '', num = 0) => engine.call(op, text, num);
+  const number = (op, num) => Number(call(op, '', num));
   // Every callback the browser calls goes through this: a failure (even a trap in the
   // wasm) is logged in debug mode and never reaches the page's error handlers.
   const guard =
@@ -62,9 +83,12 @@ export function bind(Engine, o, emit, log) {
   let timerAt = -1;
   let statusQueued = false;
 
+  // [batch, events] of the batch `engine.body()` returned last.
+  const lastBatch = () => call(LAST_BATCH).split(' ').map(Number);
+
   // Carries out the core's storage actions; a failed write leaves the event in memory.
   function apply() {
-    const a = engine.takeActions();
+    const a = call(TAKE_ACTIONS);
     if (!a || !store) return;
     const parts = a.split(SEP);
     for (let i = 0; i < parts.length - 1; ) {
@@ -73,7 +97,7 @@ export function bind(Engine, o, emit, log) {
           store.setItem(parts[i + 1], parts[i + 2]);
         } catch (e) {
           log('storage write failed: keeping the event in memory');
-          engine.persistFailed(parts[i + 1]);
+          call(PERSIST_FAILED, parts[i + 1]);
         }
         i += 3;
       } else {
@@ -104,7 +128,7 @@ export function bind(Engine, o, emit, log) {
     apply();
     if (store && othersWrote) {
       othersWrote = false;
-      engine.refresh(snapshot());
+      call(REFRESH, snapshot());
     }
   }
 
@@ -131,7 +155,7 @@ export function bind(Engine, o, emit, log) {
       setTimeout(
         guard(() => {
           statusQueued = false;
-          emit(engine.status());
+          emit(call(STATUS));
         }),
         0,
       );
@@ -140,7 +164,7 @@ export function bind(Engine, o, emit, log) {
 
   // One timer, set to the core's next wake-up.
   function schedule() {
-    const at = engine.nextWake();
+    const at = number(NEXT_WAKE);
     if (at === timerAt) return;
     clearTimeout(timer);
     timerAt = at;
@@ -207,11 +231,11 @@ export function bind(Engine, o, emit, log) {
   function pump() {
     withSendLock(false, async () => {
       refresh();
-      const body = engine.pollSend(Date.now(), false);
+      const body = engine.body(Date.now(), false, false);
       apply();
       if (body) {
         changed(); // listeners see the batch in flight
-        await send(body, engine.batch);
+        await send(body, lastBatch()[0]);
       } else schedule();
     });
   }
@@ -222,24 +246,24 @@ export function bind(Engine, o, emit, log) {
   function drain() {
     return withSendLock(true, async () => {
       let sent = 0;
-      for (let i = 0; i < 600 && JSON.parse(engine.status()).inFlight > 0; i++) {
+      for (let i = 0; i < 600 && JSON.parse(call(STATUS)).inFlight > 0; i++) {
         await new Promise((r) => setTimeout(r, 50));
       }
       for (let waits = 0; ; ) {
         refresh();
-        const body = engine.pollSend(Date.now(), true);
+        const body = engine.body(Date.now(), true, false);
         apply();
         // Another tab's lease still shows: its last answer (and the removals before its
         // lease release) may not have reached this tab's storage yet. Wait for it rather
         // than resend what it sent.
-        if (!body && engine.leaseHeldElsewhere(Date.now()) >= 0 && waits++ < 150) {
+        if (!body && number(LEASE_HELD_ELSEWHERE, Date.now()) >= 0 && waits++ < 150) {
           await new Promise((r) => setTimeout(r, 20));
           continue;
         }
         if (!body) break;
         changed();
-        const n = engine.events;
-        if (!(await send(body, engine.batch))) break;
+        const [batch, n] = lastBatch();
+        if (!(await send(body, batch))) break;
         sent += n;
       }
       schedule();
@@ -253,35 +277,35 @@ export function bind(Engine, o, emit, log) {
   function unload() {
     unloading = true;
     apply();
-    const n = engine.prepareUnload(Date.now());
+    const n = number(PREPARE_UNLOAD, Date.now());
     for (let i = 0; i < n; i++) {
-      const body = engine.unloadNext();
+      const body = engine.body(0, false, true);
       if (!navigator.sendBeacon || !navigator.sendBeacon(url, new Blob([body], { type: 'text/plain' }))) break;
     }
     apply();
   }
 
-  engine.restore(snapshot(), Date.now());
-  engine.setOnline(navigator.onLine !== false);
+  call(RESTORE, snapshot(), Date.now());
+  call(SET_ONLINE, '', navigator.onLine !== false ? 1 : 0);
   apply();
 
   addEventListener(
     'online',
     guard(() => {
-      engine.setOnline(true);
+      call(SET_ONLINE, '', 1);
       pump();
     }),
   );
   addEventListener(
     'offline',
-    guard(() => engine.setOnline(false)),
+    guard(() => call(SET_ONLINE, '', 0)),
   );
   addEventListener('pagehide', guard(unload));
   // Back from the back-forward cache: the page lives again.
   addEventListener('pageshow', () => (unloading = false));
   addEventListener('storage', guard((e) => {
     if (e.key === null || e.key.startsWith(PREFIX)) othersWrote = true;
-    if (e.key === SESSION_KEY && e.newValue) engine.adoptSession(e.newValue);
+    if (e.key === SESSION_KEY && e.newValue) call(ADOPT_SESSION, e.newValue);
     // The sending tab let go: what waited for it may go now.
     if (e.key === LEASE_KEY && !e.newValue) pump();
   }));
@@ -306,17 +330,17 @@ export function bind(Engine, o, emit, log) {
       flushSoon();
       return queued;
     },
-    setContext: (c) => engine.setContext(c),
-    identify: act((id) => engine.identify(id)),
-    reset: act(() => engine.reset(Date.now())),
-    optOut: act(() => engine.optOut()),
-    optIn: act(() => engine.optIn()),
+    setContext: (c) => call(SET_CONTEXT, c || ''),
+    identify: act((id) => call(IDENTIFY, id)),
+    reset: act(() => call(RESET, '', Date.now())),
+    optOut: act(() => number(OPT_OUT)),
+    optIn: act(() => call(OPT_IN)),
     clear: act(() => {
       refresh();
-      return engine.clear();
+      return number(CLEAR);
     }),
-    pending: () => engine.pending(),
-    status: () => engine.status(),
+    pending: () => number(PENDING),
+    status: () => call(STATUS),
     forceSend: () => drain(),
   };
 }

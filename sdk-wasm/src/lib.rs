@@ -43,9 +43,32 @@ fn pairs(joined: &str) -> impl Iterator<Item = (&str, &str)> {
 #[wasm_bindgen]
 pub struct Engine {
     core: Core,
-    batch: f64,
-    events: u32,
+    /// The batch `body()` returned last, and how many events it holds.
+    batch: u64,
+    events: usize,
     unload: Vec<Vec<u8>>,
+}
+
+/// The operations of [`Engine::call`]; `npm/src/binding.js` has the same numbers.
+mod op {
+    pub const RESTORE: u32 = 0;
+    pub const REFRESH: u32 = 1;
+    pub const TAKE_ACTIONS: u32 = 2;
+    pub const PERSIST_FAILED: u32 = 3;
+    pub const SET_CONTEXT: u32 = 4;
+    pub const IDENTIFY: u32 = 5;
+    pub const RESET: u32 = 6;
+    pub const OPT_OUT: u32 = 7;
+    pub const OPT_IN: u32 = 8;
+    pub const ADOPT_SESSION: u32 = 9;
+    pub const SET_ONLINE: u32 = 10;
+    pub const CLEAR: u32 = 11;
+    pub const PENDING: u32 = 12;
+    pub const STATUS: u32 = 13;
+    pub const NEXT_WAKE: u32 = 14;
+    pub const LEASE_HELD_ELSEWHERE: u32 = 15;
+    pub const LAST_BATCH: u32 = 16;
+    pub const PREPARE_UNLOAD: u32 = 17;
 }
 
 #[wasm_bindgen]
@@ -78,114 +101,74 @@ impl Engine {
         };
         Engine {
             core: Core::new(cfg, seed as u64),
-            batch: 0.0,
+            batch: 0,
             events: 0,
             unload: Vec::new(),
         }
     }
 
-    /// Loads the stored `tl1:` entries (`key<sep>value<sep>...`).
-    pub fn restore(&mut self, entries: &str, now: f64) {
-        self.core.restore(pairs(entries), now as u64);
-    }
-
-    /// Re-reads the stored entries written by other tabs.
-    pub fn refresh(&mut self, entries: &str) {
-        self.core.refresh(pairs(entries));
-    }
-
-    /// Storage actions to carry out, in order (see the module docs for the format).
-    #[wasm_bindgen(js_name = takeActions)]
-    pub fn take_actions(&mut self) -> String {
-        let mut out = String::new();
-        for a in self.core.take_actions() {
-            match a {
-                Action::Set(k, v) => {
-                    out.push('S');
-                    out.push(SEP);
-                    out.push_str(&k);
-                    out.push(SEP);
-                    out.push_str(&v);
-                }
-                Action::Remove(k) => {
-                    out.push('R');
-                    out.push(SEP);
-                    out.push_str(&k);
-                }
-            }
-            out.push(SEP);
-        }
-        out
-    }
-
-    #[wasm_bindgen(js_name = persistFailed)]
-    pub fn persist_failed(&mut self, key: &str) {
-        self.core.persist_failed(key);
-    }
-
-    /// Queues an event; returns false when it was not (opted out, sampled, invalid).
+    /// Queues an event; returns false when it was not (opted out, sampled, invalid). The hot
+    /// path, so it has an export of its own.
     pub fn track(&mut self, name: &str, props: Option<String>, now: f64) -> bool {
         self.core.track(name, props.as_deref(), now as u64).is_ok()
     }
 
-    #[wasm_bindgen(js_name = setContext)]
-    pub fn set_context(&mut self, context: Option<String>) {
-        self.core.set_context(context);
+    /// Every other call, by number (`OP` in `npm/src/binding.js`): one export instead of
+    /// eighteen keeps the module and its generated glue about 2 KB smaller. `text` and
+    /// `num` are the arguments; the answer is text (numbers in decimal, -1 for none).
+    pub fn call(&mut self, op: u32, text: &str, num: f64) -> String {
+        let now = num as u64;
+        let mut out = String::new();
+        let count = |out: &mut String, n: usize| push_u64(out, n as u64);
+        let time = |out: &mut String, t: Option<u64>| match t {
+            Some(t) => push_u64(out, t),
+            None => out.push_str("-1"),
+        };
+        match op {
+            op::RESTORE => self.core.restore(pairs(text), now),
+            op::REFRESH => self.core.refresh(pairs(text)),
+            op::TAKE_ACTIONS => out = self.take_actions(),
+            op::PERSIST_FAILED => self.core.persist_failed(text),
+            op::SET_CONTEXT => self
+                .core
+                .set_context((!text.is_empty()).then(|| text.into())),
+            op::IDENTIFY => self.core.identify(text),
+            op::RESET => self.core.reset(now),
+            op::OPT_OUT => count(&mut out, self.core.opt_out()),
+            op::OPT_IN => self.core.opt_in(),
+            op::ADOPT_SESSION => self.core.adopt_session(text),
+            op::SET_ONLINE => self.core.set_online(num != 0.0),
+            op::CLEAR => count(&mut out, self.core.clear()),
+            op::PENDING => count(&mut out, self.core.pending()),
+            op::STATUS => out = self.status(),
+            op::NEXT_WAKE => time(&mut out, self.core.next_wake()),
+            op::LEASE_HELD_ELSEWHERE => time(&mut out, self.core.lease_held_elsewhere(now)),
+            op::LAST_BATCH => {
+                push_u64(&mut out, self.batch);
+                out.push(' ');
+                count(&mut out, self.events);
+            }
+            op::PREPARE_UNLOAD => {
+                self.unload = self.core.unload_batches(now);
+                self.unload.reverse();
+                count(&mut out, self.unload.len());
+            }
+            _ => {}
+        }
+        out
     }
 
-    pub fn identify(&mut self, user_id: &str) {
-        self.core.identify(user_id);
-    }
-
-    pub fn reset(&mut self, now: f64) {
-        self.core.reset(now as u64);
-    }
-
-    #[wasm_bindgen(js_name = optOut)]
-    pub fn opt_out(&mut self) -> u32 {
-        self.core.opt_out() as u32
-    }
-
-    #[wasm_bindgen(js_name = optIn)]
-    pub fn opt_in(&mut self) {
-        self.core.opt_in();
-    }
-
-    #[wasm_bindgen(js_name = adoptSession)]
-    pub fn adopt_session(&mut self, value: &str) {
-        self.core.adopt_session(value);
-    }
-
-    #[wasm_bindgen(js_name = setOnline)]
-    pub fn set_online(&mut self, online: bool) {
-        self.core.set_online(online);
-    }
-
-    pub fn clear(&mut self) -> u32 {
-        self.core.clear() as u32
-    }
-
-    pub fn pending(&self) -> u32 {
-        self.core.pending() as u32
-    }
-
-    /// The next batch's gzip body if one is due; then `batch` and `events` describe it.
-    #[wasm_bindgen(js_name = pollSend)]
-    pub fn poll_send(&mut self, now: f64, force: bool) -> Option<Vec<u8>> {
+    /// Bytes out: the next batch if one is due (`force`: skipping the backoff wait), then
+    /// `call(LAST_BATCH)` names it; or, with `unload`, the next body prepared by
+    /// `call(PREPARE_UNLOAD)`.
+    pub fn body(&mut self, now: f64, force: bool, unload: bool) -> Option<Vec<u8>> {
+        if unload {
+            return self.unload.pop();
+        }
         let out = self.core.poll_send(now as u64, force)?;
-        self.batch = out.batch as f64;
-        self.events = out.events as u32;
+        self.batch = out.batch;
+        self.events = out.events;
         Some(out.body)
-    }
-
-    #[wasm_bindgen(getter)]
-    pub fn batch(&self) -> f64 {
-        self.batch
-    }
-
-    #[wasm_bindgen(getter)]
-    pub fn events(&self) -> u32 {
-        self.events
     }
 
     /// What became of `batch`: `status` is the HTTP status, 0 for a network error and -1
@@ -218,36 +201,34 @@ impl Engine {
         };
         self.core.on_result(batch as u64, outcome, now as u64);
     }
+}
 
-    /// Prepares the bodies for `sendBeacon` at unload; take them with `unloadNext`.
-    #[wasm_bindgen(js_name = prepareUnload)]
-    pub fn prepare_unload(&mut self, now: f64) -> u32 {
-        self.unload = self.core.unload_batches(now as u64);
-        self.unload.reverse();
-        self.unload.len() as u32
-    }
-
-    #[wasm_bindgen(js_name = unloadNext)]
-    pub fn unload_next(&mut self) -> Option<Vec<u8>> {
-        self.unload.pop()
-    }
-
-    /// Until when (ms) another tab holds the sending lease, or -1.
-    #[wasm_bindgen(js_name = leaseHeldElsewhere)]
-    pub fn lease_held_elsewhere(&self, now: f64) -> f64 {
-        self.core
-            .lease_held_elsewhere(now as u64)
-            .map_or(-1.0, |t| t as f64)
-    }
-
-    /// When to call `pollSend` next (ms since the epoch), or -1 for "on the next event".
-    #[wasm_bindgen(js_name = nextWake)]
-    pub fn next_wake(&self) -> f64 {
-        self.core.next_wake().map_or(-1.0, |t| t as f64)
+impl Engine {
+    /// Storage actions to carry out, in order (see the module docs for the format).
+    fn take_actions(&mut self) -> String {
+        let mut out = String::new();
+        for a in self.core.take_actions() {
+            match a {
+                Action::Set(k, v) => {
+                    out.push('S');
+                    out.push(SEP);
+                    out.push_str(&k);
+                    out.push(SEP);
+                    out.push_str(&v);
+                }
+                Action::Remove(k) => {
+                    out.push('R');
+                    out.push(SEP);
+                    out.push_str(&k);
+                }
+            }
+            out.push(SEP);
+        }
+        out
     }
 
     /// `status()` as JSON: counts are events, times ms since the epoch or null.
-    pub fn status(&self) -> String {
+    fn status(&self) -> String {
         let s = self.core.status();
         fn num(out: &mut String, key: &str, n: Option<u64>) {
             out.push_str(key);
