@@ -285,7 +285,7 @@ export function bind(Engine, o, emit, log) {
     apply();
   }
 
-  call(RESTORE, snapshot(), Date.now());
+  call(RESTORE, snapshot());
   call(SET_ONLINE, '', navigator.onLine !== false ? 1 : 0);
   apply();
 

@@ -250,7 +250,7 @@ impl Core {
     /// Loads what storage holds (every `tl1:` key with its value): the queue left by
     /// earlier pages and other tabs, identity, and the shared retry state. Corrupt
     /// records are removed one by one. Creates the anonymous id when there is none.
-    pub fn restore<'a>(&mut self, entries: impl IntoIterator<Item = (&'a str, &'a str)>, now: u64) {
+    pub fn restore<'a>(&mut self, entries: impl IntoIterator<Item = (&'a str, &'a str)>) {
         self.adopt(entries, true);
         if self.anon.is_empty() {
             self.anon = ids::uuid_v4(&mut self.rng);
@@ -258,7 +258,6 @@ impl Core {
                 .push(Action::Set(storage::ANON.into(), self.anon.clone()));
         }
         self.enforce_caps();
-        let _ = now;
     }
 
     /// Re-reads shared state written by other tabs (call before sending and before

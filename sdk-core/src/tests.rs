@@ -31,10 +31,10 @@ fn entries(storage: &Storage) -> Vec<(&str, &str)> {
         .collect()
 }
 
-fn tab(storage: &mut Storage, cfg: Config, seed: u64, now: u64) -> Core {
+fn tab(storage: &mut Storage, cfg: Config, seed: u64) -> Core {
     let mut core = Core::new(cfg, seed);
     let snapshot = storage.clone();
-    core.restore(entries(&snapshot), now);
+    core.restore(entries(&snapshot));
     apply(storage, &mut core);
     core
 }
@@ -96,7 +96,7 @@ fn stored_events(storage: &Storage) -> usize {
 #[test]
 fn sends_when_the_batch_is_full() {
     let mut st = Storage::new();
-    let mut c = tab(&mut st, Config::default(), 1, 1_000);
+    let mut c = tab(&mut st, Config::default(), 1);
     track_n(&mut c, &mut st, 49, 1_000);
     assert!(c.poll_send(1_000, false).is_none());
     assert_eq!(c.next_wake(), Some(6_000));
@@ -124,7 +124,7 @@ fn sends_when_the_batch_is_full() {
 #[test]
 fn sends_when_the_oldest_event_waited_long_enough() {
     let mut st = Storage::new();
-    let mut c = tab(&mut st, Config::default(), 1, 0);
+    let mut c = tab(&mut st, Config::default(), 1);
     track_n(&mut c, &mut st, 3, 10_000);
     assert!(c.poll_send(14_999, false).is_none());
     assert_eq!(c.next_wake(), Some(15_000));
@@ -135,7 +135,7 @@ fn sends_when_the_oldest_event_waited_long_enough() {
 #[test]
 fn events_are_persisted_at_once_and_removed_only_when_acknowledged() {
     let mut st = Storage::new();
-    let mut c = tab(&mut st, Config::default(), 1, 0);
+    let mut c = tab(&mut st, Config::default(), 1);
     let ids = track_n(&mut c, &mut st, 3, 100);
     for id in &ids {
         let v = &stored(&st)[id];
@@ -158,7 +158,7 @@ fn events_are_persisted_at_once_and_removed_only_when_acknowledged() {
 #[test]
 fn the_lease_is_released_after_the_acknowledged_events_are_removed() {
     let mut st = Storage::new();
-    let mut c = tab(&mut st, Config::default(), 1, 0);
+    let mut c = tab(&mut st, Config::default(), 1);
     track_n(&mut c, &mut st, 3, 100);
     let out = c.poll_send(100, true).unwrap();
     c.take_actions();
@@ -174,12 +174,12 @@ fn the_lease_is_released_after_the_acknowledged_events_are_removed() {
 #[test]
 fn a_reload_restores_the_queue_and_identity() {
     let mut st = Storage::new();
-    let mut c = tab(&mut st, Config::default(), 1, 0);
+    let mut c = tab(&mut st, Config::default(), 1);
     let ids = track_n(&mut c, &mut st, 7, 100);
     let anon = c.anonymous_id().to_string();
     let session = c.session_id().to_string();
     drop(c);
-    let mut c2 = tab(&mut st, Config::default(), 2, 1_000);
+    let mut c2 = tab(&mut st, Config::default(), 2);
     assert_eq!(c2.pending(), 7);
     assert_eq!(c2.anonymous_id(), anon);
     c2.track("x", None, 1_000).unwrap();
@@ -193,7 +193,7 @@ fn a_reload_restores_the_queue_and_identity() {
 #[test]
 fn corrupt_records_lose_only_themselves() {
     let mut st = Storage::new();
-    let mut c = tab(&mut st, Config::default(), 1, 0);
+    let mut c = tab(&mut st, Config::default(), 1);
     let ids = track_n(&mut c, &mut st, 3, 100);
     assert_eq!(
         st.keys().filter(|k| k.starts_with("tl1:e:")).count(),
@@ -214,7 +214,7 @@ fn corrupt_records_lose_only_themselves() {
     st.insert("tl1:e:nonsense".into(), "\u{0}\u{1}".into());
     st.insert(storage::RETRY.into(), "garbage".into());
     st.insert(storage::SESSION.into(), "no-number".into());
-    let mut c2 = tab(&mut st, Config::default(), 2, 200);
+    let mut c2 = tab(&mut st, Config::default(), 2);
     assert_eq!(c2.pending(), 4);
     assert!(!st.contains_key("tl1:e:nonsense"));
     let out = c2.poll_send(200, true).unwrap();
@@ -239,7 +239,7 @@ fn records_are_never_rewritten_and_gone_lists_hide_acknowledged_events() {
         max_batch_size: 3,
         ..Config::default()
     };
-    let mut a = tab(&mut st, cfg.clone(), 1, 0);
+    let mut a = tab(&mut st, cfg.clone(), 1);
     let ids = track_n(&mut a, &mut st, 5, 10); // one record of 5
     let key = format!("tl1:e:{}", ids[0]);
     let record = st[&key].clone();
@@ -259,7 +259,7 @@ fn records_are_never_rewritten_and_gone_lists_hide_acknowledged_events() {
         ids[2..].to_vec()
     );
     // A stale tab that still has the first two queued forgets them on refresh ...
-    let mut b = tab(&mut Storage::new(), cfg.clone(), 2, 0);
+    let mut b = tab(&mut Storage::new(), cfg.clone(), 2);
     b.refresh(entries(&{
         let mut old = st.clone();
         old.remove(&gone_key);
@@ -270,7 +270,7 @@ fn records_are_never_rewritten_and_gone_lists_hide_acknowledged_events() {
     b.refresh(entries(&snap));
     assert_eq!(b.pending(), 3);
     // ... and a new page never sees them.
-    let mut c = tab(&mut st, cfg, 3, 20);
+    let mut c = tab(&mut st, cfg, 3);
     assert_eq!(c.pending(), 3);
     let out = c.poll_send(20, true).unwrap();
     c.on_result(out.batch, ok(), 21);
@@ -284,7 +284,7 @@ fn records_are_never_rewritten_and_gone_lists_hide_acknowledged_events() {
 #[test]
 fn backoff_follows_the_schedule_and_force_skips_it() {
     let mut st = Storage::new();
-    let mut c = tab(&mut st, Config::default(), 1, 0);
+    let mut c = tab(&mut st, Config::default(), 1);
     track_n(&mut c, &mut st, 5, 0);
     let mut now = 0;
     let mut rng = ids::Rng::new(1);
@@ -344,7 +344,7 @@ fn backoff_follows_the_schedule_and_force_skips_it() {
 #[test]
 fn retry_after_is_honoured_even_by_force() {
     let mut st = Storage::new();
-    let mut c = tab(&mut st, Config::default(), 1, 0);
+    let mut c = tab(&mut st, Config::default(), 1);
     track_n(&mut c, &mut st, 5, 0);
     let out = c.poll_send(0, true).unwrap();
     c.on_result(
@@ -359,7 +359,7 @@ fn retry_after_is_honoured_even_by_force() {
     assert!(c.poll_send(30_999, true).is_none());
     assert!(c.status().next_retry_at.unwrap() >= 31_000);
     // A reload (or another tab) sees the same wait.
-    let mut c2 = tab(&mut st, Config::default(), 2, 2_000);
+    let mut c2 = tab(&mut st, Config::default(), 2);
     assert!(c2.poll_send(2_000, true).is_none());
     assert!(c2.next_wake().unwrap() >= 31_000);
     assert!(c.poll_send(31_000, true).is_some());
@@ -368,7 +368,7 @@ fn retry_after_is_honoured_even_by_force() {
 #[test]
 fn a_413_splits_the_batch_and_a_lone_event_is_dropped() {
     let mut st = Storage::new();
-    let mut c = tab(&mut st, Config::default(), 1, 0);
+    let mut c = tab(&mut st, Config::default(), 1);
     track_n(&mut c, &mut st, 50, 0);
     let out = c.poll_send(0, false).unwrap();
     assert_eq!(out.events, 50);
@@ -392,7 +392,7 @@ fn a_413_splits_the_batch_and_a_lone_event_is_dropped() {
 #[test]
 fn rejected_events_and_400s_are_dropped_and_counted() {
     let mut st = Storage::new();
-    let mut c = tab(&mut st, Config::default(), 1, 0);
+    let mut c = tab(&mut st, Config::default(), 1);
     track_n(&mut c, &mut st, 4, 0);
     let out = c.poll_send(0, true).unwrap();
     c.on_result(
@@ -417,7 +417,7 @@ fn rejected_events_and_400s_are_dropped_and_counted() {
 #[test]
 fn unauthorized_stops_sending_and_keeps_the_events() {
     let mut st = Storage::new();
-    let mut c = tab(&mut st, Config::default(), 1, 0);
+    let mut c = tab(&mut st, Config::default(), 1);
     track_n(&mut c, &mut st, 4, 0);
     let out = c.poll_send(0, true).unwrap();
     c.on_result(out.batch, Outcome::Unauthorized { status: 401 }, 1);
@@ -432,7 +432,7 @@ fn unauthorized_stops_sending_and_keeps_the_events() {
 #[test]
 fn offline_spends_no_attempt() {
     let mut st = Storage::new();
-    let mut c = tab(&mut st, Config::default(), 1, 0);
+    let mut c = tab(&mut st, Config::default(), 1);
     track_n(&mut c, &mut st, 2, 0);
     let out = c.poll_send(0, true).unwrap();
     c.on_result(out.batch, Outcome::Offline, 1);
@@ -456,7 +456,7 @@ fn a_full_queue_drops_the_oldest_and_reports_them() {
         always_keep: vec!["purchase".into()],
         ..Config::default()
     };
-    let mut c = tab(&mut st, cfg.clone(), 1, 0);
+    let mut c = tab(&mut st, cfg.clone(), 1);
     c.track("purchase", None, 0).unwrap();
     let ids = track_n(&mut c, &mut st, 15, 1);
     assert_eq!(c.pending(), 10);
@@ -481,7 +481,7 @@ fn the_byte_bound_also_drops_the_oldest() {
         max_queue_bytes: 2_000,
         ..Config::default()
     };
-    let mut c = tab(&mut st, cfg, 1, 0);
+    let mut c = tab(&mut st, cfg, 1);
     let big = format!("{{\"s\":\"{}\"}}", "x".repeat(400));
     for _ in 0..10 {
         c.track("big", Some(&big), 0).unwrap();
@@ -498,7 +498,7 @@ fn sampling_and_always_keep() {
         always_keep: vec!["scroll_keep".into()],
         ..Config::default()
     };
-    let mut c = tab(&mut st, cfg, 1, 0);
+    let mut c = tab(&mut st, cfg, 1);
     assert_eq!(c.track("scroll", None, 0), Err(Skipped::Sampled));
     assert!(c.track("scroll_keep", None, 0).is_ok());
     let kept = (0..1000)
@@ -513,12 +513,12 @@ fn sampling_and_always_keep() {
 #[test]
 fn opt_out_is_persisted_and_clears_the_queue() {
     let mut st = Storage::new();
-    let mut c = tab(&mut st, Config::default(), 1, 0);
+    let mut c = tab(&mut st, Config::default(), 1);
     track_n(&mut c, &mut st, 3, 0);
     assert_eq!(c.opt_out(), 3);
     apply(&mut st, &mut c);
     assert_eq!(c.track("x", None, 1), Err(Skipped::OptedOut));
-    let mut c2 = tab(&mut st, Config::default(), 2, 2);
+    let mut c2 = tab(&mut st, Config::default(), 2);
     assert!(c2.opted_out());
     c2.opt_in();
     apply(&mut st, &mut c2);
@@ -528,7 +528,7 @@ fn opt_out_is_persisted_and_clears_the_queue() {
 #[test]
 fn sessions_expire_after_30_idle_minutes_and_reset_makes_new_ids() {
     let mut st = Storage::new();
-    let mut c = tab(&mut st, Config::default(), 1, 0);
+    let mut c = tab(&mut st, Config::default(), 1);
     c.track("a", None, 0).unwrap();
     let s1 = c.session_id().to_string();
     c.track("a", None, 29 * 60_000).unwrap();
@@ -552,8 +552,8 @@ fn sessions_expire_after_30_idle_minutes_and_reset_makes_new_ids() {
 #[test]
 fn tabs_share_one_sender_and_a_crashed_tabs_lease_expires() {
     let mut st = Storage::new();
-    let mut a = tab(&mut st, Config::default(), 1, 0);
-    let mut b = tab(&mut st, Config::default(), 2, 0);
+    let mut a = tab(&mut st, Config::default(), 1);
+    let mut b = tab(&mut st, Config::default(), 2);
     assert_eq!(
         a.anonymous_id(),
         b.anonymous_id(),
@@ -587,8 +587,8 @@ fn tabs_share_one_sender_and_a_crashed_tabs_lease_expires() {
 #[test]
 fn events_acknowledged_by_another_tab_leave_this_tabs_queue() {
     let mut st = Storage::new();
-    let mut a = tab(&mut st, Config::default(), 1, 0);
-    let mut b = tab(&mut st, Config::default(), 2, 0);
+    let mut a = tab(&mut st, Config::default(), 1);
+    let mut b = tab(&mut st, Config::default(), 2);
     track_n(&mut b, &mut st, 4, 1);
     let snap = st.clone();
     a.refresh(entries(&snap));
@@ -604,7 +604,7 @@ fn events_acknowledged_by_another_tab_leave_this_tabs_queue() {
 #[test]
 fn an_event_not_persisted_survives_a_refresh() {
     let mut st = Storage::new();
-    let mut c = tab(&mut st, Config::default(), 1, 0);
+    let mut c = tab(&mut st, Config::default(), 1);
     let id = c.track("x", None, 0).unwrap();
     c.take_actions(); // the write failed: storage never got it
     c.persist_failed(&format!("tl1:e:{id}"));
@@ -617,7 +617,7 @@ fn an_event_not_persisted_survives_a_refresh() {
 #[test]
 fn unload_batches_fit_the_beacon_budget_and_cover_the_queue() {
     let mut st = Storage::new();
-    let mut c = tab(&mut st, Config::default(), 1, 0);
+    let mut c = tab(&mut st, Config::default(), 1);
     track_n(&mut c, &mut st, 120, 0);
     let inflight = c.poll_send(0, true).unwrap();
     assert_eq!(inflight.events, 120, "a backlog goes in one bigger batch");
@@ -634,14 +634,14 @@ fn unload_batches_fit_the_beacon_budget_and_cover_the_queue() {
         !st.contains_key(storage::LEASE),
         "the next page need not wait for this one's lease"
     );
-    let mut next = tab(&mut st, Config::default(), 2, 2);
+    let mut next = tab(&mut st, Config::default(), 2);
     assert!(next.poll_send(2, true).is_some());
 }
 
 #[test]
 fn big_events_are_split_to_stay_under_the_request_cap() {
     let mut st = Storage::new();
-    let mut c = tab(&mut st, Config::default(), 1, 0);
+    let mut c = tab(&mut st, Config::default(), 1);
     // Random-looking strings compress badly: 50 of 5 KB is far over 60 KB gzipped.
     let mut rng = ids::Rng::new(3);
     for _ in 0..50 {
@@ -686,7 +686,7 @@ mod properties {
         fn no_event_is_lost(ops in proptest::collection::vec(op(), 1..120), seed in any::<u64>()) {
             let mut st = Storage::new();
             let mut now = 1_000u64;
-            let mut tabs = [tab(&mut st, Config::default(), seed, now), tab(&mut st, Config::default(), seed ^ 1, now)];
+            let mut tabs = [tab(&mut st, Config::default(), seed), tab(&mut st, Config::default(), seed ^ 1)];
             let mut inflight: [Option<(u64, Vec<String>)>; 2] = [None, None];
             let mut tracked = BTreeSet::new();
             let mut collector = BTreeSet::new();
@@ -724,7 +724,7 @@ mod properties {
                     }
                     Op::Reload(t) => {
                         seeds += 1;
-                        tabs[t] = tab(&mut st, Config::default(), seed.wrapping_add(seeds), now);
+                        tabs[t] = tab(&mut st, Config::default(), seed.wrapping_add(seeds));
                         inflight[t] = None;
                     }
                 }
@@ -736,7 +736,7 @@ mod properties {
             }
             // Drain with a healthy collector, from a fresh page.
             now += 400_000;
-            let mut c = tab(&mut st, Config::default(), seed ^ 99, now);
+            let mut c = tab(&mut st, Config::default(), seed ^ 99);
             for _ in 0..100 {
                 now += 1;
                 let Some(out) = c.poll_send(now, true) else { break };
@@ -753,7 +753,7 @@ mod properties {
 #[test]
 fn a_backlog_drains_in_few_requests_under_the_size_cap() {
     let mut st = Storage::new();
-    let mut c = tab(&mut st, Config::default(), 1, 0);
+    let mut c = tab(&mut st, Config::default(), 1);
     track_n(&mut c, &mut st, 1_000, 0);
     let mut requests = 0;
     let mut now = 0;

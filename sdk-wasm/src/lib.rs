@@ -125,7 +125,7 @@ impl Engine {
             None => out.push_str("-1"),
         };
         match op {
-            op::RESTORE => self.core.restore(pairs(text), now),
+            op::RESTORE => self.core.restore(pairs(text)),
             op::REFRESH => self.core.refresh(pairs(text)),
             op::TAKE_ACTIONS => out = self.take_actions(),
             op::PERSIST_FAILED => self.core.persist_failed(text),

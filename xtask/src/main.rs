@@ -285,6 +285,20 @@ fn chromium() -> Result<PathBuf> {
     Ok(path)
 }
 
+/// Builds the collector's binaries (the server and its load generator) with the `server`
+/// profile; returns the folder they are in.
+fn build_server_bins() -> Result<PathBuf> {
+    run(cargo().current_dir(root()).args([
+        "build",
+        "--profile",
+        "server",
+        "-p",
+        "tracklet-collector",
+        "--bins",
+    ]))?;
+    Ok(root().join("target/server"))
+}
+
 fn collector_bin() -> Result<PathBuf> {
     run(cargo()
         .current_dir(root())
@@ -348,14 +362,7 @@ fn demo(listen: SocketAddr) -> Result<()> {
     } else {
         build()?;
     }
-    run(cargo().current_dir(&root).args([
-        "build",
-        "--profile",
-        "server",
-        "-p",
-        "tracklet-collector",
-    ]))?;
-    let bin = root.join("target/server/tracklet-collector");
+    let bin = build_server_bins()?.join("tracklet-collector");
     let state = root.join(".tracklet");
     std::fs::create_dir_all(&state)?;
     let mut db_args: Vec<String> = Vec::new();
@@ -503,15 +510,7 @@ fn bench(what: &str) -> Result<()> {
         }
         "collector" => {
             let db = postgres_url()?;
-            run(cargo().current_dir(&root).args([
-                "build",
-                "--profile",
-                "server",
-                "-p",
-                "tracklet-collector",
-                "--bins",
-            ]))?;
-            run(Command::new(root.join("target/server/tracklet-loadgen")).env("DATABASE_URL", db))
+            run(Command::new(build_server_bins()?.join("tracklet-loadgen")).env("DATABASE_URL", db))
         }
         other => bail!("unknown benchmark {other:?}: use `sdk` or `collector`"),
     }
