@@ -4,7 +4,7 @@
 // wasm core's (sdk-core); this file only does the I/O it asks for.
 
 const SEP = '\u0001';
-// The operations of the wasm's `Engine.call` (sdk-wasm/src/lib.rs, `mod op`).
+// The operations of the wasm's `call` (sdk-wasm/src/lib.rs, `mod op`).
 const RESTORE = 0;
 const REFRESH = 1;
 const TAKE_ACTIONS = 2;
@@ -49,14 +49,15 @@ function retryAfterMs(resp) {
 }
 
 /**
- * Binds an `Engine` (the wasm core) to this page. `o` holds the normalised options,
- * `emit(statusJson)` is told about changes (coalesced to one call per task).
+ * Starts the wasm core (`engine`: its bindings, from wasm-loader.js) and binds it to this
+ * page. `o` holds the normalised options, `emit(statusJson)` is told about changes
+ * (coalesced to one call per task).
  */
-export function bind(Engine, o, emit, log) {
+export function bind(engine, o, emit, log) {
   const store = localStore();
   if (!store) log('localStorage unavailable: queueing in memory');
   const url = o.endpoint.replace(/\/+$/, '') + '/v1/batch?key=' + encodeURIComponent(o.apiKey);
-  const engine = new Engine(
+  engine.start(
     o.maxBatchSize,
     o.maxWaitTime,
     o.maxQueueSize,

@@ -84,6 +84,9 @@ function options(o) {
  * Makes `init(options)`. `load` resolves to the wasm-bindgen module (with `Tracker`).
  */
 export function makeInit(load) {
+  // The page's tracker: one per page, since every tracker of an origin would share the
+  // same stored queue (and capture every page view twice).
+  let active = null;
   return function init(userOptions) {
     const o = options(userOptions);
     const log = o.debug ? (...a) => console.warn('[tracklet]', ...a) : noop;
@@ -101,6 +104,12 @@ export function makeInit(load) {
     const disabled = !inBrowser() || privacyOff || !o.endpoint || !o.apiKey;
     if (inBrowser() && (!o.endpoint || !o.apiKey)) console.warn('[tracklet] init() needs endpoint and apiKey');
     if (privacyOff) log('Do Not Track / Global Privacy Control is on: tracking is off');
+    if (!disabled && active) {
+      if (active.options.endpoint !== o.endpoint || active.options.apiKey !== o.apiKey) {
+        console.warn('[tracklet] init() was called again: the first tracker stays in use');
+      }
+      return active.tracker;
+    }
 
     const safe = (fn, fallback) =>
       function () {
@@ -193,7 +202,7 @@ export function makeInit(load) {
     if (!disabled) {
       ready = load()
         .then((m) => {
-          real = bind(m.Engine, o, emit, log);
+          real = bind(m, o, emit, log);
           real.setContext(context());
           replay();
           if (listeners.size) emit(real.status());
@@ -257,7 +266,10 @@ export function makeInit(load) {
     };
     tracker.flush = tracker.forceSend;
 
-    if (!disabled) safe(autocapture)(tracker, o, log);
+    if (!disabled) {
+      active = { tracker, options: o };
+      safe(autocapture)(tracker, o, log);
+    }
     return tracker;
   };
 }

@@ -5,14 +5,12 @@
 //
 // initialises itself; window.tracklet.track(...) and friends forward to that tracker.
 // Calls made through the pre-load snippet (window.tracklet.q) are replayed in order.
-import wasmInit, { Engine } from '../pkg/tracklet_sdk_wasm.js';
 import { makeInit, VERSION } from './facade.js';
+import { wasmLoader } from './wasm-loader.js';
 
 const script = document.currentScript;
 const wasmUrl = new URL('tracklet.wasm', (script && script.src) || location.href).href;
-let loading;
-const load = () => (loading = loading || wasmInit({ module_or_path: wasmUrl }).then(() => ({ Engine })));
-const init = makeInit(load);
+const init = makeInit(wasmLoader(() => wasmUrl));
 
 let current = null;
 const pendingCalls = [];

@@ -1,21 +1,35 @@
-// Shared by the ESM entries (index.js, slim.js): loads the wasm-bindgen module once, from
-// whatever `source()` returns (bytes, a URL, a Response or a WebAssembly.Module).
-// Nothing runs at import: the wasm is only touched when a tracker starts in a browser.
-import wasmInit, { Engine } from '../pkg/tracklet_sdk_wasm.js';
+// Instantiates the wasm module and hands back wasm-bindgen's bindings (`start`, `track`,
+// `call`, `body`, `onResult`). wasm-bindgen runs with `--target bundler`, and this file is
+// the loader: it accepts the bytes, a URL, a Response (or a promise of one) or a
+// WebAssembly.Module. Nothing runs at import: the wasm is touched when a tracker starts.
+import * as bindings from '../pkg/tracklet_sdk_wasm_bg.js';
 
-/** `load()` for facade.makeInit. A failed load (bad URL, offline) may be retried later. */
+async function instantiate(source) {
+  let src = await source;
+  if (typeof src === 'string' || src instanceof URL) src = await fetch(src);
+  if (typeof Response === 'function' && src instanceof Response) {
+    if (!src.ok) throw new Error('tracklet: HTTP ' + src.status + ' loading ' + src.url);
+    // Not instantiateStreaming: it refuses servers that do not send application/wasm,
+    // and at this size compiling from bytes costs about a millisecond.
+    src = await src.arrayBuffer();
+  }
+  const r = await WebAssembly.instantiate(src, { './tracklet_sdk_wasm_bg.js': bindings });
+  const exports = (r.instance || r).exports;
+  bindings.__wbg_set_wasm(exports);
+  exports.__wbindgen_start();
+  return bindings;
+}
+
+/** `load()` for facade.makeInit: loads once; a failed load (bad URL, offline) may be retried. */
 export function wasmLoader(source) {
   let loading = null;
   return () =>
     (loading =
       loading ||
       Promise.resolve()
-        .then(() => wasmInit({ module_or_path: source() }))
-        .then(
-          () => ({ Engine }),
-          (e) => {
-            loading = null;
-            throw e;
-          },
-        ));
+        .then(() => instantiate(source()))
+        .catch((e) => {
+          loading = null;
+          throw e;
+        }));
 }

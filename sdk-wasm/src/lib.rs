@@ -39,9 +39,8 @@ fn pairs(joined: &str) -> impl Iterator<Item = (&str, &str)> {
     core::iter::from_fn(move || Some((parts.next()?, parts.next()?)))
 }
 
-/// The core of one tracker, driven by `binding.js`.
-#[wasm_bindgen]
-pub struct Engine {
+/// The core of the page's tracker, driven by `binding.js`.
+struct Engine {
     core: Core,
     /// The batch `body()` returned last, and how many events it holds.
     batch: u64,
@@ -49,7 +48,22 @@ pub struct Engine {
     unload: Vec<Vec<u8>>,
 }
 
-/// The operations of [`Engine::call`]; `npm/src/binding.js` has the same numbers.
+/// The page's one engine. The exports below are free functions over it rather than the
+/// methods of an exported struct: wasm-bindgen's class glue (a JS class, a finalizer, an
+/// `Rc<RefCell>` per call) cost about 1 KB gzipped. One engine per page is also what the
+/// queue needs, as every tracker of an origin shares the same storage keys.
+struct Global(core::cell::UnsafeCell<Option<Engine>>);
+// SAFETY: wasm32 in the browser runs this module on one thread, and no export calls back
+// into JavaScript, so no two `&mut Engine` are ever live at once.
+unsafe impl Sync for Global {}
+static ENGINE: Global = Global(core::cell::UnsafeCell::new(None));
+
+fn engine() -> Option<&'static mut Engine> {
+    // SAFETY: see `Global`.
+    unsafe { (*ENGINE.0.get()).as_mut() }
+}
+
+/// The operations of [`call`]; `npm/src/binding.js` has the same numbers.
 mod op {
     pub const RESTORE: u32 = 0;
     pub const REFRESH: u32 = 1;
@@ -71,52 +85,103 @@ mod op {
     pub const PREPARE_UNLOAD: u32 = 17;
 }
 
+/// Starts the page's engine (again: a new one replaces the old). `sampling` is
+/// `name<sep>rate in millionths<sep>...`, `always_keep` is `name<sep>...` (strings rather
+/// than arrays keep the generated glue small).
 #[wasm_bindgen]
-impl Engine {
-    #[wasm_bindgen(constructor)]
-    /// `sampling` is `name<sep>rate in millionths<sep>...`, `always_keep` is `name<sep>...` (strings
-    /// rather than arrays keep the generated glue small).
-    pub fn new(
-        max_batch_size: u32,
-        max_wait_ms: f64,
-        max_queue_size: u32,
-        sampling: &str,
-        always_keep: &str,
-        seed: f64,
-    ) -> Engine {
-        let cfg = Config {
-            max_batch_size: max_batch_size.max(1) as usize,
-            max_wait_ms: max_wait_ms as u64,
-            max_queue_events: max_queue_size.max(1) as usize,
-            // Rates come in millionths: no float parser in the module.
-            sampling: pairs(sampling)
-                .map(|(n, r)| (n.into(), r.parse::<u32>().map_or(1.0, |m| m as f64 / 1e6)))
-                .collect(),
-            always_keep: always_keep
-                .split(SEP)
-                .filter(|n| !n.is_empty())
-                .map(String::from)
-                .collect(),
-            ..Config::default()
-        };
-        Engine {
+pub fn start(
+    max_batch_size: u32,
+    max_wait_ms: f64,
+    max_queue_size: u32,
+    sampling: &str,
+    always_keep: &str,
+    seed: f64,
+) {
+    let cfg = Config {
+        max_batch_size: max_batch_size.max(1) as usize,
+        max_wait_ms: max_wait_ms as u64,
+        max_queue_events: max_queue_size.max(1) as usize,
+        // Rates come in millionths: no float parser in the module.
+        sampling: pairs(sampling)
+            .map(|(n, r)| (n.into(), r.parse::<u32>().map_or(1.0, |m| m as f64 / 1e6)))
+            .collect(),
+        always_keep: always_keep
+            .split(SEP)
+            .filter(|n| !n.is_empty())
+            .map(String::from)
+            .collect(),
+        ..Config::default()
+    };
+    // SAFETY: see `Global`; no reference from `engine()` is live here.
+    unsafe {
+        *ENGINE.0.get() = Some(Engine {
             core: Core::new(cfg, seed as u64),
             batch: 0,
             events: 0,
             unload: Vec::new(),
-        }
-    }
+        })
+    };
+}
 
-    /// Queues an event; returns false when it was not (opted out, sampled, invalid). The hot
-    /// path, so it has an export of its own.
-    pub fn track(&mut self, name: &str, props: Option<String>, now: f64) -> bool {
-        self.core.track(name, props.as_deref(), now as u64).is_ok()
-    }
+/// Queues an event; returns false when it was not (opted out, sampled, invalid, or no
+/// engine). The hot path, so it has an export of its own.
+#[wasm_bindgen]
+pub fn track(name: &str, props: Option<String>, now: f64) -> bool {
+    engine().is_some_and(|e| e.core.track(name, props.as_deref(), now as u64).is_ok())
+}
 
-    /// Every other call, by number (`OP` in `npm/src/binding.js`): one export instead of
-    /// eighteen keeps the module and its generated glue about 2 KB smaller. `text` and
-    /// `num` are the arguments; the answer is text (numbers in decimal, -1 for none).
-    pub fn call(&mut self, op: u32, text: &str, num: f64) -> String {
+/// Every other call, by number (`OP` in `npm/src/binding.js`): one export instead of
+/// eighteen keeps the module and its generated glue about 2 KB smaller. `text` and `num`
+/// are the arguments; the answer is text (numbers in decimal, -1 for none).
+#[wasm_bindgen]
+pub fn call(op: u32, text: &str, num: f64) -> String {
+    match engine() {
+        Some(e) => e.call(op, text, num),
+        None => String::new(),
+    }
+}
+
+/// Bytes out: the next batch if one is due (`force`: skipping the backoff wait), then
+/// `call(LAST_BATCH)` names it; or, with `unload`, the next body prepared by
+/// `call(PREPARE_UNLOAD)`.
+#[wasm_bindgen]
+pub fn body(now: f64, force: bool, unload: bool) -> Option<Vec<u8>> {
+    let e = engine()?;
+    if unload {
+        return e.unload.pop();
+    }
+    let out = e.core.poll_send(now as u64, force)?;
+    e.batch = out.batch;
+    e.events = out.events;
+    Some(out.body)
+}
+
+/// What became of `batch`: `status` is the HTTP status, 0 for a network error and -1 for a
+/// network error while offline; `rejected` the indices a 2xx listed, joined by commas.
+#[wasm_bindgen(js_name = onResult)]
+pub fn on_result(batch: f64, status: i32, retry_after_ms: f64, rejected: &str, now: f64) {
+    let Some(e) = engine() else { return };
+    let outcome = match status {
+        -1 => Outcome::Offline,
+        200..=299 => Outcome::Accepted {
+            rejected: rejected.split(',').filter_map(|i| i.parse().ok()).collect(),
+        },
+        400 => Outcome::BadRequest,
+        401 | 403 => Outcome::Unauthorized {
+            status: status as u16,
+        },
+        413 => Outcome::TooLarge,
+        // Network errors, 408, 429, 5xx and anything unexpected: keep and back off.
+        _ => Outcome::Retry {
+            status: status.max(0) as u16,
+            retry_after_ms: (retry_after_ms >= 0.0).then_some(retry_after_ms as u64),
+        },
+    };
+    e.core.on_result(batch as u64, outcome, now as u64);
+}
+
+impl Engine {
+    fn call(&mut self, op: u32, text: &str, num: f64) -> String {
         let now = num as u64;
         let mut out = String::new();
         let count = |out: &mut String, n: usize| push_u64(out, n as u64);
@@ -158,52 +223,6 @@ impl Engine {
         out
     }
 
-    /// Bytes out: the next batch if one is due (`force`: skipping the backoff wait), then
-    /// `call(LAST_BATCH)` names it; or, with `unload`, the next body prepared by
-    /// `call(PREPARE_UNLOAD)`.
-    pub fn body(&mut self, now: f64, force: bool, unload: bool) -> Option<Vec<u8>> {
-        if unload {
-            return self.unload.pop();
-        }
-        let out = self.core.poll_send(now as u64, force)?;
-        self.batch = out.batch;
-        self.events = out.events;
-        Some(out.body)
-    }
-
-    /// What became of `batch`: `status` is the HTTP status, 0 for a network error and -1
-    /// for a network error while offline; `rejected` the indices a 2xx listed, joined by
-    /// commas.
-    #[wasm_bindgen(js_name = onResult)]
-    pub fn on_result(
-        &mut self,
-        batch: f64,
-        status: i32,
-        retry_after_ms: f64,
-        rejected: &str,
-        now: f64,
-    ) {
-        let outcome = match status {
-            -1 => Outcome::Offline,
-            200..=299 => Outcome::Accepted {
-                rejected: rejected.split(',').filter_map(|i| i.parse().ok()).collect(),
-            },
-            400 => Outcome::BadRequest,
-            401 | 403 => Outcome::Unauthorized {
-                status: status as u16,
-            },
-            413 => Outcome::TooLarge,
-            // Network errors, 408, 429, 5xx and anything unexpected: keep and back off.
-            _ => Outcome::Retry {
-                status: status.max(0) as u16,
-                retry_after_ms: (retry_after_ms >= 0.0).then_some(retry_after_ms as u64),
-            },
-        };
-        self.core.on_result(batch as u64, outcome, now as u64);
-    }
-}
-
-impl Engine {
     /// Storage actions to carry out, in order (see the module docs for the format).
     fn take_actions(&mut self) -> String {
         let mut out = String::new();

@@ -219,7 +219,7 @@ test('calls made before the wasm is ready are kept and replayed in order', async
   assert.deepEqual(seqs, ['0', '1', '2']);
 });
 
-test('Global Privacy Control turns tracking off; bad input never throws', async () => {
+test('Global Privacy Control turns tracking off; bad input never throws; one tracker per page', async () => {
   const page = await browser.context.newPage();
   await page.addInitScript(() => {
     Object.defineProperty(Navigator.prototype, 'globalPrivacyControl', { get: () => true });
@@ -248,12 +248,15 @@ test('Global Privacy Control turns tracking off; bad input never throws', async 
       }
       const sent = await t2.forceSend();
       await new Promise((r) => setTimeout(r, 300));
-      return { off, threw, sent, pageErrors: window.pageErrors };
+      // One tracker per page: calling init() again hands back the running one.
+      const again = window.tracklet.init({ endpoint, apiKey, autocapture: false, respectPrivacySignals: false });
+      return { off, threw, sent, same: again === t2, pageErrors: window.pageErrors };
     },
     { endpoint: c.origin, apiKey: c.key },
   );
   assert.deepEqual(r.off, { pending: 0, sent: 0 });
   assert.deepEqual(r.threw, []);
+  assert.ok(r.same, 'a second init() returns the running tracker');
   assert.deepEqual(r.pageErrors, [], 'nothing reached the page\'s error handlers');
   assert.equal(r.sent.pending, 0);
   const names = (await c.db.query('SELECT name, props FROM events ORDER BY ts')).map((x) => x.name);

@@ -176,7 +176,7 @@ fn build() -> Result<()> {
     let pkg = root.join("npm/pkg");
     let _ = std::fs::remove_dir_all(&pkg);
     run(Command::new("wasm-bindgen")
-        .args(["--target", "web", "--no-typescript", "--out-dir"])
+        .args(["--target", "bundler", "--no-typescript", "--out-dir"])
         .arg(&pkg)
         .arg(&wasm))?;
     let bg = pkg.join("tracklet_sdk_wasm_bg.wasm");
