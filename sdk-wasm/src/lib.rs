@@ -20,10 +20,12 @@ use tracklet_core::{Action, Config, Core, Outcome};
 use tracklet_wire::json::{push_str_literal, push_u64};
 use wasm_bindgen::prelude::*;
 
+#[cfg(any(target_arch = "wasm32", test))]
+mod heap;
+
 #[cfg(target_arch = "wasm32")]
 #[global_allocator]
-// SAFETY: wasm32 in the browser runs this module on one thread.
-static ALLOC: talc::TalckWasm = unsafe { talc::TalckWasm::new_global() };
+static ALLOC: heap::wasm::Global = heap::wasm::Global::new();
 
 #[cfg(all(target_arch = "wasm32", not(test)))]
 #[panic_handler]
