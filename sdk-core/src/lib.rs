@@ -196,6 +196,26 @@ fn gone_key(chunk: &str) -> String {
     k
 }
 
+/// Adds ids (one per line) to the gone-list of record `chunk` in `gone`.
+fn merge_gone(gone: &mut Vec<(String, String)>, chunk: &str, ids: &str) {
+    let at = match gone.iter().position(|(c, _)| c == chunk) {
+        Some(at) => at,
+        None => {
+            gone.push((chunk.into(), String::new()));
+            gone.len() - 1
+        }
+    };
+    let list = &mut gone[at].1;
+    for id in ids.split(storage::LINE).filter(|id| !id.is_empty()) {
+        if !list.split(storage::LINE).any(|g| g == id) {
+            if !list.is_empty() {
+                list.push(storage::LINE);
+            }
+            list.push_str(id);
+        }
+    }
+}
+
 fn event_key(id: &str) -> String {
     let mut k = String::with_capacity(storage::EVENT.len() + id.len());
     k.push_str(storage::EVENT);
@@ -277,7 +297,7 @@ impl Core {
                     .any(|(k, _)| k.strip_prefix(storage::EVENT) == Some(first_id))
                 {
                     gone_lists.push((first_id, value));
-                    self.merge_gone(&event_key(first_id), value);
+                    merge_gone(&mut self.gone, &event_key(first_id), value);
                 } else {
                     // Its record is gone: so is the list.
                     self.actions.push(Action::Remove(key.into()));
@@ -573,26 +593,6 @@ impl Core {
         core::mem::take(&mut self.actions)
     }
 
-    /// Adds ids (one per line) to the gone-list of record `chunk`.
-    fn merge_gone(&mut self, chunk: &str, ids: &str) {
-        let at = match self.gone.iter().position(|(c, _)| c == chunk) {
-            Some(at) => at,
-            None => {
-                self.gone.push((chunk.into(), String::new()));
-                self.gone.len() - 1
-            }
-        };
-        let list = &mut self.gone[at].1;
-        for id in ids.split(storage::LINE).filter(|id| !id.is_empty()) {
-            if !list.split(storage::LINE).any(|g| g == id) {
-                if !list.is_empty() {
-                    list.push(storage::LINE);
-                }
-                list.push_str(id);
-            }
-        }
-    }
-
     /// Writes this task's record: the events tracked since the last `take_actions`.
     fn write_open_chunk(&mut self) {
         let Some(chunk) = self.open_chunk.take() else {
@@ -853,24 +853,23 @@ impl Core {
     /// rewritten (see [`storage::EVENT`]).
     fn remove_events(&mut self, ids: &[String]) {
         let mut touched: Vec<String> = Vec::new();
-        for id in ids {
-            let Some((r, emptied)) = self.queue.remove(id) else {
-                continue;
-            };
+        let (gone, actions, open) = (&mut self.gone, &mut self.actions, &self.open_chunk);
+        self.queue.remove_all(ids, |id, r, emptied| {
+            let chunk = &r.chunk;
             if emptied {
-                self.gone.retain(|(c, _)| *c != r.chunk);
-                touched.retain(|c| *c != r.chunk);
-                if self.open_chunk.as_deref() != Some(r.chunk.as_str()) {
-                    self.actions.push(Action::Remove(gone_key(&r.chunk)));
-                    self.actions.push(Action::Remove(r.chunk));
+                gone.retain(|(c, _)| c != chunk);
+                touched.retain(|c| c != chunk);
+                if open.as_ref() != Some(chunk) {
+                    actions.push(Action::Remove(gone_key(chunk)));
+                    actions.push(Action::Remove(chunk.clone()));
                 }
             } else {
-                self.merge_gone(&r.chunk, id);
-                if !touched.contains(&r.chunk) {
-                    touched.push(r.chunk);
+                merge_gone(gone, chunk, id);
+                if !touched.contains(chunk) {
+                    touched.push(chunk.clone());
                 }
             }
-        }
+        });
         for chunk in touched {
             if let Some((_, list)) = self.gone.iter().find(|(c, _)| *c == chunk) {
                 self.actions
