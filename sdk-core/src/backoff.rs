@@ -56,7 +56,7 @@ impl RetryState {
     }
 
     pub fn decode(s: &str) -> Option<Self> {
-        let mut it = s.split(' ').map(|p| p.parse::<u64>().ok());
+        let mut it = crate::text::fields(s, b' ').map(crate::text::number);
         let state = RetryState {
             failures: it.next()?? as u32,
             next_at: it.next()??,

@@ -17,6 +17,7 @@ pub mod gzip;
 pub mod ids;
 mod queue;
 pub mod storage;
+pub mod text;
 
 use alloc::string::{String, ToString};
 use alloc::vec::Vec;
@@ -206,10 +207,10 @@ fn merge_gone(gone: &mut Vec<(String, String)>, chunk: &str, ids: &str) {
         }
     };
     let list = &mut gone[at].1;
-    for id in ids.split(storage::LINE).filter(|id| !id.is_empty()) {
-        if !list.split(storage::LINE).any(|g| g == id) {
+    for id in text::fields(ids, storage::LINE).filter(|id| !id.is_empty()) {
+        if !text::fields(list, storage::LINE).any(|g| g == id) {
             if !list.is_empty() {
-                list.push(storage::LINE);
+                list.push(storage::LINE as char);
             }
             list.push_str(id);
         }
@@ -317,12 +318,12 @@ impl Core {
                     .find(|(f, _)| *f == first_id)
                     .map_or("", |(_, g)| *g);
                 let mut valid = false;
-                for line in value.split(storage::LINE) {
+                for line in text::fields(value, storage::LINE) {
                     let Some(id) = storage::event_line_id(line) else {
                         continue;
                     };
                     valid = true;
-                    if gone.split(storage::LINE).any(|g| g == id) {
+                    if text::fields(gone, storage::LINE).any(|g| g == id) {
                         continue;
                     }
                     stored_ids.push(id);
@@ -361,7 +362,7 @@ impl Core {
                 storage::LEASE => {
                     lease = storage::split_pair(value).map(|(t, u)| (t.to_string(), u))
                 }
-                storage::DROPPED => dropped = value.parse().unwrap_or(0),
+                storage::DROPPED => dropped = text::number(value).unwrap_or(0),
                 storage::OPT_OUT => opted_out = true,
                 _ => {}
             }
@@ -603,7 +604,7 @@ impl Core {
         let mut value = String::new();
         for r in self.queue.iter_mut_from(first).filter(|r| r.chunk == chunk) {
             if !value.is_empty() {
-                value.push(storage::LINE);
+                value.push(storage::LINE as char);
             }
             value.push_str(&r.json);
             r.persisted = true;

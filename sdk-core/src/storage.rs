@@ -35,11 +35,11 @@ pub const PRE_READY: &str = "tl1:p:";
 
 /// Parses `<text> <number>`, the shape of [`SESSION`] and [`LEASE`].
 pub fn split_pair(value: &str) -> Option<(&str, u64)> {
-    let (a, b) = value.split_once(' ')?;
+    let (a, b) = crate::text::split_once(value, b' ')?;
     if a.is_empty() {
         return None;
     }
-    Some((a, b.parse().ok()?))
+    Some((a, crate::text::number(b)?))
 }
 
 /// The id of one event line of a record, if the line looks like an event written by this
@@ -47,7 +47,7 @@ pub fn split_pair(value: &str) -> Option<(&str, u64)> {
 /// at start-up, before anything is sent.
 pub fn event_line_id(line: &str) -> Option<&str> {
     let rest = line.strip_prefix("{\"id\":\"")?;
-    let end = rest.find('"')?;
+    let end = rest.bytes().position(|b| b == b'"')?;
     let (id, after) = rest.split_at_checked(end)?;
     (!id.is_empty() && after.starts_with("\",\"name\":\"") && line.ends_with('}')).then_some(id)
 }
@@ -62,7 +62,7 @@ pub fn event_name_is(line: &str, id_len: usize, escaped_name: &str) -> bool {
 }
 
 /// Events of one record are separated by newlines (never inside the JSON the core writes).
-pub const LINE: char = '\n';
+pub const LINE: u8 = b'\n';
 
 #[cfg(test)]
 mod tests {

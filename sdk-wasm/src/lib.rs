@@ -16,7 +16,7 @@ extern crate alloc;
 
 use alloc::string::String;
 use alloc::vec::Vec;
-use tracklet_core::{Action, Config, Core, Outcome};
+use tracklet_core::{text, Action, Config, Core, Outcome};
 use tracklet_wire::json::{push_str_literal, push_u64};
 use wasm_bindgen::prelude::*;
 
@@ -36,8 +36,12 @@ fn panic(_: &core::panic::PanicInfo) -> ! {
 
 const SEP: char = '\u{1}';
 
+fn parts(joined: &str) -> impl Iterator<Item = &str> {
+    text::fields(joined, SEP as u8)
+}
+
 fn pairs(joined: &str) -> impl Iterator<Item = (&str, &str)> {
-    let mut parts = joined.split(SEP);
+    let mut parts = parts(joined);
     core::iter::from_fn(move || Some((parts.next()?, parts.next()?)))
 }
 
@@ -105,10 +109,9 @@ pub fn start(
         max_queue_events: max_queue_size.max(1) as usize,
         // Rates come in millionths: no float parser in the module.
         sampling: pairs(sampling)
-            .map(|(n, r)| (n.into(), r.parse::<u32>().map_or(1.0, |m| m as f64 / 1e6)))
+            .map(|(n, r)| (n.into(), text::number(r).map_or(1.0, |m| m as f64 / 1e6)))
             .collect(),
-        always_keep: always_keep
-            .split(SEP)
+        always_keep: parts(always_keep)
             .filter(|n| !n.is_empty())
             .map(String::from)
             .collect(),
@@ -166,7 +169,9 @@ pub fn on_result(batch: f64, status: i32, retry_after_ms: f64, rejected: &str, n
     let outcome = match status {
         -1 => Outcome::Offline,
         200..=299 => Outcome::Accepted {
-            rejected: rejected.split(',').filter_map(|i| i.parse().ok()).collect(),
+            rejected: text::fields(rejected, b',')
+                .filter_map(|i| Some(text::number(i)? as usize))
+                .collect(),
         },
         400 => Outcome::BadRequest,
         401 | 403 => Outcome::Unauthorized {
