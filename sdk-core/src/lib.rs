@@ -858,8 +858,12 @@ impl Core {
         self.queue.remove_all(ids, |id, r, emptied| {
             let chunk = &r.chunk;
             if emptied {
-                gone.retain(|(c, _)| c != chunk);
-                touched.retain(|c| c != chunk);
+                if let Some(i) = gone.iter().position(|(c, _)| c == chunk) {
+                    gone.remove(i);
+                }
+                if let Some(i) = touched.iter().position(|c| c == chunk) {
+                    touched.remove(i);
+                }
                 if open.as_ref() != Some(chunk) {
                     actions.push(Action::Remove(gone_key(chunk)));
                     actions.push(Action::Remove(chunk.clone()));
