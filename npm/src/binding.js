@@ -27,6 +27,23 @@ const PREFIX = 'tl1:';
 const SESSION_KEY = 'tl1:sess';
 const LEASE_KEY = 'tl1:lease';
 
+/**
+ * `guarded(log)(fn, fallback)` is `fn` made safe to hand to the page or the browser: what it
+ * throws (even a trap in the wasm) and what a promise it returns rejects with go to `log`
+ * (a no-op unless debug) and never reach the page's error handlers; a throw returns
+ * `fallback`.
+ */
+export const guarded = (log) => (fn, fallback) =>
+  function () {
+    try {
+      const r = fn.apply(this, arguments);
+      return r && typeof r.catch === 'function' ? r.catch(log) : r;
+    } catch (e) {
+      log(e);
+      return fallback;
+    }
+  };
+
 function localStore() {
   // Throws in sandboxed iframes and some private modes; a probe write catches the rest.
   try {
@@ -70,16 +87,7 @@ export function bind(engine, o, emit, log) {
   const number = (op, num) => Number(call(op, '', num));
   // Every callback the browser calls goes through this: a failure (even a trap in the
   // wasm) is logged in debug mode and never reaches the page's error handlers.
-  const guard =
-    (fn) =>
-    (...args) => {
-      try {
-        const r = fn(...args);
-        return r && typeof r.catch === 'function' ? r.catch(log) : r;
-      } catch (e) {
-        log(e);
-      }
-    };
+  const guard = guarded(log);
   let timer = 0;
   let timerAt = -1;
   let statusQueued = false;

@@ -4,7 +4,7 @@
 //
 // Importing this module touches no browser global, so server-side rendering works.
 
-import { bind } from './binding.js';
+import { bind, guarded } from './binding.js';
 
 export const VERSION = '0.1.0';
 const PRE = 'tl1:p:';
@@ -111,15 +111,7 @@ export function makeInit(load) {
       return active.tracker;
     }
 
-    const safe = (fn, fallback) =>
-      function () {
-        try {
-          return fn.apply(null, arguments);
-        } catch (e) {
-          log(e);
-          return fallback;
-        }
-      };
+    const safe = guarded(log);
 
     function invoke(method, args, at) {
       const [a, b] = args;
@@ -268,7 +260,7 @@ export function makeInit(load) {
 
     if (!disabled) {
       active = { tracker, options: o };
-      safe(autocapture)(tracker, o, log);
+      safe(autocapture)(tracker, o, safe);
     }
     return tracker;
   };
@@ -314,63 +306,53 @@ function describeClick(target) {
   return props;
 }
 
-function autocapture(t, o, log) {
+// `safe` guards the browser's callbacks (see binding.js `guarded`).
+function autocapture(t, o, safe) {
   let lastPath = null;
   let marks = new Set();
-  const pageView = () => {
+  const pageView = safe(() => {
     const path = location.pathname;
     if (path === lastPath) return;
     lastPath = path;
     marks = new Set();
     t.page({ path, url: location.href, title: document.title || undefined, referrer: document.referrer || undefined });
-  };
+  });
   if (o.pageView) {
     pageView();
     for (const m of ['pushState', 'replaceState']) {
       const orig = history[m];
       history[m] = function () {
         const r = orig.apply(this, arguments);
-        try {
-          pageView();
-        } catch (e) {
-          log(e);
-        }
+        pageView();
         return r;
       };
     }
-    addEventListener('popstate', () => pageView());
-    addEventListener('pageshow', (e) => {
-      if (e.persisted) {
-        lastPath = null;
-        pageView();
-      }
-    });
+    addEventListener('popstate', pageView);
+    addEventListener(
+      'pageshow',
+      safe((e) => {
+        if (e.persisted) {
+          lastPath = null;
+          pageView();
+        }
+      }),
+    );
   }
   if (o.click) {
     document.addEventListener(
       'click',
-      (e) => {
-        try {
-          const props = e.target && e.target.closest ? describeClick(e.target) : null;
-          if (props) t.track('click', props);
-        } catch (err) {
-          log(err);
-        }
-      },
+      safe((e) => {
+        const props = e.target && e.target.closest ? describeClick(e.target) : null;
+        if (props) t.track('click', props);
+      }),
       { capture: true, passive: true },
     );
   }
   if (o.scroll) {
     let timer = 0;
-    const check = () => {
+    // At most one check per 200 ms of scrolling.
+    const check = safe(() => {
       timer = 0;
-      try {
-        scrollMarks();
-      } catch (e) {
-        log(e);
-      }
-    };
-    const scrollMarks = () => {
       const d = document.documentElement;
       const total = Math.max(d.scrollHeight, document.body ? document.body.scrollHeight : 0);
       const seen = total <= innerHeight ? 100 : ((scrollY + innerHeight) / total) * 100;
@@ -380,7 +362,7 @@ function autocapture(t, o, log) {
           t.track('scroll', { depth: m, path: location.pathname });
         }
       }
-    };
+    });
     addEventListener(
       'scroll',
       () => {
