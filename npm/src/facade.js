@@ -8,7 +8,9 @@ import { bind, guarded } from './binding.js';
 
 export const VERSION = '0.1.0';
 const PRE = 'tl1:p:';
-const METHODS = ['track', 'page', 'identify', 'reset', 'optOut', 'optIn'];
+// The calls kept (and replayed) until the wasm is ready, and how many arguments each keeps.
+export const METHODS = ['track', 'page', 'identify', 'reset', 'optOut', 'optIn'];
+const ARITY = [2, 1, 2, 0, 0, 0];
 
 const noop = () => {};
 const inBrowser = () => typeof window !== 'undefined' && typeof document !== 'undefined';
@@ -128,6 +130,9 @@ export function makeInit(load) {
     }
 
     function call(method, args) {
+      if (method === 'track' && (typeof args[0] !== 'string' || !args[0])) {
+        return log('track() needs an event name (a non-empty string)');
+      }
       if (disabled) return;
       if (real) return invoke(method, args, NaN);
       const ts = Date.now();
@@ -217,15 +222,6 @@ export function makeInit(load) {
     });
 
     const tracker = {
-      track: safe((name, props) => {
-        if (typeof name !== 'string' || !name) return log('track() needs an event name (a non-empty string)');
-        call('track', props === undefined ? [name] : [name, props]);
-      }),
-      page: safe((props) => call('page', props === undefined ? [] : [props])),
-      identify: safe((userId, traits) => call('identify', traits === undefined ? [userId] : [userId, traits])),
-      reset: safe(() => call('reset', [])),
-      optOut: safe(() => call('optOut', [])),
-      optIn: safe(() => call('optIn', [])),
       pendingCount: safe(() => (real ? real.pending() : early.length), 0),
       status: safe(() => (real ? JSON.parse(real.status()) : earlyStatus()), earlyStatus),
       onStatus: safe((cb) => {
@@ -233,12 +229,11 @@ export function makeInit(load) {
         return () => listeners.delete(cb);
       }, noop),
       clearEvents: safe(() => {
-        let n = 0;
+        const n = early.length;
         for (const [key] of early) {
           try {
             storage().removeItem(key);
           } catch (e) {}
-          n++;
         }
         early.length = 0;
         return n + (real ? real.clear() : 0);
@@ -246,17 +241,18 @@ export function makeInit(load) {
       forceSend: () =>
         Promise.resolve(ready)
           .then(() => (real ? real.forceSend() : 0))
-          .then(
-            (sent) => ({ sent, pending: tracker.pendingCount() }),
-            (e) => {
-              log(e);
-              return { sent: 0, pending: tracker.pendingCount() };
-            },
-          ),
+          .catch((e) => (log(e), 0))
+          .then((sent) => ({ sent, pending: tracker.pendingCount() })),
       /** Resolves when the wasm is loaded (or failed to load). */
       ready: () => Promise.resolve(ready),
     };
     tracker.flush = tracker.forceSend;
+    // track(name, props), page(props), identify(userId, traits), reset(), optOut(), optIn().
+    METHODS.forEach((m, i) => {
+      tracker[m] = safe((...args) => {
+        call(m, args.slice(0, ARITY[i]));
+      });
+    });
 
     if (!disabled) {
       active = { tracker, options: o };
