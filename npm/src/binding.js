@@ -72,7 +72,7 @@ function retryAfterMs(resp) {
  */
 export function bind(engine, o, emit, log) {
   const store = localStore();
-  if (!store) log('localStorage unavailable: queueing in memory');
+  if (!store) log('no localStorage: queueing in memory');
   const url = o.endpoint.replace(/\/+$/, '') + '/v1/batch?key=' + encodeURIComponent(o.apiKey);
   engine.start(
     o.maxBatchSize,
@@ -105,7 +105,7 @@ export function bind(engine, o, emit, log) {
         try {
           store.setItem(parts[i + 1], parts[i + 2]);
         } catch (e) {
-          log('storage write failed: keeping the event in memory');
+          log('storage write failed: event kept in memory');
           call(PERSIST_FAILED, parts[i + 1]);
         }
         i += 3;
@@ -212,7 +212,7 @@ export function bind(engine, o, emit, log) {
     } catch (e) {
       status = navigator.onLine === false ? -1 : 0;
     }
-    if (status < 200 || status >= 300) log('send failed (' + status + '): the events stay queued');
+    if (status < 200 || status >= 300) log('send failed (' + status + '): events stay queued');
     engine.onResult(batch, status, retryAfter, rejected.join(','), Date.now());
     apply();
     changed();

@@ -13,6 +13,8 @@ export const METHODS = ['track', 'page', 'identify', 'reset', 'optOut', 'optIn']
 const ARITY = [2, 1, 2, 0, 0, 0];
 
 const noop = () => {};
+// Prints as `[tracklet] ...`.
+const warn = (...a) => console.warn('[tracklet]', ...a);
 const inBrowser = () => typeof window !== 'undefined' && typeof document !== 'undefined';
 
 function storage() {
@@ -91,7 +93,7 @@ export function makeInit(load) {
   let active = null;
   return function init(userOptions) {
     const o = options(userOptions);
-    const log = o.debug ? (...a) => console.warn('[tracklet]', ...a) : noop;
+    const log = o.debug ? warn : noop;
     const listeners = new Set();
     let real = null;
     let ready = null;
@@ -104,11 +106,11 @@ export function makeInit(load) {
       o.respectPrivacySignals &&
       (navigator.doNotTrack === '1' || window.doNotTrack === '1' || navigator.globalPrivacyControl === true);
     const disabled = !inBrowser() || privacyOff || !o.endpoint || !o.apiKey;
-    if (inBrowser() && (!o.endpoint || !o.apiKey)) console.warn('[tracklet] init() needs endpoint and apiKey');
-    if (privacyOff) log('Do Not Track / Global Privacy Control is on: tracking is off');
+    if (inBrowser() && (!o.endpoint || !o.apiKey)) warn('init() needs endpoint and apiKey');
+    if (privacyOff) log('tracking off: Do Not Track / Global Privacy Control is on');
     if (!disabled && active) {
       if (active.options.endpoint !== o.endpoint || active.options.apiKey !== o.apiKey) {
-        console.warn('[tracklet] init() was called again: the first tracker stays in use');
+        warn('init() again: the first tracker stays in use');
       }
       return active.tracker;
     }
@@ -131,7 +133,7 @@ export function makeInit(load) {
 
     function call(method, args) {
       if (method === 'track' && (typeof args[0] !== 'string' || !args[0])) {
-        return log('track() needs an event name (a non-empty string)');
+        return log('track() needs a non-empty event name');
       }
       if (disabled) return;
       if (real) return invoke(method, args, NaN);
@@ -205,7 +207,7 @@ export function makeInit(load) {
           if (listeners.size) emit(real.status());
         })
         .catch((e) => {
-          console.warn('[tracklet] could not start; events stay queued in storage', e);
+          warn('could not start; events stay queued', e);
         });
     }
 
