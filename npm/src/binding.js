@@ -44,12 +44,15 @@ export const guarded = (log) => (fn, fallback) =>
     }
   };
 
-function localStore() {
+/** localStorage, or null (or, with `probe`, null where a probe write fails too). */
+export function storage(probe) {
   // Throws in sandboxed iframes and some private modes; a probe write catches the rest.
   try {
     const s = window.localStorage;
-    s.setItem('tl1:probe', '1');
-    s.removeItem('tl1:probe');
+    if (probe) {
+      s.setItem('tl1:probe', '1');
+      s.removeItem('tl1:probe');
+    }
     return s;
   } catch (e) {
     return null;
@@ -71,7 +74,7 @@ function retryAfterMs(resp) {
  * (coalesced to one call per task).
  */
 export function bind(engine, o, emit, log) {
-  const store = localStore();
+  const store = storage(true);
   if (!store) log('no localStorage: queueing in memory');
   const url = o.endpoint.replace(/\/+$/, '') + '/v1/batch?key=' + encodeURIComponent(o.apiKey);
   engine.start(
@@ -79,7 +82,9 @@ export function bind(engine, o, emit, log) {
     o.maxWaitTime,
     o.maxQueueSize,
     // Sampling as `name<sep>rate in millionths<sep>...`, alwaysKeep as `name<sep>...`.
-    o.sampleNames.flatMap((n, i) => [n, Math.round(Math.min(1, Math.max(0, o.sampleRates[i] || 0)) * 1e6)]).join(SEP),
+    Object.keys(o.sampling)
+      .flatMap((n) => [n, Math.round(Math.min(1, Math.max(0, Number(o.sampling[n]) || 0)) * 1e6)])
+      .join(SEP),
     o.alwaysKeep.join(SEP),
     Math.random() * 9007199254740991,
   );
@@ -203,7 +208,7 @@ export function bind(engine, o, emit, log) {
       });
       status = resp.status;
       retryAfter = retryAfterMs(resp);
-      if (status >= 200 && status < 300) {
+      if (resp.ok) {
         try {
           const r = (await resp.json()).rejected;
           if (Array.isArray(r)) rejected = r.map((x) => x.index >>> 0);
@@ -212,11 +217,12 @@ export function bind(engine, o, emit, log) {
     } catch (e) {
       status = navigator.onLine === false ? -1 : 0;
     }
-    if (status < 200 || status >= 300) log('send failed (' + status + '): events stay queued');
+    const ok = status >= 200 && status < 300;
+    if (!ok) log('send failed (' + status + '): events stay queued');
     engine.onResult(batch, status, retryAfter, rejected.join(','), Date.now());
     apply();
     changed();
-    return status >= 200 && status < 300;
+    return ok;
   }
 
   // Runs `fn` holding the cross-tab send lock (Web Locks, where the browser has them), so
@@ -225,9 +231,15 @@ export function bind(engine, o, emit, log) {
   // (bounded) instead of giving up when another tab holds it.
   const locks = navigator.locks;
   function withSendLock(wait, fn) {
-    if (!locks) return Promise.resolve().then(fn).catch((e) => (log(e), 0));
-    const opts = wait ? (AbortSignal.timeout ? { signal: AbortSignal.timeout(30000) } : {}) : { ifAvailable: true };
-    return locks.request('tracklet:send', opts, (lock) => (lock ? fn() : retrySoon())).catch((e) => (log(e), 0));
+    return (
+      locks
+        ? locks.request(
+            'tracklet:send',
+            wait ? (AbortSignal.timeout ? { signal: AbortSignal.timeout(30000) } : {}) : { ifAvailable: true },
+            (lock) => (lock ? fn() : retrySoon()),
+          )
+        : Promise.resolve().then(fn)
+    ).catch((e) => (log(e), 0));
   }
 
   // Another tab is sending: look again in a second.

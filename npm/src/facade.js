@@ -4,7 +4,7 @@
 //
 // Importing this module touches no browser global, so server-side rendering works.
 
-import { bind, guarded } from './binding.js';
+import { bind, guarded, storage } from './binding.js';
 
 export const VERSION = '0.1.0';
 const PRE = 'tl1:p:';
@@ -16,14 +16,6 @@ const noop = () => {};
 // Prints as `[tracklet] ...`.
 const warn = (...a) => console.warn('[tracklet]', ...a);
 const inBrowser = () => typeof window !== 'undefined' && typeof document !== 'undefined';
-
-function storage() {
-  try {
-    return window.localStorage;
-  } catch (e) {
-    return null;
-  }
-}
 
 // `props` as a JSON object string, or undefined. Never throws (cycles, BigInt, ...).
 function propsJson(props) {
@@ -66,7 +58,6 @@ function options(o) {
   o = o || {};
   const auto = o.autocapture;
   const on = (k) => (auto === undefined || auto === true ? true : auto === false ? false : auto[k] !== false);
-  const sampling = o.sampling || {};
   return {
     endpoint: o.endpoint,
     apiKey: o.apiKey,
@@ -76,8 +67,7 @@ function options(o) {
     pageView: on('pageView'),
     click: on('click'),
     scroll: on('scroll'),
-    sampleNames: Object.keys(sampling),
-    sampleRates: Object.keys(sampling).map((k) => Number(sampling[k])),
+    sampling: { ...o.sampling },
     alwaysKeep: (o.alwaysKeep || []).map(String),
     respectPrivacySignals: o.respectPrivacySignals !== false,
     debug: !!o.debug,
