@@ -70,10 +70,10 @@ function retryAfterMs(resp) {
 
 /**
  * Starts the wasm core (`engine`: its bindings, from wasm-loader.js) and binds it to this
- * page. `o` holds the normalised options, `emit(statusJson)` is told about changes
- * (coalesced to one call per task).
+ * page. `o` holds the normalised options; while `listeners` (a Set) has any,
+ * `emit(statusJson)` is told about changes (coalesced to one call per task).
  */
-export function bind(engine, o, emit, log) {
+export function bind(engine, o, emit, log, listeners) {
   const store = storage(true);
   if (!store) log('no localStorage: queueing in memory');
   const url = o.endpoint.replace(/\/+$/, '') + '/v1/batch?key=' + encodeURIComponent(o.apiKey);
@@ -164,7 +164,7 @@ export function bind(engine, o, emit, log) {
 
   function changed() {
     schedule();
-    if (!statusQueued && o.wantsStatus()) {
+    if (!statusQueued && listeners.size) {
       statusQueued = true;
       setTimeout(
         guard(() => {

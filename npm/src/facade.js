@@ -15,7 +15,6 @@ const ARITY = [2, 1, 2, 0, 0, 0];
 const noop = () => {};
 // Prints as `[tracklet] ...`.
 const warn = (...a) => console.warn('[tracklet]', ...a);
-const inBrowser = () => typeof window !== 'undefined' && typeof document !== 'undefined';
 
 // `props` as a JSON object string, or undefined. Never throws (cycles, BigInt, ...).
 function propsJson(props) {
@@ -57,7 +56,8 @@ function context() {
 function options(o) {
   o = o || {};
   const auto = o.autocapture;
-  const on = (k) => (auto === undefined || auto === true ? true : auto === false ? false : auto[k] !== false);
+  // `autocapture`: true (or missing) for all, false for none, or {pageView, click, scroll}.
+  const on = (k) => auto !== false && (auto || {})[k] !== false;
   return {
     endpoint: o.endpoint,
     apiKey: o.apiKey,
@@ -75,34 +75,37 @@ function options(o) {
 }
 
 /**
- * Makes `init(options)`. `load` resolves to the wasm-bindgen module (with `Tracker`).
+ * Makes `init(options)`. `load` resolves to the wasm-bindgen bindings (wasm-loader.js).
  */
 export function makeInit(load) {
   // The page's tracker: one per page, since every tracker of an origin would share the
   // same stored queue (and capture every page view twice).
   let active = null;
+  let activeOptions;
   return function init(userOptions) {
     const o = options(userOptions);
     const log = o.debug ? warn : noop;
     const listeners = new Set();
     let real = null;
     let ready = null;
-    // Calls made before the wasm is ready: [key, method, args, ts], also in storage.
+    // Calls made before the wasm is ready: [key, [method, args, ts], persisted]; persisted:
+    // also in storage, under key.
     const early = [];
     let seq = 0;
 
+    const browser = typeof window !== 'undefined' && typeof document !== 'undefined';
     const privacyOff =
-      inBrowser() &&
+      browser &&
       o.respectPrivacySignals &&
       (navigator.doNotTrack === '1' || window.doNotTrack === '1' || navigator.globalPrivacyControl === true);
-    const disabled = !inBrowser() || privacyOff || !o.endpoint || !o.apiKey;
-    if (inBrowser() && (!o.endpoint || !o.apiKey)) warn('init() needs endpoint and apiKey');
+    const disabled = !browser || privacyOff || !o.endpoint || !o.apiKey;
+    if (browser && (!o.endpoint || !o.apiKey)) warn('init() needs endpoint and apiKey');
     if (privacyOff) log('tracking off: Do Not Track / Global Privacy Control is on');
     if (!disabled && active) {
-      if (active.options.endpoint !== o.endpoint || active.options.apiKey !== o.apiKey) {
+      if (activeOptions.endpoint !== o.endpoint || activeOptions.apiKey !== o.apiKey) {
         warn('init() again: the first tracker stays in use');
       }
-      return active.tracker;
+      return active;
     }
 
     const safe = guarded(log);
@@ -129,12 +132,13 @@ export function makeInit(load) {
       if (real) return invoke(method, args, NaN);
       const ts = Date.now();
       const key = PRE + ts.toString(36) + '.' + (1e6 + seq++) + Math.random().toString(36).slice(2, 6);
+      const c = [method, args, ts];
       let persisted = false;
       try {
-        storage().setItem(key, JSON.stringify([method, args, ts]));
+        storage().setItem(key, JSON.stringify(c));
         persisted = true;
       } catch (e) {}
-      early.push([key, method, args, ts, persisted]);
+      early.push([key, c, persisted]);
     }
 
     // Replays calls kept before the wasm was ready: this page's and any left by a page
@@ -142,7 +146,7 @@ export function makeInit(load) {
     function replay() {
       const s = storage();
       const calls = new Map();
-      for (const [key, method, args, ts, persisted] of early) if (!persisted) calls.set(key, [method, args, ts]);
+      for (const [key, c, persisted] of early) if (!persisted) calls.set(key, c);
       if (s) {
         for (let i = 0; i < s.length; i++) {
           const key = s.key(i);
@@ -161,37 +165,20 @@ export function makeInit(load) {
         try {
           if (s) s.removeItem(key);
         } catch (e) {}
-        if (Array.isArray(c) && METHODS.includes(c[0])) {
-          try {
-            invoke(c[0], c[1] || [], c[2]);
-          } catch (e) {
-            log(e);
-          }
-        }
+        if (Array.isArray(c) && METHODS.includes(c[0])) safe(invoke)(c[0], c[1] || [], c[2]);
       }
     }
 
-    o.wantsStatus = () => listeners.size > 0;
-    function emit(json) {
-      let st;
-      try {
-        st = JSON.parse(json);
-      } catch (e) {
-        return;
-      }
-      for (const cb of listeners) {
-        try {
-          cb(st);
-        } catch (e) {
-          log(e);
-        }
-      }
-    }
+    // Tells the onStatus() listeners; one that throws is logged and the others still hear.
+    const emit = safe((json) => {
+      const st = JSON.parse(json);
+      for (const cb of listeners) safe(cb)(st);
+    });
 
     if (!disabled) {
       ready = load()
         .then((m) => {
-          real = bind(m, o, emit, log);
+          real = bind(m, o, emit, log, listeners);
           real.setContext(context());
           replay();
           if (listeners.size) emit(real.status());
@@ -207,7 +194,7 @@ export function makeInit(load) {
       lastError: null,
       lastSentAt: null,
       nextRetryAt: null,
-      online: inBrowser() ? navigator.onLine : false,
+      online: browser ? navigator.onLine : false,
       rejected: 0,
       dropped: 0,
       optedOut: false,
@@ -247,7 +234,8 @@ export function makeInit(load) {
     });
 
     if (!disabled) {
-      active = { tracker, options: o };
+      active = tracker;
+      activeOptions = o;
       safe(autocapture)(tracker, o, safe);
     }
     return tracker;

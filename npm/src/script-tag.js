@@ -9,7 +9,7 @@ import { makeInit, METHODS, VERSION } from './facade.js';
 import { wasmLoader } from './wasm-loader.js';
 
 const script = document.currentScript;
-const wasmUrl = new URL('tracklet.wasm', (script && script.src) || location.href).href;
+const wasmUrl = new URL('tracklet.wasm', (script && script.src) || location.href);
 const init = makeInit(wasmLoader(() => wasmUrl));
 
 let current = null;
