@@ -347,9 +347,8 @@ export function bind(engine, o, emit, log, listeners) {
     };
   return {
     track: (name, props, at) => {
-      const queued = engine.track(name, props, isNaN(at) ? Date.now() : at);
+      engine.track(name, props, isNaN(at) ? Date.now() : at);
       flushSoon();
-      return queued;
     },
     setContext: (c) => call(SET_CONTEXT, c || ''),
     identify: act((id) => call(IDENTIFY, id)),
@@ -362,6 +361,6 @@ export function bind(engine, o, emit, log, listeners) {
     }),
     pending: () => number(PENDING),
     status: () => call(STATUS),
-    forceSend: () => drain(),
+    forceSend: drain,
   };
 }
