@@ -4,9 +4,8 @@
 // WebAssembly.Module. Nothing runs at import: the wasm is touched when a tracker starts.
 import * as bindings from '../pkg/tracklet_sdk_wasm_bg.js';
 
-// `source()` gives the wasm (or a promise of it); what it throws becomes a rejection.
 async function instantiate(source) {
-  let src = await source();
+  let src = await source;
   if (typeof src === 'string' || src instanceof URL) src = await fetch(src);
   if (typeof Response === 'function' && src instanceof Response) {
     if (!src.ok) throw new Error('tracklet: HTTP ' + src.status + ' loading ' + src.url);
@@ -27,8 +26,10 @@ export function wasmLoader(source) {
   return () =>
     (loading =
       loading ||
-      instantiate(source).catch((e) => {
-        loading = null;
-        throw e;
-      }));
+      Promise.resolve()
+        .then(() => instantiate(source()))
+        .catch((e) => {
+          loading = null;
+          throw e;
+        }));
 }
