@@ -27,12 +27,32 @@ const PREFIX = 'tl1:';
 const SESSION_KEY = 'tl1:sess';
 const LEASE_KEY = 'tl1:lease';
 
-function localStore() {
+/**
+ * `guarded(log)(fn, fallback)` is `fn` made safe to hand to the page or the browser: what it
+ * throws (even a trap in the wasm) and what a promise it returns rejects with go to `log`
+ * (a no-op unless debug) and never reach the page's error handlers; a throw returns
+ * `fallback`.
+ */
+export const guarded = (log) => (fn, fallback) =>
+  function () {
+    try {
+      const r = fn.apply(this, arguments);
+      return r && typeof r.catch === 'function' ? r.catch(log) : r;
+    } catch (e) {
+      log(e);
+      return fallback;
+    }
+  };
+
+/** localStorage, or null (or, with `probe`, null where a probe write fails too). */
+export function storage(probe) {
   // Throws in sandboxed iframes and some private modes; a probe write catches the rest.
   try {
     const s = window.localStorage;
-    s.setItem('tl1:probe', '1');
-    s.removeItem('tl1:probe');
+    if (probe) {
+      s.setItem('tl1:probe', '1');
+      s.removeItem('tl1:probe');
+    }
     return s;
   } catch (e) {
     return null;
@@ -50,19 +70,21 @@ function retryAfterMs(resp) {
 
 /**
  * Starts the wasm core (`engine`: its bindings, from wasm-loader.js) and binds it to this
- * page. `o` holds the normalised options, `emit(statusJson)` is told about changes
- * (coalesced to one call per task).
+ * page. `o` holds the normalised options; while `listeners` (a Set) has any,
+ * `emit(statusJson)` is told about changes (coalesced to one call per task).
  */
-export function bind(engine, o, emit, log) {
-  const store = localStore();
-  if (!store) log('localStorage unavailable: queueing in memory');
+export function bind(engine, o, emit, log, listeners) {
+  const store = storage(true);
+  if (!store) log('no localStorage: queueing in memory');
   const url = o.endpoint.replace(/\/+$/, '') + '/v1/batch?key=' + encodeURIComponent(o.apiKey);
   engine.start(
     o.maxBatchSize,
     o.maxWaitTime,
     o.maxQueueSize,
     // Sampling as `name<sep>rate in millionths<sep>...`, alwaysKeep as `name<sep>...`.
-    o.sampleNames.flatMap((n, i) => [n, Math.round(Math.min(1, Math.max(0, o.sampleRates[i] || 0)) * 1e6)]).join(SEP),
+    Object.keys(o.sampling)
+      .flatMap((n) => [n, Math.round(Math.min(1, Math.max(0, Number(o.sampling[n]) || 0)) * 1e6)])
+      .join(SEP),
     o.alwaysKeep.join(SEP),
     Math.random() * 9007199254740991,
   );
@@ -70,16 +92,7 @@ export function bind(engine, o, emit, log) {
   const number = (op, num) => Number(call(op, '', num));
   // Every callback the browser calls goes through this: a failure (even a trap in the
   // wasm) is logged in debug mode and never reaches the page's error handlers.
-  const guard =
-    (fn) =>
-    (...args) => {
-      try {
-        const r = fn(...args);
-        return r && typeof r.catch === 'function' ? r.catch(log) : r;
-      } catch (e) {
-        log(e);
-      }
-    };
+  const guard = guarded(log);
   let timer = 0;
   let timerAt = -1;
   let statusQueued = false;
@@ -97,7 +110,7 @@ export function bind(engine, o, emit, log) {
         try {
           store.setItem(parts[i + 1], parts[i + 2]);
         } catch (e) {
-          log('storage write failed: keeping the event in memory');
+          log('storage write failed: event kept in memory');
           call(PERSIST_FAILED, parts[i + 1]);
         }
         i += 3;
@@ -151,7 +164,7 @@ export function bind(engine, o, emit, log) {
 
   function changed() {
     schedule();
-    if (!statusQueued && o.wantsStatus()) {
+    if (!statusQueued && listeners.size) {
       statusQueued = true;
       setTimeout(
         guard(() => {
@@ -195,7 +208,7 @@ export function bind(engine, o, emit, log) {
       });
       status = resp.status;
       retryAfter = retryAfterMs(resp);
-      if (status >= 200 && status < 300) {
+      if (resp.ok) {
         try {
           const r = (await resp.json()).rejected;
           if (Array.isArray(r)) rejected = r.map((x) => x.index >>> 0);
@@ -204,11 +217,12 @@ export function bind(engine, o, emit, log) {
     } catch (e) {
       status = navigator.onLine === false ? -1 : 0;
     }
-    if (status < 200 || status >= 300) log('send failed (' + status + '): the events stay queued');
+    const ok = status >= 200 && status < 300;
+    if (!ok) log('send failed (' + status + '): events stay queued');
     engine.onResult(batch, status, retryAfter, rejected.join(','), Date.now());
     apply();
     changed();
-    return status >= 200 && status < 300;
+    return ok;
   }
 
   // Runs `fn` holding the cross-tab send lock (Web Locks, where the browser has them), so
@@ -217,9 +231,15 @@ export function bind(engine, o, emit, log) {
   // (bounded) instead of giving up when another tab holds it.
   const locks = navigator.locks;
   function withSendLock(wait, fn) {
-    if (!locks) return Promise.resolve().then(fn).catch((e) => (log(e), 0));
-    const opts = wait ? (AbortSignal.timeout ? { signal: AbortSignal.timeout(30000) } : {}) : { ifAvailable: true };
-    return locks.request('tracklet:send', opts, (lock) => (lock ? fn() : retrySoon())).catch((e) => (log(e), 0));
+    return (
+      locks
+        ? locks.request(
+            'tracklet:send',
+            wait ? (AbortSignal.timeout ? { signal: AbortSignal.timeout(30000) } : {}) : { ifAvailable: true },
+            (lock) => (lock ? fn() : retrySoon()),
+          )
+        : Promise.resolve().then(fn)
+    ).catch((e) => (log(e), 0));
   }
 
   // Another tab is sending: look again in a second.
@@ -327,9 +347,8 @@ export function bind(engine, o, emit, log) {
     };
   return {
     track: (name, props, at) => {
-      const queued = engine.track(name, props, isNaN(at) ? Date.now() : at);
+      engine.track(name, props, isNaN(at) ? Date.now() : at);
       flushSoon();
-      return queued;
     },
     setContext: (c) => call(SET_CONTEXT, c || ''),
     identify: act((id) => call(IDENTIFY, id)),
@@ -342,6 +361,6 @@ export function bind(engine, o, emit, log) {
     }),
     pending: () => number(PENDING),
     status: () => call(STATUS),
-    forceSend: () => drain(),
+    forceSend: drain,
   };
 }

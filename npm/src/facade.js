@@ -4,22 +4,17 @@
 //
 // Importing this module touches no browser global, so server-side rendering works.
 
-import { bind } from './binding.js';
+import { bind, guarded, storage } from './binding.js';
 
 export const VERSION = '0.1.0';
 const PRE = 'tl1:p:';
-const METHODS = ['track', 'page', 'identify', 'reset', 'optOut', 'optIn'];
+// The calls kept (and replayed) until the wasm is ready, and how many arguments each keeps.
+export const METHODS = ['track', 'page', 'identify', 'reset', 'optOut', 'optIn'];
+const ARITY = [2, 1, 2, 0, 0, 0];
 
 const noop = () => {};
-const inBrowser = () => typeof window !== 'undefined' && typeof document !== 'undefined';
-
-function storage() {
-  try {
-    return window.localStorage;
-  } catch (e) {
-    return null;
-  }
-}
+// Prints as `[tracklet] ...`.
+const warn = (...a) => console.warn('[tracklet]', ...a);
 
 // `props` as a JSON object string, or undefined. Never throws (cycles, BigInt, ...).
 function propsJson(props) {
@@ -61,8 +56,8 @@ function context() {
 function options(o) {
   o = o || {};
   const auto = o.autocapture;
-  const on = (k) => (auto === undefined || auto === true ? true : auto === false ? false : auto[k] !== false);
-  const sampling = o.sampling || {};
+  // `autocapture`: true (or missing) for all, false for none, or {pageView, click, scroll}.
+  const on = (k) => auto !== false && (auto || {})[k] !== false;
   return {
     endpoint: o.endpoint,
     apiKey: o.apiKey,
@@ -72,8 +67,7 @@ function options(o) {
     pageView: on('pageView'),
     click: on('click'),
     scroll: on('scroll'),
-    sampleNames: Object.keys(sampling),
-    sampleRates: Object.keys(sampling).map((k) => Number(sampling[k])),
+    sampling: { ...o.sampling },
     alwaysKeep: (o.alwaysKeep || []).map(String),
     respectPrivacySignals: o.respectPrivacySignals !== false,
     debug: !!o.debug,
@@ -81,45 +75,40 @@ function options(o) {
 }
 
 /**
- * Makes `init(options)`. `load` resolves to the wasm-bindgen module (with `Tracker`).
+ * Makes `init(options)`. `load` resolves to the wasm-bindgen bindings (wasm-loader.js).
  */
 export function makeInit(load) {
   // The page's tracker: one per page, since every tracker of an origin would share the
   // same stored queue (and capture every page view twice).
   let active = null;
+  let activeOptions;
   return function init(userOptions) {
     const o = options(userOptions);
-    const log = o.debug ? (...a) => console.warn('[tracklet]', ...a) : noop;
+    const log = o.debug ? warn : noop;
     const listeners = new Set();
     let real = null;
     let ready = null;
-    // Calls made before the wasm is ready: [key, method, args, ts], also in storage.
+    // Calls made before the wasm is ready: [key, [method, args, ts], persisted]; persisted:
+    // also in storage, under key.
     const early = [];
     let seq = 0;
 
+    const browser = typeof window !== 'undefined' && typeof document !== 'undefined';
     const privacyOff =
-      inBrowser() &&
+      browser &&
       o.respectPrivacySignals &&
       (navigator.doNotTrack === '1' || window.doNotTrack === '1' || navigator.globalPrivacyControl === true);
-    const disabled = !inBrowser() || privacyOff || !o.endpoint || !o.apiKey;
-    if (inBrowser() && (!o.endpoint || !o.apiKey)) console.warn('[tracklet] init() needs endpoint and apiKey');
-    if (privacyOff) log('Do Not Track / Global Privacy Control is on: tracking is off');
+    const disabled = !browser || privacyOff || !o.endpoint || !o.apiKey;
+    if (browser && (!o.endpoint || !o.apiKey)) warn('init() needs endpoint and apiKey');
+    if (privacyOff) log('tracking off: Do Not Track / Global Privacy Control is on');
     if (!disabled && active) {
-      if (active.options.endpoint !== o.endpoint || active.options.apiKey !== o.apiKey) {
-        console.warn('[tracklet] init() was called again: the first tracker stays in use');
+      if (activeOptions.endpoint !== o.endpoint || activeOptions.apiKey !== o.apiKey) {
+        warn('init() again: the first tracker stays in use');
       }
-      return active.tracker;
+      return active;
     }
 
-    const safe = (fn, fallback) =>
-      function () {
-        try {
-          return fn.apply(null, arguments);
-        } catch (e) {
-          log(e);
-          return fallback;
-        }
-      };
+    const safe = guarded(log);
 
     function invoke(method, args, at) {
       const [a, b] = args;
@@ -136,16 +125,20 @@ export function makeInit(load) {
     }
 
     function call(method, args) {
+      if (method === 'track' && (typeof args[0] !== 'string' || !args[0])) {
+        return log('track() needs a non-empty event name');
+      }
       if (disabled) return;
       if (real) return invoke(method, args, NaN);
       const ts = Date.now();
       const key = PRE + ts.toString(36) + '.' + (1e6 + seq++) + Math.random().toString(36).slice(2, 6);
+      const c = [method, args, ts];
       let persisted = false;
       try {
-        storage().setItem(key, JSON.stringify([method, args, ts]));
+        storage().setItem(key, JSON.stringify(c));
         persisted = true;
       } catch (e) {}
-      early.push([key, method, args, ts, persisted]);
+      early.push([key, c, persisted]);
     }
 
     // Replays calls kept before the wasm was ready: this page's and any left by a page
@@ -153,7 +146,7 @@ export function makeInit(load) {
     function replay() {
       const s = storage();
       const calls = new Map();
-      for (const [key, method, args, ts, persisted] of early) if (!persisted) calls.set(key, [method, args, ts]);
+      for (const [key, c, persisted] of early) if (!persisted) calls.set(key, c);
       if (s) {
         for (let i = 0; i < s.length; i++) {
           const key = s.key(i);
@@ -172,43 +165,26 @@ export function makeInit(load) {
         try {
           if (s) s.removeItem(key);
         } catch (e) {}
-        if (Array.isArray(c) && METHODS.includes(c[0])) {
-          try {
-            invoke(c[0], c[1] || [], c[2]);
-          } catch (e) {
-            log(e);
-          }
-        }
+        if (Array.isArray(c) && METHODS.includes(c[0])) safe(invoke)(c[0], c[1] || [], c[2]);
       }
     }
 
-    o.wantsStatus = () => listeners.size > 0;
-    function emit(json) {
-      let st;
-      try {
-        st = JSON.parse(json);
-      } catch (e) {
-        return;
-      }
-      for (const cb of listeners) {
-        try {
-          cb(st);
-        } catch (e) {
-          log(e);
-        }
-      }
-    }
+    // Tells the onStatus() listeners; one that throws is logged and the others still hear.
+    const emit = safe((json) => {
+      const st = JSON.parse(json);
+      for (const cb of listeners) safe(cb)(st);
+    });
 
     if (!disabled) {
       ready = load()
         .then((m) => {
-          real = bind(m, o, emit, log);
+          real = bind(m, o, emit, log, listeners);
           real.setContext(context());
           replay();
           if (listeners.size) emit(real.status());
         })
         .catch((e) => {
-          console.warn('[tracklet] could not start; events stay queued in storage', e);
+          warn('could not start; events stay queued', e);
         });
     }
 
@@ -218,22 +194,13 @@ export function makeInit(load) {
       lastError: null,
       lastSentAt: null,
       nextRetryAt: null,
-      online: inBrowser() ? navigator.onLine : false,
+      online: browser ? navigator.onLine : false,
       rejected: 0,
       dropped: 0,
       optedOut: false,
     });
 
     const tracker = {
-      track: safe((name, props) => {
-        if (typeof name !== 'string' || !name) return log('track() needs an event name (a non-empty string)');
-        call('track', props === undefined ? [name] : [name, props]);
-      }),
-      page: safe((props) => call('page', props === undefined ? [] : [props])),
-      identify: safe((userId, traits) => call('identify', traits === undefined ? [userId] : [userId, traits])),
-      reset: safe(() => call('reset', [])),
-      optOut: safe(() => call('optOut', [])),
-      optIn: safe(() => call('optIn', [])),
       pendingCount: safe(() => (real ? real.pending() : early.length), 0),
       status: safe(() => (real ? JSON.parse(real.status()) : earlyStatus()), earlyStatus),
       onStatus: safe((cb) => {
@@ -241,12 +208,11 @@ export function makeInit(load) {
         return () => listeners.delete(cb);
       }, noop),
       clearEvents: safe(() => {
-        let n = 0;
+        const n = early.length;
         for (const [key] of early) {
           try {
             storage().removeItem(key);
           } catch (e) {}
-          n++;
         }
         early.length = 0;
         return n + (real ? real.clear() : 0);
@@ -254,21 +220,23 @@ export function makeInit(load) {
       forceSend: () =>
         Promise.resolve(ready)
           .then(() => (real ? real.forceSend() : 0))
-          .then(
-            (sent) => ({ sent, pending: tracker.pendingCount() }),
-            (e) => {
-              log(e);
-              return { sent: 0, pending: tracker.pendingCount() };
-            },
-          ),
+          .catch((e) => (log(e), 0))
+          .then((sent) => ({ sent, pending: tracker.pendingCount() })),
       /** Resolves when the wasm is loaded (or failed to load). */
       ready: () => Promise.resolve(ready),
     };
     tracker.flush = tracker.forceSend;
+    // track(name, props), page(props), identify(userId, traits), reset(), optOut(), optIn().
+    METHODS.forEach((m, i) => {
+      tracker[m] = safe((...args) => {
+        call(m, args.slice(0, ARITY[i]));
+      });
+    });
 
     if (!disabled) {
-      active = { tracker, options: o };
-      safe(autocapture)(tracker, o, log);
+      active = tracker;
+      activeOptions = o;
+      safe(autocapture)(tracker, o, safe);
     }
     return tracker;
   };
@@ -314,63 +282,53 @@ function describeClick(target) {
   return props;
 }
 
-function autocapture(t, o, log) {
+// `safe` guards the browser's callbacks (see binding.js `guarded`).
+function autocapture(t, o, safe) {
   let lastPath = null;
   let marks = new Set();
-  const pageView = () => {
+  const pageView = safe(() => {
     const path = location.pathname;
     if (path === lastPath) return;
     lastPath = path;
     marks = new Set();
     t.page({ path, url: location.href, title: document.title || undefined, referrer: document.referrer || undefined });
-  };
+  });
   if (o.pageView) {
     pageView();
     for (const m of ['pushState', 'replaceState']) {
       const orig = history[m];
       history[m] = function () {
         const r = orig.apply(this, arguments);
-        try {
-          pageView();
-        } catch (e) {
-          log(e);
-        }
+        pageView();
         return r;
       };
     }
-    addEventListener('popstate', () => pageView());
-    addEventListener('pageshow', (e) => {
-      if (e.persisted) {
-        lastPath = null;
-        pageView();
-      }
-    });
+    addEventListener('popstate', pageView);
+    addEventListener(
+      'pageshow',
+      safe((e) => {
+        if (e.persisted) {
+          lastPath = null;
+          pageView();
+        }
+      }),
+    );
   }
   if (o.click) {
     document.addEventListener(
       'click',
-      (e) => {
-        try {
-          const props = e.target && e.target.closest ? describeClick(e.target) : null;
-          if (props) t.track('click', props);
-        } catch (err) {
-          log(err);
-        }
-      },
+      safe((e) => {
+        const props = e.target && e.target.closest ? describeClick(e.target) : null;
+        if (props) t.track('click', props);
+      }),
       { capture: true, passive: true },
     );
   }
   if (o.scroll) {
     let timer = 0;
-    const check = () => {
+    // At most one check per 200 ms of scrolling.
+    const check = safe(() => {
       timer = 0;
-      try {
-        scrollMarks();
-      } catch (e) {
-        log(e);
-      }
-    };
-    const scrollMarks = () => {
       const d = document.documentElement;
       const total = Math.max(d.scrollHeight, document.body ? document.body.scrollHeight : 0);
       const seen = total <= innerHeight ? 100 : ((scrollY + innerHeight) / total) * 100;
@@ -380,7 +338,7 @@ function autocapture(t, o, log) {
           t.track('scroll', { depth: m, path: location.pathname });
         }
       }
-    };
+    });
     addEventListener(
       'scroll',
       () => {

@@ -5,11 +5,11 @@
 //
 // initialises itself; window.tracklet.track(...) and friends forward to that tracker.
 // Calls made through the pre-load snippet (window.tracklet.q) are replayed in order.
-import { makeInit, VERSION } from './facade.js';
+import { makeInit, METHODS, VERSION } from './facade.js';
 import { wasmLoader } from './wasm-loader.js';
 
 const script = document.currentScript;
-const wasmUrl = new URL('tracklet.wasm', (script && script.src) || location.href).href;
+const wasmUrl = new URL('tracklet.wasm', (script && script.src) || location.href);
 const init = makeInit(wasmLoader(() => wasmUrl));
 
 let current = null;
@@ -33,7 +33,7 @@ function forward(method, args) {
   return typeof f === 'function' ? f.apply(current, args) : undefined;
 }
 
-for (const m of ['track', 'page', 'identify', 'reset', 'optOut', 'optIn', 'forceSend', 'flush', 'clearEvents', 'pendingCount', 'status', 'onStatus']) {
+for (const m of [...METHODS, 'forceSend', 'flush', 'clearEvents', 'pendingCount', 'status', 'onStatus']) {
   api[m] = (...args) => forward(m, args);
 }
 
