@@ -68,7 +68,7 @@ function options(o) {
     click: on('click'),
     scroll: on('scroll'),
     sampling: { ...o.sampling },
-    alwaysKeep: (o.alwaysKeep || []).map(String),
+    alwaysKeep: [].concat(o.alwaysKeep || []).map(String),
     respectPrivacySignals: o.respectPrivacySignals !== false,
     debug: !!o.debug,
   };
@@ -82,7 +82,16 @@ export function makeInit(load) {
   // same stored queue (and capture every page view twice).
   let active = null;
   let activeOptions;
+  // Never throws into the page: options that cannot be read give an inert tracker.
   return function init(userOptions) {
+    try {
+      return start(userOptions);
+    } catch (e) {
+      warn('init() failed', e);
+      return start({});
+    }
+  };
+  function start(userOptions) {
     const o = options(userOptions);
     const log = o.debug ? warn : noop;
     const listeners = new Set();
@@ -202,7 +211,7 @@ export function makeInit(load) {
 
     const tracker = {
       pendingCount: safe(() => (real ? real.pending() : early.length), 0),
-      status: safe(() => (real ? JSON.parse(real.status()) : earlyStatus()), earlyStatus),
+      status: () => safe(() => (real ? JSON.parse(real.status()) : earlyStatus()))() || earlyStatus(),
       onStatus: safe((cb) => {
         listeners.add(cb);
         return () => listeners.delete(cb);
@@ -239,7 +248,7 @@ export function makeInit(load) {
       safe(autocapture)(tracker, o, safe);
     }
     return tracker;
-  };
+  }
 }
 
 // ---- autocapture --------------------------------------------------------------------

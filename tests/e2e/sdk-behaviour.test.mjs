@@ -234,7 +234,17 @@ test('Global Privacy Control turns tracking off; bad input never throws; one tra
       const t = window.tracklet.init({ endpoint, apiKey, autocapture: false });
       t.track('Song Played', { seq: 1 });
       const off = { pending: t.pendingCount(), sent: (await t.forceSend()).sent };
-      const t2 = window.tracklet.init({ endpoint, apiKey, autocapture: false, respectPrivacySignals: false });
+      // Options that cannot be read give an inert tracker, never an exception.
+      const odd = window.tracklet.init({
+        endpoint,
+        apiKey,
+        respectPrivacySignals: false,
+        get autocapture() {
+          throw new Error('unreadable option');
+        },
+      });
+      odd.track('never sent');
+      const t2 = window.tracklet.init({ endpoint, apiKey, autocapture: false, respectPrivacySignals: false, alwaysKeep: 'ok' });
       await t2.ready();
       const cyclic = { a: 1 };
       cyclic.self = cyclic;

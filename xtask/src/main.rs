@@ -118,7 +118,7 @@ fn pinned_wasm_bindgen() -> Result<String> {
 }
 
 /// Installs what a build needs and is missing: the wasm target, the wasm-bindgen CLI at
-/// the pinned version, and the npm tooling (esbuild, binaryen's wasm-opt, playwright-core).
+/// the pinned version, and the npm tooling (esbuild, terser, binaryen's wasm-opt, playwright-core).
 fn ensure_tools() -> Result<()> {
     let targets =
         output(Command::new("rustup").args(["target", "list", "--installed"])).unwrap_or_default();
