@@ -197,8 +197,10 @@ fn gone_key(chunk: &str) -> String {
     k
 }
 
-/// Adds ids (one per line) to the gone-list of record `chunk` in `gone`.
-fn merge_gone(gone: &mut Vec<(String, String)>, chunk: &str, ids: &str) {
+/// Adds ids (one per line) to the gone-list of record `chunk` in `gone`. `fresh`: the ids
+/// cannot be in the list yet (they just left the queue), so they are appended unsearched;
+/// a burst of thousands of events in one record is acknowledged in linear time.
+fn merge_gone(gone: &mut Vec<(String, String)>, chunk: &str, ids: &str, fresh: bool) {
     let at = match gone.iter().position(|(c, _)| c == chunk) {
         Some(at) => at,
         None => {
@@ -207,8 +209,20 @@ fn merge_gone(gone: &mut Vec<(String, String)>, chunk: &str, ids: &str) {
         }
     };
     let list = &mut gone[at].1;
+    // The usual case on a refresh: the stored list is ours, perhaps with more ids after it.
+    if ids.starts_with(list.as_str())
+        && (list.is_empty()
+            || ids
+                .as_bytes()
+                .get(list.len())
+                .is_none_or(|&b| b == storage::LINE))
+    {
+        list.clear();
+        list.push_str(ids);
+        return;
+    }
     for id in text::fields(ids, storage::LINE).filter(|id| !id.is_empty()) {
-        if !text::fields(list, storage::LINE).any(|g| g == id) {
+        if fresh || !text::fields(list, storage::LINE).any(|g| g == id) {
             if !list.is_empty() {
                 list.push(storage::LINE as char);
             }
@@ -298,7 +312,7 @@ impl Core {
                     .any(|(k, _)| k.strip_prefix(storage::EVENT) == Some(first_id))
                 {
                     gone_lists.push((first_id, value));
-                    merge_gone(&mut self.gone, &event_key(first_id), value);
+                    merge_gone(&mut self.gone, &event_key(first_id), value, false);
                 } else {
                     // Its record is gone: so is the list.
                     self.actions.push(Action::Remove(key.into()));
@@ -313,17 +327,20 @@ impl Core {
         let mut user = None;
         for &(key, value) in &entries {
             if let Some(first_id) = key.strip_prefix(storage::EVENT) {
-                let gone = gone_lists
-                    .iter()
-                    .find(|(f, _)| *f == first_id)
-                    .map_or("", |(_, g)| *g);
+                let gone = text::Parts::new(
+                    gone_lists
+                        .iter()
+                        .find(|(f, _)| *f == first_id)
+                        .map_or("", |(_, g)| *g),
+                    storage::LINE,
+                );
                 let mut valid = false;
                 for line in text::fields(value, storage::LINE) {
                     let Some(id) = storage::event_line_id(line) else {
                         continue;
                     };
                     valid = true;
-                    if text::fields(gone, storage::LINE).any(|g| g == id) {
+                    if gone.contains(id) {
                         continue;
                     }
                     stored_ids.push(id);
@@ -455,7 +472,6 @@ impl Core {
                 in_flight: false,
             },
         );
-        self.enforce_caps();
         Ok(id)
     }
 
@@ -588,8 +604,12 @@ impl Core {
         self.online = online;
     }
 
-    /// Storage changes to carry out now, in order.
+    /// Storage changes to carry out now, in order. The queue's bounds are enforced here,
+    /// once per task rather than once per `track()`: a burst of thousands of events in one
+    /// task then costs one pass over the queue, not one per event (the queue may exceed its
+    /// bounds until the task's end).
     pub fn take_actions(&mut self) -> Vec<Action> {
+        self.enforce_caps();
         self.write_open_chunk();
         core::mem::take(&mut self.actions)
     }
@@ -868,8 +888,9 @@ impl Core {
                     actions.push(Action::Remove(gone_key(chunk)));
                     actions.push(Action::Remove(chunk.clone()));
                 }
-            } else {
-                merge_gone(gone, chunk, id);
+            } else if r.persisted {
+                // (An event never written needs no gone-list to hide it.)
+                merge_gone(gone, chunk, id, true);
                 if !touched.contains(chunk) {
                     touched.push(chunk.clone());
                 }

@@ -486,8 +486,19 @@ fn the_byte_bound_also_drops_the_oldest() {
     for _ in 0..10 {
         c.track("big", Some(&big), 0).unwrap();
     }
+    // The bounds hold from the end of the task (the binding's take_actions) on.
+    apply(&mut st, &mut c);
     assert!(c.pending() <= 4, "{}", c.pending());
     assert_eq!(c.status().dropped as usize + c.pending(), 10);
+    assert_eq!(
+        stored_events(&st),
+        c.pending(),
+        "dropped events are never written"
+    );
+    assert!(
+        !st.keys().any(|k| k.starts_with(storage::GONE)),
+        "nor need a gone-list"
+    );
 }
 
 #[test]

@@ -43,7 +43,8 @@ enum Cmd {
     Test,
     /// Benchmarks (numbers for the README; they never fail on speed).
     Bench {
-        /// `sdk` (track() cost and wire bytes in headless Chromium) or `collector`.
+        /// `sdk` (track() cost and wire bytes in headless Chromium), `core` (the sans-IO
+        /// core on the host: bursts, restores) or `collector`.
         what: String,
     },
     /// Print the gzip size of the script-tag build and fail above the ceiling.
@@ -512,10 +513,19 @@ fn bench(what: &str) -> Result<()> {
                 .current_dir(&root)
                 .env("CHROMIUM_PATH", chromium()?))
         }
+        "core" => run(cargo().current_dir(&root).args([
+            "run",
+            "--release",
+            "-q",
+            "-p",
+            "tracklet-core",
+            "--example",
+            "bench",
+        ])),
         "collector" => {
             let db = postgres_url()?;
             run(Command::new(build_server_bins()?.join("tracklet-loadgen")).env("DATABASE_URL", db))
         }
-        other => bail!("unknown benchmark {other:?}: use `sdk` or `collector`"),
+        other => bail!("unknown benchmark {other:?}: use `sdk`, `core` or `collector`"),
     }
 }
