@@ -3,31 +3,9 @@
 //! refreshes a large stored queue. Prints a markdown table; never fails on speed. The
 //! browser runs the same code as wasm, some 2-3 times slower.
 
-use std::collections::BTreeMap;
 use std::time::Instant;
-use tracklet_core::{Action, Config, Core, Outcome};
-
-type Storage = BTreeMap<String, String>;
-
-fn apply(storage: &mut Storage, core: &mut Core) {
-    for a in core.take_actions() {
-        match a {
-            Action::Set(k, v) => {
-                storage.insert(k, v);
-            }
-            Action::Remove(k) => {
-                storage.remove(&k);
-            }
-        }
-    }
-}
-
-fn entries(storage: &Storage) -> Vec<(&str, &str)> {
-    storage
-        .iter()
-        .map(|(k, v)| (k.as_str(), v.as_str()))
-        .collect()
-}
+use tracklet_core::memory::{apply, entries, Storage};
+use tracklet_core::{Config, Core, Outcome};
 
 fn tab(storage: &mut Storage, seed: u64) -> Core {
     let cfg = Config {

@@ -15,6 +15,7 @@ pub mod backoff;
 pub mod deflate;
 pub mod gzip;
 pub mod ids;
+pub mod memory;
 mod queue;
 pub mod storage;
 pub mod text;

@@ -9,27 +9,7 @@ use tracklet_wire::types::{BatchEnvelope, Event};
 
 extern crate std;
 
-type Storage = BTreeMap<String, String>;
-
-fn apply(storage: &mut Storage, core: &mut Core) {
-    for a in core.take_actions() {
-        match a {
-            Action::Set(k, v) => {
-                storage.insert(k, v);
-            }
-            Action::Remove(k) => {
-                storage.remove(&k);
-            }
-        }
-    }
-}
-
-fn entries(storage: &Storage) -> Vec<(&str, &str)> {
-    storage
-        .iter()
-        .map(|(k, v)| (k.as_str(), v.as_str()))
-        .collect()
-}
+use crate::memory::{apply, entries, Storage};
 
 fn tab(storage: &mut Storage, cfg: Config, seed: u64) -> Core {
     let mut core = Core::new(cfg, seed);
