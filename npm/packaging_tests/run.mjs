@@ -1,5 +1,5 @@
 // Packaging tests: `npm pack` the package, install the tarball into small consumer projects
-// (Vite + React, webpack, a plain page with the script tag, Node), build them, and run the
+// (Vite + React, Next.js, webpack, a plain page with the script tag, Node), build them, and run the
 // builds in headless Chromium against a stub collector (and the Vite app once against the
 // real collector on Postgres).
 //
@@ -109,6 +109,7 @@ test('package: manifest, files, entries', async () => {
 const nodeDir = join(work, 'node-ssr');
 const webpackDir = join(work, 'webpack');
 const viteDir = join(work, 'vite-react');
+const nextDir = join(work, 'next');
 
 test('install consumers (cached in npm/packaging_tests/.work)', async () => {
   installConsumer(
@@ -142,9 +143,17 @@ test('install consumers (cached in npm/packaging_tests/.work)', async () => {
     example.devDependencies.vite = '^7.0.0';
     installConsumer(viteDir, example, log);
   }
-  const vite = JSON.parse(readFileSync(join(viteDir, 'node_modules/vite/package.json'), 'utf8')).version;
-  const webpack = JSON.parse(readFileSync(join(webpackDir, 'node_modules/webpack/package.json'), 'utf8')).version;
-  log(`consumers ready: vite ${vite}, webpack ${webpack}`);
+  installConsumer(
+    nextDir,
+    {
+      name: 'consumer-next',
+      private: true,
+      dependencies: { next: '^16.0.0', react: '^19.0.0', 'react-dom': '^19.0.0', tracklet: tarballDep() },
+    },
+    log,
+  );
+  const version = (dir, pkg) => JSON.parse(readFileSync(join(dir, 'node_modules', pkg, 'package.json'), 'utf8')).version;
+  log(`consumers ready: vite ${version(viteDir, 'vite')}, webpack ${version(webpackDir, 'webpack')}, next ${version(nextDir, 'next')}`);
 });
 
 test('node: importing every entry on the server does not throw; init() is inert; SSR renders', async () => {
@@ -268,6 +277,52 @@ test('webpack: default entry (inlined wasm) and slim entry (wasm as an asset) in
     assert.ok(slim && slim.key === 'webpack-slim-key', 'the slim page event arrived');
     assert.ok(site.requests.some((p) => p.endsWith('.wasm')), 'the slim entry fetched the wasm asset');
     await page.close();
+  });
+});
+
+test('next.js (app router, static export, StrictMode): provider, hook and page views in Chromium', async () => {
+  for (const d of ['app', 'out', '.next']) rmSync(join(nextDir, d), { recursive: true, force: true });
+  cpSync(join(consumers, 'next'), nextDir, { recursive: true });
+  // The endpoint is baked into the client bundle at build time.
+  writeFileSync(join(nextDir, '.env.production'), `NEXT_PUBLIC_TRACKLET_ENDPOINT=${stub.origin}\n`);
+  sh('node', [join(nextDir, 'node_modules/next/dist/bin/next'), 'build'], {
+    cwd: nextDir,
+    env: { ...process.env, NEXT_TELEMETRY_DISABLED: '1' },
+  });
+  // The server render (at build time) shows the inert tracker's badge.
+  assert.match(readFileSync(join(nextDir, 'out/index.html'), 'utf8'), /data-state="idle"/);
+  await withSite(join(nextDir, 'out'), {}, async (site) => {
+    const page = await browser.page();
+    await page.goto(`${site.origin}/`);
+    const pending = (n) =>
+      eventually(async () => (await page.textContent('#pending')) === `${n} pending`, () => `${n} pending events`);
+    await pending(1); // the page view
+    await page.click('#add'); // autocapture's click, and the hook's track()
+    await pending(3);
+    await page.click('#send');
+    await pending(0);
+    // Client-side navigation is a page view too; StrictMode's double mount started one tracker.
+    await page.click('nav >> text=Cart');
+    await page.waitForSelector('#cart-page');
+    await page.click('#send');
+    await eventually(
+      () => stub.events.filter((e) => e.name === 'page_view').length === 2,
+      () => `two page views (got ${stub.names()})`,
+    );
+    assert.deepEqual(stub.events.filter((e) => e.name === 'page_view').map((e) => e.props.path), ['/', '/cart/']);
+    const clicked = stub.events.filter((e) => e.name === 'Next Clicked');
+    assert.equal(clicked.length, 1);
+    assert.ok(clicked[0].key === 'next-key' && clicked[0].props.n === 1);
+    // Autocapture saw every click, each before the click's own handler ran.
+    assert.deepEqual(
+      stub.events.filter((e) => e.name === 'click').map((e) => [e.props.tag, e.props.text]),
+      [['button', 'Add'], ['button', 'Send'], ['a', 'Cart'], ['button', 'Send']],
+    );
+    await page.close();
+    // Next's router cancels its own fetches of the site's routes (prefetches, RSC payloads)
+    // when a navigation supersedes them: not a failure of the page.
+    const aborted = (e) => e.startsWith(`request failed: ${site.origin}/`) && e.endsWith('(net::ERR_ABORTED)');
+    for (let i = browser.errors.length - 1; i >= 0; i--) if (aborted(browser.errors[i])) browser.errors.splice(i, 1);
   });
 });
 

@@ -7,6 +7,7 @@
 // The tracker comes from the default entry (`tracklet`, wasm inlined) unless the provider
 // is given one (`tracker={...}`, e.g. made with `tracklet/slim`). Safe to import and render
 // on the server: there the tracker is inert and the hook reports an empty queue.
+import * as React from 'react';
 import { createContext, createElement, useContext, useEffect, useMemo, useState } from 'react';
 import { init } from './index.js';
 
@@ -101,15 +102,27 @@ function storeFor(t) {
   return store;
 }
 
-export function useTracklet() {
-  const provided = useContext(Context);
-  const t = provided || inert;
-  const store = storeFor(t);
-  const [status, setStatus] = useState(store.get);
+const serverStatus = () => idle;
+
+// The tracker's status as React state. The server (and hydration) sees the idle status, so
+// a server-rendered page hydrates without a mismatch; the browser then shows the real one.
+// React 18+ has useSyncExternalStore for exactly this; older React renders the idle status
+// first and updates after mounting.
+function useStore(store) {
+  if (React.useSyncExternalStore) return React.useSyncExternalStore(store.subscribe, store.get, serverStatus);
+  const [status, setStatus] = useState(idle);
   useEffect(() => {
     setStatus(store.get());
     return store.subscribe(setStatus);
   }, [store]);
+  return status;
+}
+
+export function useTracklet() {
+  const provided = useContext(Context);
+  const t = provided || inert;
+  const store = storeFor(t);
+  const status = useStore(store);
   return useMemo(
     () => ({
       tracker: t,
