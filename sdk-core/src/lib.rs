@@ -198,10 +198,8 @@ fn gone_key(chunk: &str) -> String {
     k
 }
 
-/// Adds ids (one per line) to the gone-list of record `chunk` in `gone`. `fresh`: the ids
-/// cannot be in the list yet (they just left the queue), so they are appended unsearched;
-/// a burst of thousands of events in one record is acknowledged in linear time.
-fn merge_gone(gone: &mut Vec<(String, String)>, chunk: &str, ids: &str, fresh: bool) {
+/// The gone-list of record `chunk` in `gone`, made empty if there is none.
+fn gone_list<'a>(gone: &'a mut Vec<(String, String)>, chunk: &str) -> &'a mut String {
     let at = match gone.iter().position(|(c, _)| c == chunk) {
         Some(at) => at,
         None => {
@@ -209,26 +207,38 @@ fn merge_gone(gone: &mut Vec<(String, String)>, chunk: &str, ids: &str, fresh: b
             gone.len() - 1
         }
     };
-    let list = &mut gone[at].1;
-    // The usual case on a refresh: the stored list is ours, perhaps with more ids after it.
-    if ids.starts_with(list.as_str())
-        && (list.is_empty()
-            || ids
-                .as_bytes()
-                .get(list.len())
-                .is_none_or(|&b| b == storage::LINE))
-    {
-        list.clear();
-        list.push_str(ids);
-        return;
+    &mut gone[at].1
+}
+
+/// Adds `line` to the gone-list of record `chunk`: it just left the queue, so it is not in
+/// the list yet and is appended unsearched (a burst of thousands of events in one record
+/// is acknowledged in linear time).
+fn add_gone(gone: &mut Vec<(String, String)>, chunk: &str, line: u32) {
+    let list = gone_list(gone, chunk);
+    if !list.is_empty() {
+        list.push(storage::LINE as char);
     }
-    for id in text::fields(ids, storage::LINE).filter(|id| !id.is_empty()) {
-        if fresh || !text::fields(list, storage::LINE).any(|g| g == id) {
-            if !list.is_empty() {
-                list.push(storage::LINE as char);
-            }
-            list.push_str(id);
+    push_u64(list, line as u64);
+}
+
+/// Merges a stored gone-list (another tab's view) into ours for record `chunk`.
+fn merge_gone(gone: &mut Vec<(String, String)>, chunk: &str, stored: &str) {
+    let list = gone_list(gone, chunk);
+    let mut lines = storage::gone_lines(list);
+    for (l, &g) in storage::gone_lines(stored).iter().enumerate() {
+        if g && lines.len() <= l {
+            lines.resize(l + 1, false);
         }
+        if g {
+            lines[l] = true;
+        }
+    }
+    list.clear();
+    for (l, _) in lines.iter().enumerate().filter(|(_, &g)| g) {
+        if !list.is_empty() {
+            list.push(storage::LINE as char);
+        }
+        push_u64(list, l as u64);
     }
 }
 
@@ -313,7 +323,7 @@ impl Core {
                     .any(|(k, _)| k.strip_prefix(storage::EVENT) == Some(first_id))
                 {
                     gone_lists.push((first_id, value));
-                    merge_gone(&mut self.gone, &event_key(first_id), value, false);
+                    merge_gone(&mut self.gone, &event_key(first_id), value);
                 } else {
                     // Its record is gone: so is the list.
                     self.actions.push(Action::Remove(key.into()));
@@ -328,20 +338,19 @@ impl Core {
         let mut user = None;
         for &(key, value) in &entries {
             if let Some(first_id) = key.strip_prefix(storage::EVENT) {
-                let gone = text::Parts::new(
+                let gone = storage::gone_lines(
                     gone_lists
                         .iter()
                         .find(|(f, _)| *f == first_id)
                         .map_or("", |(_, g)| *g),
-                    storage::LINE,
                 );
                 let mut valid = false;
-                for line in text::fields(value, storage::LINE) {
+                for (at, line) in text::fields(value, storage::LINE).enumerate() {
                     let Some(id) = storage::event_line_id(line) else {
                         continue;
                     };
                     valid = true;
-                    if gone.contains(id) {
+                    if gone.get(at).is_some_and(|&g| g) {
                         continue;
                     }
                     stored_ids.push(id);
@@ -352,6 +361,7 @@ impl Core {
                             keep,
                             persisted: true,
                             chunk: key.into(),
+                            line: at as u32,
                             in_flight: false,
                         };
                         self.queue.insert(id.into(), record);
@@ -470,6 +480,7 @@ impl Core {
                 keep,
                 persisted: false,
                 chunk,
+                line: 0,
                 in_flight: false,
             },
         );
@@ -623,12 +634,14 @@ impl Core {
         // A record's events all come at or after its first event (the key's id).
         let first = chunk.get(storage::EVENT.len()..).unwrap_or_default();
         let mut value = String::new();
-        for r in self.queue.iter_mut_from(first).filter(|r| r.chunk == chunk) {
-            if !value.is_empty() {
+        let records = self.queue.iter_mut_from(first).filter(|r| r.chunk == chunk);
+        for (line, r) in records.enumerate() {
+            if line > 0 {
                 value.push(storage::LINE as char);
             }
             value.push_str(&r.json);
             r.persisted = true;
+            r.line = line as u32;
         }
         if !value.is_empty() {
             self.actions.push(Action::Set(chunk, value));
@@ -876,7 +889,7 @@ impl Core {
     fn remove_events(&mut self, ids: &[String]) {
         let mut touched: Vec<String> = Vec::new();
         let (gone, actions, open) = (&mut self.gone, &mut self.actions, &self.open_chunk);
-        self.queue.remove_all(ids, |id, r, emptied| {
+        self.queue.remove_all(ids, |_, r, emptied| {
             let chunk = &r.chunk;
             if emptied {
                 if let Some(i) = gone.iter().position(|(c, _)| c == chunk) {
@@ -891,7 +904,7 @@ impl Core {
                 }
             } else if r.persisted {
                 // (An event never written needs no gone-list to hide it.)
-                merge_gone(gone, chunk, id, true);
+                add_gone(gone, chunk, r.line);
                 if !touched.contains(chunk) {
                     touched.push(chunk.clone());
                 }

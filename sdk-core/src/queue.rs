@@ -16,6 +16,9 @@ pub(crate) struct Record {
     pub persisted: bool,
     /// The storage record holding it: `tl1:e:<id of the record's first event>`.
     pub chunk: String,
+    /// Its line in that record (0 for the first), once written: what its record's
+    /// gone-list names when it is gone.
+    pub line: u32,
     /// Part of the batch this tab has on the wire.
     pub in_flight: bool,
 }
@@ -184,6 +187,7 @@ mod tests {
             keep: false,
             persisted: true,
             chunk: String::from("c"),
+            line: 0,
             in_flight: false,
         }
     }

@@ -12,10 +12,30 @@ pub const PREFIX: &str = "tl1:";
 /// and never rewritten, only removed when none of its events is left: another tab's stale
 /// copy can then never bring back an event that was acknowledged.
 pub const EVENT: &str = "tl1:e:";
-/// `tl1:a:<id of the record's first event>` -> ids of that record's events that are gone
-/// (acknowledged, rejected, dropped or cleared) while others in it are still queued, one
-/// per line.
+/// `tl1:a:<id of the record's first event>` -> the lines of that record (0 for the first)
+/// whose events are gone (acknowledged, rejected, dropped or cleared) while others in it
+/// are still queued, one number per line. Records are never rewritten, so a line number
+/// names its event for good; numbers keep the list short and checked in constant time.
 pub const GONE: &str = "tl1:a:";
+
+/// Most lines a gone-list may name (a record holds the events of one task): larger numbers
+/// are corrupt and ignored, so a damaged list cannot make the core allocate much.
+pub const MAX_RECORD_LINES: u64 = 1 << 20;
+
+/// The lines a gone-list names, as flags by line number.
+pub fn gone_lines(list: &str) -> alloc::vec::Vec<bool> {
+    let mut lines = alloc::vec::Vec::new();
+    for n in crate::text::fields(list, LINE).filter_map(crate::text::number) {
+        if n < MAX_RECORD_LINES {
+            let n = n as usize;
+            if lines.len() <= n {
+                lines.resize(n + 1, false);
+            }
+            lines[n] = true;
+        }
+    }
+    lines
+}
 /// Anonymous id of this browser.
 pub const ANON: &str = "tl1:anon";
 /// User id set by `identify()`.
@@ -67,6 +87,7 @@ pub const LINE: u8 = b'\n';
 #[cfg(test)]
 mod tests {
     use super::*;
+    use alloc::vec::Vec;
 
     #[test]
     fn pairs() {
@@ -74,6 +95,15 @@ mod tests {
         assert_eq!(split_pair(" 12"), None);
         assert_eq!(split_pair("abc x"), None);
         assert_eq!(split_pair("abc"), None);
+    }
+
+    #[test]
+    fn gone_lines_are_flags_by_line_number() {
+        assert_eq!(gone_lines(""), Vec::<bool>::new());
+        assert_eq!(gone_lines("0\n2"), [true, false, true]);
+        // Corrupt entries (an old list of ids, garbage, a huge number) are ignored.
+        let old = "019aab3c-5d1e-7a2b-8c3d-4e5f60700001\nx\n\n99999999999\n1";
+        assert_eq!(gone_lines(old), [false, true]);
     }
 
     #[test]

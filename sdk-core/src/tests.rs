@@ -57,11 +57,11 @@ fn stored(storage: &Storage) -> BTreeMap<String, String> {
         .filter(|(k, _)| k.starts_with(storage::EVENT))
     {
         let gone_key = k.replacen(storage::EVENT, storage::GONE, 1);
-        let gone: Vec<&str> = storage
-            .get(&gone_key)
-            .map_or(vec![], |g| g.split('\n').collect());
-        for line in v.split('\n') {
-            if let Some(id) = storage::event_line_id(line).filter(|id| !gone.contains(id)) {
+        let gone: Vec<usize> = storage.get(&gone_key).map_or(vec![], |g| {
+            g.split('\n').map(|n| n.parse().unwrap()).collect()
+        });
+        for (at, line) in v.split('\n').enumerate() {
+            if let Some(id) = storage::event_line_id(line).filter(|_| !gone.contains(&at)) {
                 out.insert(id.to_string(), line.to_string());
             }
         }
@@ -233,7 +233,7 @@ fn records_are_never_rewritten_and_gone_lists_hide_acknowledged_events() {
     apply(&mut st, &mut a);
     assert_eq!(st[&key], record, "the record itself is untouched");
     let gone_key = format!("tl1:a:{}", ids[0]);
-    assert_eq!(st[&gone_key], ids[..2].join("\n"));
+    assert_eq!(st[&gone_key], "0\n1", "the first two lines are gone");
     assert_eq!(
         stored(&st).keys().cloned().collect::<Vec<_>>(),
         ids[2..].to_vec()
@@ -757,4 +757,14 @@ fn a_backlog_drains_in_few_requests_under_the_size_cap() {
     }
     assert_eq!(c.pending(), 0);
     assert!(requests <= 3, "{requests} requests for 1,000 queued events");
+}
+
+#[test]
+fn gone_lists_of_two_tabs_merge_to_their_union() {
+    let mut gone = vec![("tl1:e:x".to_string(), "1\n4".to_string())];
+    merge_gone(&mut gone, "tl1:e:x", "0\n4\n2");
+    assert_eq!(gone[0].1, "0\n1\n2\n4");
+    merge_gone(&mut gone, "tl1:e:y", "3");
+    add_gone(&mut gone, "tl1:e:y", 5);
+    assert_eq!(gone[1], ("tl1:e:y".to_string(), "3\n5".to_string()));
 }

@@ -43,53 +43,9 @@ pub fn number(s: &str) -> Option<u64> {
     })
 }
 
-/// A set of the parts of a `sep`-separated list, for membership tests in constant time:
-/// gone-lists can name thousands of ids, checked against thousands of stored events.
-/// Open addressing over FNV-1a hashes; the parts themselves are compared on a hit.
-pub struct Parts<'a> {
-    parts: alloc::vec::Vec<&'a str>,
-    /// Index + 1 into `parts`, 0 for an empty slot; the length is a power of two.
-    slots: alloc::vec::Vec<u32>,
-}
-
-fn fnv(s: &str) -> u64 {
-    s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
-        (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
-    })
-}
-
-impl<'a> Parts<'a> {
-    pub fn new(list: &'a str, sep: u8) -> Self {
-        let parts: alloc::vec::Vec<&str> = fields(list, sep).collect();
-        let mask = (parts.len() * 2).next_power_of_two() - 1;
-        let mut slots = alloc::vec![0u32; mask + 1];
-        for (i, p) in parts.iter().enumerate() {
-            let mut at = fnv(p) as usize & mask;
-            while slots[at] != 0 {
-                at = (at + 1) & mask;
-            }
-            slots[at] = i as u32 + 1;
-        }
-        Parts { parts, slots }
-    }
-
-    pub fn contains(&self, s: &str) -> bool {
-        let mask = self.slots.len() - 1;
-        let mut at = fnv(s) as usize & mask;
-        loop {
-            match self.slots[at] {
-                0 => return false,
-                i if self.parts[i as usize - 1] == s => return true,
-                _ => at = (at + 1) & mask,
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use alloc::string::String;
     use alloc::vec::Vec;
     use proptest::prelude::*;
 
@@ -120,14 +76,6 @@ mod tests {
                 let std: Vec<&str> = s.split(sep as char).collect();
                 prop_assert_eq!(ours, std);
                 prop_assert_eq!(split_once(&s, sep), s.split_once(sep as char));
-            }
-        }
-
-        #[test]
-        fn parts_contain_exactly_the_fields(list in "[a-d\n]{0,60}", probes in proptest::collection::vec("[a-d]{0,3}", 0..20)) {
-            let set = Parts::new(&list, b'\n');
-            for p in probes.iter().map(String::as_str).chain(fields(&list, b'\n')) {
-                prop_assert_eq!(set.contains(p), fields(&list, b'\n').any(|f| f == p), "{:?} in {:?}", p, list);
             }
         }
 
