@@ -6,6 +6,7 @@ export * from './tracker.js';
 /**
  * Starts a tracker and returns it at once; calls made before the wasm is ready are kept and
  * replayed. On the server (no `window`), or without `endpoint`/`apiKey`, the tracker is inert.
+ * A page has one tracker: calling `init()` again returns the running one. Never throws.
  */
 export function init(options: TrackletOptions): Tracker;
 export const VERSION: string;

@@ -21,6 +21,7 @@ export interface SlimOptions extends TrackletOptions {
   wasm: WasmSource;
 }
 
+/** As the default entry's `init()`: one tracker per page, returned at once, never throws. */
 export function init(options: SlimOptions): Tracker;
 export const VERSION: string;
 
