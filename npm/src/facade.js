@@ -78,10 +78,9 @@ function options(o) {
  * Makes `init(options)`. `load` resolves to the wasm-bindgen bindings (wasm-loader.js).
  */
 export function makeInit(load) {
-  // The page's tracker: one per page, since every tracker of an origin would share the
-  // same stored queue (and capture every page view twice).
+  // The page's tracker and its options, { tracker, o }: one per page, since every tracker
+  // of an origin would share the same stored queue (and capture every page view twice).
   let active = null;
-  let activeOptions;
   // Never throws into the page: options that cannot be read give an inert tracker.
   return function init(userOptions) {
     try {
@@ -111,10 +110,10 @@ export function makeInit(load) {
     if (browser && (!o.endpoint || !o.apiKey)) warn('init() needs endpoint and apiKey');
     if (privacyOff) log('tracking off: Do Not Track / Global Privacy Control is on');
     if (!disabled && active) {
-      if (activeOptions.endpoint !== o.endpoint || activeOptions.apiKey !== o.apiKey) {
+      if (active.o.endpoint !== o.endpoint || active.o.apiKey !== o.apiKey) {
         warn('init() again: the first tracker stays in use');
       }
-      return active;
+      return active.tracker;
     }
 
     const safe = guarded(log);
@@ -243,8 +242,7 @@ export function makeInit(load) {
     });
 
     if (!disabled) {
-      active = tracker;
-      activeOptions = o;
+      active = { tracker, o };
       safe(autocapture)(tracker, o, safe);
     }
     return tracker;

@@ -214,31 +214,31 @@ fn gone_list<'a>(gone: &'a mut Vec<(String, String)>, chunk: &str) -> &'a mut St
 /// the list yet and is appended unsearched (a burst of thousands of events in one record
 /// is acknowledged in linear time).
 fn add_gone(gone: &mut Vec<(String, String)>, chunk: &str, line: u32) {
-    let list = gone_list(gone, chunk);
+    append_line(gone_list(gone, chunk), line as usize);
+}
+
+/// Appends a line number to a gone-list.
+fn append_line(list: &mut String, line: usize) {
     if !list.is_empty() {
         list.push(storage::LINE as char);
     }
     push_u64(list, line as u64);
 }
 
-/// Merges a stored gone-list (another tab's view) into ours for record `chunk`.
-fn merge_gone(gone: &mut Vec<(String, String)>, chunk: &str, stored: &str) {
+/// Merges a stored gone-list (another tab's view, as [`storage::gone_lines`] reads it)
+/// into ours for record `chunk`.
+fn merge_gone(gone: &mut Vec<(String, String)>, chunk: &str, stored: &[bool]) {
     let list = gone_list(gone, chunk);
     let mut lines = storage::gone_lines(list);
-    for (l, &g) in storage::gone_lines(stored).iter().enumerate() {
-        if g && lines.len() <= l {
+    for (l, _) in stored.iter().enumerate().filter(|(_, &g)| g) {
+        if lines.len() <= l {
             lines.resize(l + 1, false);
         }
-        if g {
-            lines[l] = true;
-        }
+        lines[l] = true;
     }
     list.clear();
     for (l, _) in lines.iter().enumerate().filter(|(_, &g)| g) {
-        if !list.is_empty() {
-            list.push(storage::LINE as char);
-        }
-        push_u64(list, l as u64);
+        append_line(list, l);
     }
 }
 
@@ -315,15 +315,16 @@ impl Core {
     fn adopt<'a>(&mut self, entries: impl IntoIterator<Item = (&'a str, &'a str)>, first: bool) {
         let entries: Vec<(&str, &str)> = entries.into_iter().collect();
         // Gone-lists first: their ids are not queued, whatever their records say.
-        let mut gone_lists: Vec<(&str, &str)> = Vec::new();
+        let mut gone_lists: Vec<(&str, Vec<bool>)> = Vec::new();
         for &(key, value) in &entries {
             if let Some(first_id) = key.strip_prefix(storage::GONE) {
                 if entries
                     .iter()
                     .any(|(k, _)| k.strip_prefix(storage::EVENT) == Some(first_id))
                 {
-                    gone_lists.push((first_id, value));
-                    merge_gone(&mut self.gone, &event_key(first_id), value);
+                    let lines = storage::gone_lines(value);
+                    merge_gone(&mut self.gone, &event_key(first_id), &lines);
+                    gone_lists.push((first_id, lines));
                 } else {
                     // Its record is gone: so is the list.
                     self.actions.push(Action::Remove(key.into()));
@@ -338,12 +339,10 @@ impl Core {
         let mut user = None;
         for &(key, value) in &entries {
             if let Some(first_id) = key.strip_prefix(storage::EVENT) {
-                let gone = storage::gone_lines(
-                    gone_lists
-                        .iter()
-                        .find(|(f, _)| *f == first_id)
-                        .map_or("", |(_, g)| *g),
-                );
+                let gone = gone_lists
+                    .iter()
+                    .find(|(f, _)| *f == first_id)
+                    .map_or(&[][..], |(_, lines)| lines);
                 let mut valid = false;
                 for (at, line) in text::fields(value, storage::LINE).enumerate() {
                     let Some(id) = storage::event_line_id(line) else {

@@ -338,7 +338,9 @@ fn test() -> Result<()> {
         .env("TRACKLET_COLLECTOR_BIN", &bin))?;
     let packaging = root.join("npm/packaging_tests/run.mjs");
     if packaging.exists() {
-        say("packaging tests (npm pack into Vite, Next.js, webpack, script-tag and Node consumers)");
+        say(
+            "packaging tests (npm pack into Vite, Next.js, webpack, script-tag and Node consumers)",
+        );
         run(Command::new("node")
             .arg(&packaging)
             .current_dir(&root)
