@@ -16,7 +16,6 @@ async function instantiate(source) {
   const r = await WebAssembly.instantiate(src, { './tracklet_sdk_wasm_bg.js': bindings });
   const exports = (r.instance || r).exports;
   bindings.__wbg_set_wasm(exports);
-  exports.__wbindgen_start();
   return bindings;
 }
 
