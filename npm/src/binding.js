@@ -23,6 +23,8 @@ const NEXT_WAKE = 14;
 const LEASE_HELD_ELSEWHERE = 15;
 const LAST_BATCH = 16;
 const PREPARE_UNLOAD = 17;
+const ON_RESULT = 18;
+const START = 19;
 const PREFIX = 'tl1:';
 const SESSION_KEY = 'tl1:sess';
 const LEASE_KEY = 'tl1:lease';
@@ -77,18 +79,21 @@ export function bind(engine, o, emit, log, listeners) {
   const store = storage(true);
   if (!store) log('no localStorage: queueing in memory');
   const url = o.endpoint.replace(/\/+$/, '') + '/v1/batch?key=' + encodeURIComponent(o.apiKey);
-  engine.start(
-    o.maxBatchSize,
-    o.maxWaitTime,
-    o.maxQueueSize,
-    // Sampling as `name<sep>rate in millionths<sep>...`, alwaysKeep as `name<sep>...`.
-    Object.keys(o.sampling)
-      .flatMap((n) => [n, Math.round(Math.min(1, Math.max(0, Number(o.sampling[n]) || 0)) * 1e6)])
-      .join(SEP),
-    o.alwaysKeep.join(SEP),
+  const call = (op, text = '', num = 0) => engine.call(op, text, num);
+  call(
+    START,
+    // `<maxBatchSize> <maxWaitTime> <maxQueueSize>`, then the sampling rates as
+    // `name<sep>rate in millionths<sep>...`, then alwaysKeep as `name<sep>...`, the three
+    // parts joined by U+0002.
+    [
+      [o.maxBatchSize, o.maxWaitTime, o.maxQueueSize].map(Math.floor).join(' '),
+      Object.keys(o.sampling)
+        .flatMap((n) => [n, Math.round(Math.min(1, Math.max(0, Number(o.sampling[n]) || 0)) * 1e6)])
+        .join(SEP),
+      o.alwaysKeep.join(SEP),
+    ].join('\u0002'),
     Math.random() * 9007199254740991,
   );
-  const call = (op, text = '', num = 0) => engine.call(op, text, num);
   const number = (op, num) => Number(call(op, '', num));
   // Every callback the browser calls goes through this: a failure (even a trap in the
   // wasm) is logged in debug mode and never reaches the page's error handlers.
@@ -219,7 +224,7 @@ export function bind(engine, o, emit, log, listeners) {
     }
     const ok = status >= 200 && status < 300;
     if (!ok) log('send failed (' + status + '): events stay queued');
-    engine.onResult(batch, status, retryAfter, rejected.join(','), Date.now());
+    call(ON_RESULT, [batch, status, retryAfter, rejected.join(',')].join(' '), Date.now());
     apply();
     changed();
     return ok;

@@ -1,5 +1,5 @@
-// Instantiates the wasm module and hands back wasm-bindgen's bindings (`start`, `track`,
-// `call`, `body`, `onResult`). wasm-bindgen runs with `--target bundler`, and this file is
+// Instantiates the wasm module and hands back wasm-bindgen's bindings (`track`, `call`,
+// `body`). wasm-bindgen runs with `--target bundler`, and this file is
 // the loader: it accepts the bytes, a URL, a Response (or a promise of one) or a
 // WebAssembly.Module. Nothing runs at import: the wasm is touched when a tracker starts.
 import * as bindings from '../pkg/tracklet_sdk_wasm_bg.js';

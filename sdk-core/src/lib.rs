@@ -133,7 +133,8 @@ pub struct Status {
 #[derive(Clone, Debug)]
 struct InFlight {
     batch: u64,
-    ids: Vec<String>,
+    /// How many events it holds: the queued events marked `in_flight`.
+    events: usize,
     /// The `dropped` count this batch reported.
     dropped: u64,
 }
@@ -331,7 +332,11 @@ impl Core {
                 }
             }
         }
-        let mut stored_ids: Vec<&str> = Vec::new();
+        if !first {
+            // Persisted events gone from storage were acknowledged (or cleared) by another
+            // tab: those not seen below go. Ours in flight stay until our own answer comes.
+            self.queue.mark(|r| r.persisted && !r.in_flight);
+        }
         let mut retry = RetryState::default();
         let mut lease = None;
         let mut dropped = 0;
@@ -352,8 +357,9 @@ impl Core {
                     if gone.get(at).is_some_and(|&g| g) {
                         continue;
                     }
-                    stored_ids.push(id);
-                    if !self.queue.contains(id) {
+                    if let Some(r) = self.queue.get_mut(id) {
+                        r.marked = false;
+                    } else {
                         let keep = self.is_keep_record(id.len(), line);
                         let record = Record {
                             json: line.into(),
@@ -362,6 +368,7 @@ impl Core {
                             chunk: key.into(),
                             line: at as u32,
                             in_flight: false,
+                            marked: false,
                         };
                         self.queue.insert(id.into(), record);
                     }
@@ -394,12 +401,7 @@ impl Core {
                 _ => {}
             }
         }
-        if !first {
-            // Persisted records gone from storage were acknowledged (or cleared) by another
-            // tab. Ours in flight stay until our own answer comes.
-            self.queue
-                .retain_present(&stored_ids, |_, r| !r.persisted || r.in_flight);
-        }
+        self.queue.remove_marked(|_, _| {});
         self.retry = retry;
         self.lease = lease;
         self.dropped = dropped;
@@ -481,6 +483,7 @@ impl Core {
                 chunk,
                 line: 0,
                 in_flight: false,
+                marked: false,
             },
         );
         Ok(id)
@@ -568,24 +571,22 @@ impl Core {
         {
             return;
         }
+        let (max_events, max_bytes) = (self.cfg.max_queue_events, self.cfg.max_queue_bytes);
         let mut count = self.queue.len();
         let mut bytes = self.queue.bytes();
-        let mut victims = Vec::new();
-        for (id, r) in self.queue.iter() {
-            if count <= self.cfg.max_queue_events && bytes <= self.cfg.max_queue_bytes {
-                break;
-            }
-            if !r.keep && !r.in_flight {
+        self.queue.mark(|r| {
+            let victim = (count > max_events || bytes > max_bytes) && !r.keep && !r.in_flight;
+            if victim {
                 count -= 1;
                 bytes -= r.json.len();
-                victims.push(id.clone());
             }
-        }
-        if victims.is_empty() {
+            victim
+        });
+        let dropped = self.remove_events();
+        if dropped == 0 {
             return;
         }
-        self.dropped += victims.len() as u64;
-        self.remove_events(&victims);
+        self.dropped += dropped as u64;
         let mut d = String::new();
         push_u64(&mut d, self.dropped);
         self.actions.push(Action::Set(storage::DROPPED.into(), d));
@@ -601,14 +602,8 @@ impl Core {
 
     /// Discards every queued event that is not in flight; returns how many.
     pub fn clear(&mut self) -> usize {
-        let ids: Vec<String> = self
-            .queue
-            .iter()
-            .filter(|(_, r)| !r.in_flight)
-            .map(|(id, _)| id.clone())
-            .collect();
-        self.remove_events(&ids);
-        ids.len()
+        self.queue.mark(|r| !r.in_flight);
+        self.remove_events()
     }
 
     pub fn set_online(&mut self, online: bool) {
@@ -655,7 +650,7 @@ impl Core {
     pub fn status(&self) -> Status {
         Status {
             pending: self.queue.len(),
-            in_flight: self.in_flight.as_ref().map_or(0, |f| f.ids.len()),
+            in_flight: self.in_flight.as_ref().map_or(0, |f| f.events),
             last_error: self.last_error.clone(),
             last_sent_at: self.last_sent_at,
             next_retry_at: (self.retry.failures > 0 || self.retry.not_before > 0)
@@ -726,18 +721,17 @@ impl Core {
             .split_limit
             .unwrap_or(normal)
             .clamp(1, tracklet_wire::MAX_EVENTS_PER_BATCH);
-        let (ids, body) = self.build_body(now, 0, limit);
-        for id in &ids {
-            if let Some(r) = self.queue.get_mut(id) {
-                r.in_flight = true;
-            }
+        let (events, body) = self.build_body(now, 0, limit);
+        // The batch holds the first `events` events not in flight: all of them, as nothing
+        // else is in flight.
+        for r in self.queue.iter_mut().take(events) {
+            r.in_flight = true;
         }
         let batch = self.next_batch;
         self.next_batch += 1;
-        let events = ids.len();
         self.in_flight = Some(InFlight {
             batch,
-            ids,
+            events,
             dropped: self.dropped,
         });
         self.lease = Some((self.tab.clone(), now + self.cfg.lease_ms));
@@ -754,12 +748,12 @@ impl Core {
 
     /// Up to `limit` of the oldest events passing `include`, as a gzip body under the
     /// request cap (halving the count until it fits).
-    fn build_body(&self, now: u64, skip: usize, limit: usize) -> (Vec<String>, Vec<u8>) {
+    fn build_body(&self, now: u64, skip: usize, limit: usize) -> (usize, Vec<u8>) {
         let mut n = limit;
         loop {
             let mut batch = BatchJson::new(now, self.dropped);
-            let mut ids = Vec::new();
-            for (id, r) in self
+            let mut events = 0;
+            for (_, r) in self
                 .queue
                 .iter()
                 .filter(|(_, r)| !r.in_flight)
@@ -767,13 +761,13 @@ impl Core {
                 .take(n)
             {
                 batch.push_raw_event(&r.json);
-                ids.push(id.clone());
+                events += 1;
             }
             let body = gzip::gzip(batch.finish().as_bytes());
-            if body.len() <= tracklet_wire::SDK_MAX_REQUEST_BYTES || ids.len() <= 1 {
-                return (ids, body);
+            if body.len() <= tracklet_wire::SDK_MAX_REQUEST_BYTES || events <= 1 {
+                return (events, body);
             }
-            n = ids.len() / 2;
+            n = events / 2;
         }
     }
 
@@ -782,24 +776,22 @@ impl Core {
         let Some(flight) = self.in_flight.take_if(|f| f.batch == batch) else {
             return;
         };
-        for id in &flight.ids {
-            if let Some(r) = self.queue.get_mut(id) {
-                r.in_flight = false;
-            }
-        }
         self.settle(flight, outcome, now);
+        for r in self.queue.iter_mut() {
+            r.in_flight = false;
+        }
         // Last, after the removals: a tab that sees the lease gone also sees them (one
         // tab's storage writes reach the others in order), so it never resends them.
         self.release_lease();
     }
 
     fn settle(&mut self, flight: InFlight, outcome: Outcome, now: u64) {
-        let n = flight.ids.len();
+        let n = flight.events;
         match outcome {
             Outcome::Accepted { rejected } => {
                 let rejected = rejected.iter().filter(|&&i| i < n).count();
                 self.rejected += rejected as u64;
-                self.remove_events(&flight.ids);
+                self.remove_in_flight();
                 self.last_sent_at = Some(now);
                 self.last_error = (rejected > 0).then(|| {
                     let mut s = String::new();
@@ -822,7 +814,7 @@ impl Core {
             }
             Outcome::BadRequest => {
                 self.rejected += n as u64;
-                self.remove_events(&flight.ids);
+                self.remove_in_flight();
                 self.last_error = Some("batch rejected by the collector (400)".into());
                 self.reset_retry();
             }
@@ -832,7 +824,7 @@ impl Core {
             }
             Outcome::TooLarge => {
                 self.rejected += 1;
-                self.remove_events(&flight.ids);
+                self.remove_in_flight();
                 self.last_error = Some("event too large (413)".into());
             }
             Outcome::Unauthorized { status } => {
@@ -882,20 +874,26 @@ impl Core {
         }
     }
 
-    /// Removes events from the queue and from storage: a record with none of its events
-    /// left is removed, otherwise the ids join the record's gone-list. Records are never
-    /// rewritten (see [`storage::EVENT`]).
-    fn remove_events(&mut self, ids: &[String]) {
+    /// Removes the batch in flight from the queue and from storage.
+    fn remove_in_flight(&mut self) {
+        self.queue.mark(|r| r.in_flight);
+        self.remove_events();
+    }
+
+    /// Removes the marked events from the queue and from storage: a record with none of
+    /// its events left is removed, otherwise their lines join the record's gone-list.
+    /// Records are never rewritten (see [`storage::EVENT`]). Returns how many went.
+    fn remove_events(&mut self) -> usize {
         let mut touched: Vec<String> = Vec::new();
         let (gone, actions, open) = (&mut self.gone, &mut self.actions, &self.open_chunk);
-        self.queue.remove_all(ids, |_, r, emptied| {
+        let removed = self.queue.remove_marked(|r, emptied| {
             let chunk = &r.chunk;
             if emptied {
                 if let Some(i) = gone.iter().position(|(c, _)| c == chunk) {
-                    gone.remove(i);
+                    gone.swap_remove(i);
                 }
                 if let Some(i) = touched.iter().position(|c| c == chunk) {
-                    touched.remove(i);
+                    touched.swap_remove(i);
                 }
                 if open.as_ref() != Some(chunk) {
                     actions.push(Action::Remove(gone_key(chunk)));
@@ -915,6 +913,7 @@ impl Core {
                     .push(Action::Set(gone_key(&chunk), list.clone()));
             }
         }
+        removed
     }
 
     fn reset_retry(&mut self) {
@@ -945,12 +944,12 @@ impl Core {
             .max_batch_size
             .clamp(1, tracklet_wire::MAX_EVENTS_PER_BATCH);
         loop {
-            let (ids, body) = self.build_body(now, skip, limit);
-            if ids.is_empty() || body.len() > budget {
+            let (events, body) = self.build_body(now, skip, limit);
+            if events == 0 || body.len() > budget {
                 return out;
             }
             budget -= body.len();
-            skip += ids.len();
+            skip += events;
             out.push(body);
         }
     }

@@ -4,7 +4,6 @@
 //! and it keeps the wasm small (a `BTreeMap` cost 9 KB, a `VecDeque` 1.5 KB gzipped).
 
 use alloc::string::String;
-use alloc::vec;
 use alloc::vec::Vec;
 
 #[derive(Clone, Debug)]
@@ -21,6 +20,8 @@ pub(crate) struct Record {
     pub line: u32,
     /// Part of the batch this tab has on the wire.
     pub in_flight: bool,
+    /// To be taken out by the next [`EventQueue::remove_marked`].
+    pub marked: bool,
 }
 
 #[derive(Default)]
@@ -49,10 +50,6 @@ impl EventQueue {
         }
     }
 
-    pub fn contains(&self, id: &str) -> bool {
-        self.find(id).is_ok()
-    }
-
     /// Inserts unless the id is already there.
     pub fn insert(&mut self, id: String, record: Record) {
         if let Err(at) = self.find(&id) {
@@ -62,47 +59,24 @@ impl EventQueue {
         }
     }
 
-    /// The positions of `ids` (in any order; unknown ids are ignored).
-    fn marks<S: AsRef<str>>(&self, ids: &[S]) -> Vec<bool> {
-        let mut marked = vec![false; self.items.len()];
-        for id in ids {
-            if let Ok(i) = self.find(id.as_ref()) {
-                marked[i] = true;
+    /// Removes the marked events in one pass; `removed` hears of each, in queue order,
+    /// with whether its storage record has no event left. Returns how many went.
+    pub fn remove_marked(&mut self, mut removed: impl FnMut(&Record, bool)) -> usize {
+        // Compacts in place: the kept items move down over the removed ones, in order.
+        let mut kept = 0;
+        let len = self.items.len();
+        for i in 0..len {
+            let r = &self.items[i].1;
+            if r.marked {
+                self.bytes -= r.json.len();
+                removed(r, chunk_sub(&mut self.chunks, &r.chunk));
+            } else {
+                self.items.swap(kept, i);
+                kept += 1;
             }
         }
-        marked
-    }
-
-    /// Removes the events at the marked positions in one pass; `removed` hears of each, in
-    /// queue order, with whether its storage record has no event left.
-    fn sweep(&mut self, marked: &[bool], mut removed: impl FnMut(&str, &Record, bool)) {
-        let (bytes, chunks) = (&mut self.bytes, &mut self.chunks);
-        let mut i = 0;
-        self.items.retain(|(id, r)| {
-            i += 1;
-            if !marked[i - 1] {
-                return true;
-            }
-            *bytes -= r.json.len();
-            removed(id, r, chunk_sub(chunks, &r.chunk));
-            false
-        });
-    }
-
-    /// Removes the events with these ids (in any order; unknown ids are ignored), one pass
-    /// over the queue however many there are. `removed` is told of each, as in `sweep`.
-    pub fn remove_all(&mut self, ids: &[String], removed: impl FnMut(&str, &Record, bool)) {
-        let marked = self.marks(ids);
-        self.sweep(&marked, removed);
-    }
-
-    /// Keeps the events whose id is in `present` (any order) or for which `exempt` holds.
-    pub fn retain_present(&mut self, present: &[&str], exempt: impl Fn(&str, &Record) -> bool) {
-        let mut marked = self.marks(present);
-        for (m, (id, r)) in marked.iter_mut().zip(&self.items) {
-            *m = !*m && !exempt(id, r);
-        }
-        self.sweep(&marked, |_, _, _| {});
+        self.items.truncate(kept);
+        len - kept
     }
 
     pub fn get_mut(&mut self, id: &str) -> Option<&mut Record> {
@@ -112,6 +86,13 @@ impl EventQueue {
 
     pub fn iter_mut(&mut self) -> impl Iterator<Item = &mut Record> {
         self.items.iter_mut().map(|(_, r)| r)
+    }
+
+    /// Marks (for [`EventQueue::remove_marked`]) the events for which `f` holds.
+    pub fn mark(&mut self, mut f: impl FnMut(&Record) -> bool) {
+        for r in self.iter_mut() {
+            r.marked = f(r);
+        }
     }
 
     /// Events queued in storage record `key`.
@@ -168,27 +149,27 @@ mod tests {
     use super::*;
     use alloc::string::ToString;
 
-    fn ids(list: &[&str]) -> Vec<String> {
-        list.iter().map(|s| s.to_string()).collect()
-    }
-
-    /// (id, emptied) of what `remove_all` took.
+    /// (first byte of json, emptied) of what `remove_marked` took, after marking `list`.
     fn taken(q: &mut EventQueue, list: &[&str]) -> Vec<(String, bool)> {
+        for id in list {
+            if let Some(r) = q.get_mut(id) {
+                r.marked = true;
+            }
+        }
         let mut out = Vec::new();
-        q.remove_all(&ids(list), |id, _, emptied| {
-            out.push((id.to_string(), emptied))
-        });
+        q.remove_marked(|r, emptied| out.push((r.json.clone(), emptied)));
         out
     }
 
-    fn rec(n: usize) -> Record {
+    fn rec(id: &str) -> Record {
         Record {
-            json: "x".repeat(n),
+            json: id.repeat(2),
             keep: false,
             persisted: true,
             chunk: String::from("c"),
             line: 0,
             in_flight: false,
+            marked: false,
         }
     }
 
@@ -196,7 +177,7 @@ mod tests {
     fn stays_sorted_and_counts_bytes() {
         let mut q = EventQueue::default();
         for id in ["c", "a", "d", "b", "a"] {
-            q.insert(id.to_string(), rec(2));
+            q.insert(id.to_string(), rec(id));
         }
         assert_eq!(
             q.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>(),
@@ -204,20 +185,21 @@ mod tests {
         );
         assert_eq!(q.bytes(), 8);
         assert_eq!(q.chunk_len("c"), 4);
-        assert_eq!(taken(&mut q, &["b"]), [("b".to_string(), false)]);
+        assert_eq!(taken(&mut q, &["b"]), [("bb".to_string(), false)]);
         assert!(taken(&mut q, &["b", "zz"]).is_empty());
         assert_eq!(q.bytes(), 6);
-        q.retain_present(&["c", "d"], |id, _| id == "zz");
+        q.mark(|r| r.json == "aa");
+        assert_eq!(q.remove_marked(|_, _| {}), 1);
         assert_eq!(q.len(), 2);
         assert_eq!(q.bytes(), 4);
-        assert!(q.contains("d") && !q.contains("a"));
+        assert!(q.get_mut("d").is_some() && q.get_mut("a").is_none());
         assert_eq!(q.iter_mut_from("c").count(), 2);
         assert_eq!(q.iter_mut_from("cc").count(), 1);
         assert_eq!(q.chunk_len("c"), 2);
         // In queue order, whatever the order asked; the last one empties the record.
         assert_eq!(
             taken(&mut q, &["d", "c"]),
-            [("c".to_string(), false), ("d".to_string(), true)]
+            [("cc".to_string(), false), ("dd".to_string(), true)]
         );
         assert_eq!(q.chunk_len("c"), 0);
         assert!(q.is_empty());

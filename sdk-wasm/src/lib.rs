@@ -89,29 +89,33 @@ mod op {
     pub const LEASE_HELD_ELSEWHERE: u32 = 15;
     pub const LAST_BATCH: u32 = 16;
     pub const PREPARE_UNLOAD: u32 = 17;
+    pub const ON_RESULT: u32 = 18;
+    pub const START: u32 = 19;
 }
 
-/// Starts the page's engine (again: a new one replaces the old). `sampling` is
-/// `name<sep>rate in millionths<sep>...`, `always_keep` is `name<sep>...` (strings rather
-/// than arrays keep the generated glue small).
-#[wasm_bindgen]
-pub fn start(
-    max_batch_size: u32,
-    max_wait_ms: f64,
-    max_queue_size: u32,
-    sampling: &str,
-    always_keep: &str,
-    seed: f64,
-) {
+/// Starts the page's engine (again: a new one replaces the old). `options` is
+/// `<max batch size> <max wait ms> <max queue size>`, then `<sep2>` and the sampling rates
+/// as `name<sep>rate in millionths<sep>...`, then `<sep2>` and the `alwaysKeep` names as
+/// `name<sep>...` (`<sep2>` being U+0002): one string keeps the generated glue small.
+fn start(options: &str, seed: u64) {
+    let mut sections = text::fields(options, 2);
+    let mut section = || sections.next().unwrap_or_default();
+    let mut numbers = text::fields(section(), b' ');
+    let mut number = |default| {
+        numbers
+            .next()
+            .and_then(text::number)
+            .map_or(default, |n| n as usize)
+    };
     let cfg = Config {
-        max_batch_size: max_batch_size.max(1) as usize,
-        max_wait_ms: max_wait_ms as u64,
-        max_queue_events: max_queue_size.max(1) as usize,
+        max_batch_size: number(50).max(1),
+        max_wait_ms: number(5_000) as u64,
+        max_queue_events: number(1_000).max(1),
         // Rates come in millionths: no float parser in the module.
-        sampling: pairs(sampling)
+        sampling: pairs(section())
             .map(|(n, r)| (n.into(), text::number(r).map_or(1.0, |m| m as f64 / 1e6)))
             .collect(),
-        always_keep: parts(always_keep)
+        always_keep: parts(section())
             .filter(|n| !n.is_empty())
             .map(String::from)
             .collect(),
@@ -120,7 +124,7 @@ pub fn start(
     // SAFETY: see `Global`; no reference from `engine()` is live here.
     unsafe {
         *ENGINE.0.get() = Some(Engine {
-            core: Core::new(cfg, seed as u64),
+            core: Core::new(cfg, seed),
             batch: 0,
             events: 0,
             unload: Vec::new(),
@@ -140,6 +144,9 @@ pub fn track(name: &str, props: Option<String>, now: f64) -> bool {
 /// are the arguments; the answer is text (numbers in decimal, -1 for none).
 #[wasm_bindgen]
 pub fn call(op: u32, text: &str, num: f64) -> String {
+    if op == op::START {
+        start(text, num as u64);
+    }
     match engine() {
         Some(e) => e.call(op, text, num),
         None => String::new(),
@@ -159,32 +166,6 @@ pub fn body(now: f64, force: bool, unload: bool) -> Option<Vec<u8>> {
     e.batch = out.batch;
     e.events = out.events;
     Some(out.body)
-}
-
-/// What became of `batch`: `status` is the HTTP status, 0 for a network error and -1 for a
-/// network error while offline; `rejected` the indices a 2xx listed, joined by commas.
-#[wasm_bindgen(js_name = onResult)]
-pub fn on_result(batch: f64, status: i32, retry_after_ms: f64, rejected: &str, now: f64) {
-    let Some(e) = engine() else { return };
-    let outcome = match status {
-        -1 => Outcome::Offline,
-        200..=299 => Outcome::Accepted {
-            rejected: text::fields(rejected, b',')
-                .filter_map(|i| Some(text::number(i)? as usize))
-                .collect(),
-        },
-        400 => Outcome::BadRequest,
-        401 | 403 => Outcome::Unauthorized {
-            status: status as u16,
-        },
-        413 => Outcome::TooLarge,
-        // Network errors, 408, 429, 5xx and anything unexpected: keep and back off.
-        _ => Outcome::Retry {
-            status: status.max(0) as u16,
-            retry_after_ms: (retry_after_ms >= 0.0).then_some(retry_after_ms as u64),
-        },
-    };
-    e.core.on_result(batch as u64, outcome, now as u64);
 }
 
 impl Engine {
@@ -225,9 +206,43 @@ impl Engine {
                 self.unload.reverse();
                 count(&mut out, self.unload.len());
             }
+            op::ON_RESULT => self.on_result(text, now),
             _ => {}
         }
         out
+    }
+
+    /// What became of a batch: `text` is `<batch> <status> <retry-after ms> <rejected>`,
+    /// the status being the HTTP status, 0 for a network error and -1 for a network error
+    /// while offline, the retry-after -1 for none, and the rejected indices (of a 2xx)
+    /// joined by commas.
+    fn on_result(&mut self, text: &str, now: u64) {
+        let mut f = text::fields(text, b' ');
+        let mut signed = || match f.next() {
+            Some(n) if n.starts_with('-') => -1,
+            n => n.and_then(text::number).map_or(-1, |n| n as i64),
+        };
+        let (batch, status, retry_after) = (signed(), signed(), signed());
+        let rejected = f.next().unwrap_or_default();
+        let outcome = match status {
+            -1 => Outcome::Offline,
+            200..=299 => Outcome::Accepted {
+                rejected: text::fields(rejected, b',')
+                    .filter_map(|i| Some(text::number(i)? as usize))
+                    .collect(),
+            },
+            400 => Outcome::BadRequest,
+            401 | 403 => Outcome::Unauthorized {
+                status: status as u16,
+            },
+            413 => Outcome::TooLarge,
+            // Network errors, 408, 429, 5xx and anything unexpected: keep and back off.
+            _ => Outcome::Retry {
+                status: status.clamp(0, 999) as u16,
+                retry_after_ms: (retry_after >= 0).then_some(retry_after as u64),
+            },
+        };
+        self.core.on_result(batch as u64, outcome, now);
     }
 
     /// Storage actions to carry out, in order (see the module docs for the format).

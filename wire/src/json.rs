@@ -26,8 +26,7 @@ pub fn push_str_literal(out: &mut String, s: &str) {
         if esc.is_empty() {
             const HEX: &[u8; 16] = b"0123456789abcdef";
             out.push_str("\\u00");
-            out.push(HEX[(b >> 4) as usize] as char);
-            out.push(HEX[(b & 0xf) as usize] as char);
+            push_ascii(out, &[HEX[(b >> 4) as usize], HEX[(b & 0xf) as usize]]);
         } else {
             out.push_str(esc);
         }
@@ -49,9 +48,14 @@ pub fn push_u64(out: &mut String, mut n: u64) {
             break;
         }
     }
-    for &b in &buf[i..] {
-        out.push(b as char);
-    }
+    push_ascii(out, &buf[i..]);
+}
+
+/// Appends ASCII bytes (cheaper than `String::push`, which encodes any `char` as UTF-8).
+fn push_ascii(out: &mut String, ascii: &[u8]) {
+    debug_assert!(ascii.is_ascii());
+    // SAFETY: ASCII bytes are valid UTF-8 on their own, so the string stays valid.
+    unsafe { out.as_mut_vec() }.extend_from_slice(ascii);
 }
 
 fn push_key(out: &mut String, key: &str) {
