@@ -174,10 +174,7 @@ pub struct Core {
     actions: Vec<Action>,
     /// The storage record this task's events go into, written by the next
     /// [`Core::take_actions`] (which the binding calls before the task ends).
-    open_chunk: Option<String>,
-    /// Per storage record still holding queued events: the ids of its events that are
-    /// gone (the value of its `tl1:a:` key).
-    gone: Vec<(String, String)>,
+    open_chunk: Option<u32>,
     /// `always_keep` names as JSON literals, to recognise stored records.
     keep_literals: Vec<String>,
 }
@@ -199,37 +196,9 @@ fn gone_key(chunk: &str) -> String {
     k
 }
 
-/// The gone-list of record `chunk` in `gone`, made empty if there is none.
-fn gone_list<'a>(gone: &'a mut Vec<(String, String)>, chunk: &str) -> &'a mut String {
-    let at = match gone.iter().position(|(c, _)| c == chunk) {
-        Some(at) => at,
-        None => {
-            gone.push((chunk.into(), String::new()));
-            gone.len() - 1
-        }
-    };
-    &mut gone[at].1
-}
-
-/// Adds `line` to the gone-list of record `chunk`: it just left the queue, so it is not in
-/// the list yet and is appended unsearched (a burst of thousands of events in one record
-/// is acknowledged in linear time).
-fn add_gone(gone: &mut Vec<(String, String)>, chunk: &str, line: u32) {
-    append_line(gone_list(gone, chunk), line as usize);
-}
-
-/// Appends a line number to a gone-list.
-fn append_line(list: &mut String, line: usize) {
-    if !list.is_empty() {
-        list.push(storage::LINE as char);
-    }
-    push_u64(list, line as u64);
-}
-
 /// Merges a stored gone-list (another tab's view, as [`storage::gone_lines`] reads it)
-/// into ours for record `chunk`.
-fn merge_gone(gone: &mut Vec<(String, String)>, chunk: &str, stored: &[bool]) {
-    let list = gone_list(gone, chunk);
+/// into ours.
+fn merge_gone(list: &mut String, stored: &[bool]) {
     let mut lines = storage::gone_lines(list);
     for (l, _) in stored.iter().enumerate().filter(|(_, &g)| g) {
         if lines.len() <= l {
@@ -239,7 +208,7 @@ fn merge_gone(gone: &mut Vec<(String, String)>, chunk: &str, stored: &[bool]) {
     }
     list.clear();
     for (l, _) in lines.iter().enumerate().filter(|(_, &g)| g) {
-        append_line(list, l);
+        queue::append_line(list, l as u32);
     }
 }
 
@@ -289,7 +258,6 @@ impl Core {
             last_sent_at: None,
             actions: Vec::new(),
             open_chunk: None,
-            gone: Vec::new(),
             keep_literals,
         }
     }
@@ -315,17 +283,15 @@ impl Core {
 
     fn adopt<'a>(&mut self, entries: impl IntoIterator<Item = (&'a str, &'a str)>, first: bool) {
         let entries: Vec<(&str, &str)> = entries.into_iter().collect();
-        // Gone-lists first: their ids are not queued, whatever their records say.
-        let mut gone_lists: Vec<(&str, Vec<bool>)> = Vec::new();
+        // Gone-lists first: their lines are not queued, whatever their records say.
         for &(key, value) in &entries {
             if let Some(first_id) = key.strip_prefix(storage::GONE) {
                 if entries
                     .iter()
                     .any(|(k, _)| k.strip_prefix(storage::EVENT) == Some(first_id))
                 {
-                    let lines = storage::gone_lines(value);
-                    merge_gone(&mut self.gone, &event_key(first_id), &lines);
-                    gone_lists.push((first_id, lines));
+                    let chunk = self.queue.chunk_for(&event_key(first_id));
+                    merge_gone(&mut chunk.gone, &storage::gone_lines(value));
                 } else {
                     // Its record is gone: so is the list.
                     self.actions.push(Action::Remove(key.into()));
@@ -343,11 +309,9 @@ impl Core {
         let mut opted_out = false;
         let mut user = None;
         for &(key, value) in &entries {
-            if let Some(first_id) = key.strip_prefix(storage::EVENT) {
-                let gone = gone_lists
-                    .iter()
-                    .find(|(f, _)| *f == first_id)
-                    .map_or(&[][..], |(_, lines)| lines);
+            if key.starts_with(storage::EVENT) {
+                let chunk = self.queue.chunk_for(key);
+                let (serial, gone) = (chunk.serial, storage::gone_lines(&chunk.gone));
                 let mut valid = false;
                 for (at, line) in text::fields(value, storage::LINE).enumerate() {
                     let Some(id) = storage::event_line_id(line) else {
@@ -365,7 +329,7 @@ impl Core {
                             json: line.into(),
                             keep,
                             persisted: true,
-                            chunk: key.into(),
+                            chunk: serial,
                             line: at as u32,
                             in_flight: false,
                             marked: false,
@@ -401,7 +365,9 @@ impl Core {
                 _ => {}
             }
         }
-        self.queue.remove_marked(|_, _| {});
+        self.queue.remove_marked(true);
+        // (And forgets the records met above with none of their events queued.)
+        self.queue.take_touched(|_, _| {});
         self.retry = retry;
         self.lease = lease;
         self.dropped = dropped;
@@ -464,11 +430,11 @@ impl Core {
         if json.len() > tracklet_wire::MAX_EVENT_BYTES {
             return Err(Skipped::TooLarge);
         }
-        let chunk = match &self.open_chunk {
-            Some(c) => c.clone(),
+        let chunk = match self.open_chunk {
+            Some(c) => c,
             None => {
-                let c = event_key(&id);
-                self.open_chunk = Some(c.clone());
+                let c = self.queue.new_chunk(event_key(&id));
+                self.open_chunk = Some(c);
                 c
             }
         };
@@ -595,7 +561,8 @@ impl Core {
     /// The binding could not write this key (quota exceeded, storage disabled): its events
     /// live on in memory only, and a refresh must not mistake them for acknowledged.
     pub fn persist_failed(&mut self, key: &str) {
-        for r in self.queue.iter_mut().filter(|r| r.chunk == key) {
+        let chunk = self.queue.chunk_for(key).serial;
+        for r in self.queue.iter_mut().filter(|r| r.chunk == chunk) {
             r.persisted = false;
         }
     }
@@ -625,8 +592,11 @@ impl Core {
         let Some(chunk) = self.open_chunk.take() else {
             return;
         };
+        let Some(key) = self.queue.chunk(chunk).map(|c| c.key.clone()) else {
+            return;
+        };
         // A record's events all come at or after its first event (the key's id).
-        let first = chunk.get(storage::EVENT.len()..).unwrap_or_default();
+        let first = key.get(storage::EVENT.len()..).unwrap_or_default();
         let mut value = String::new();
         let records = self.queue.iter_mut_from(first).filter(|r| r.chunk == chunk);
         for (line, r) in records.enumerate() {
@@ -638,7 +608,7 @@ impl Core {
             r.line = line as u32;
         }
         if !value.is_empty() {
-            self.actions.push(Action::Set(chunk, value));
+            self.actions.push(Action::Set(key, value));
         }
     }
 
@@ -884,35 +854,20 @@ impl Core {
     /// its events left is removed, otherwise their lines join the record's gone-list.
     /// Records are never rewritten (see [`storage::EVENT`]). Returns how many went.
     fn remove_events(&mut self) -> usize {
-        let mut touched: Vec<String> = Vec::new();
-        let (gone, actions, open) = (&mut self.gone, &mut self.actions, &self.open_chunk);
-        let removed = self.queue.remove_marked(|r, emptied| {
-            let chunk = &r.chunk;
-            if emptied {
-                if let Some(i) = gone.iter().position(|(c, _)| c == chunk) {
-                    gone.swap_remove(i);
-                }
-                if let Some(i) = touched.iter().position(|c| c == chunk) {
-                    touched.swap_remove(i);
-                }
-                if open.as_ref() != Some(chunk) {
-                    actions.push(Action::Remove(gone_key(chunk)));
-                    actions.push(Action::Remove(chunk.clone()));
-                }
-            } else if r.persisted {
-                // (An event never written needs no gone-list to hide it.)
-                add_gone(gone, chunk, r.line);
-                if !touched.contains(chunk) {
-                    touched.push(chunk.clone());
-                }
+        let removed = self.queue.remove_marked(false);
+        let (actions, open) = (&mut self.actions, &mut self.open_chunk);
+        self.queue.take_touched(|c, emptied| {
+            if !emptied {
+                actions.push(Action::Set(gone_key(&c.key), c.gone.clone()));
+            } else if *open == Some(c.serial) {
+                // Never written: nothing to remove, and this task's next events start a
+                // new record.
+                *open = None;
+            } else {
+                actions.push(Action::Remove(gone_key(&c.key)));
+                actions.push(Action::Remove(c.key.clone()));
             }
         });
-        for chunk in touched {
-            if let Some((_, list)) = self.gone.iter().find(|(c, _)| *c == chunk) {
-                self.actions
-                    .push(Action::Set(gone_key(&chunk), list.clone()));
-            }
-        }
         removed
     }
 

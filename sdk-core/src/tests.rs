@@ -761,10 +761,11 @@ fn a_backlog_drains_in_few_requests_under_the_size_cap() {
 
 #[test]
 fn gone_lists_of_two_tabs_merge_to_their_union() {
-    let mut gone = vec![("tl1:e:x".to_string(), "1\n4".to_string())];
-    merge_gone(&mut gone, "tl1:e:x", &storage::gone_lines("0\n4\n2"));
-    assert_eq!(gone[0].1, "0\n1\n2\n4");
-    merge_gone(&mut gone, "tl1:e:y", &storage::gone_lines("3"));
-    add_gone(&mut gone, "tl1:e:y", 5);
-    assert_eq!(gone[1], ("tl1:e:y".to_string(), "3\n5".to_string()));
+    let mut gone = "1\n4".to_string();
+    merge_gone(&mut gone, &storage::gone_lines("0\n4\n2"));
+    assert_eq!(gone, "0\n1\n2\n4");
+    let mut gone = String::new();
+    merge_gone(&mut gone, &storage::gone_lines("3"));
+    queue::append_line(&mut gone, 5);
+    assert_eq!(gone, "3\n5");
 }
