@@ -248,16 +248,13 @@ fn canonical(lens: &[u8]) -> Vec<u32> {
         code = (code + count[bits - 1]) << 1;
         next[bits] = code;
     }
-    lens.iter()
-        .map(|&l| {
-            if l == 0 {
-                return 0;
-            }
-            let c = next[l as usize];
-            next[l as usize] += 1;
-            c
-        })
-        .collect()
+    let mut codes = Vec::with_capacity(lens.len());
+    for &l in lens {
+        let c = next[l as usize];
+        next[l as usize] += 1;
+        codes.push(c);
+    }
+    codes
 }
 
 /// Run-length codes of a code-length sequence: (symbol 0..=18, extra bits value).
@@ -350,11 +347,8 @@ pub fn deflate(data: &[u8]) -> Vec<u8> {
     }
     let hlit = 257.max(lit_lens.iter().rposition(|&l| l > 0).map_or(0, |p| p + 1));
     let hdist = 1.max(dist_lens.iter().rposition(|&l| l > 0).map_or(0, |p| p + 1));
-    let all: Vec<u8> = lit_lens[..hlit]
-        .iter()
-        .chain(&dist_lens[..hdist])
-        .copied()
-        .collect();
+    let mut all = lit_lens[..hlit].to_vec();
+    all.extend_from_slice(&dist_lens[..hdist]);
     let runs = rle(&all);
     let mut cl_freq = vec![0u32; 19];
     for &(s, _) in &runs {

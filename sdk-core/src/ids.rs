@@ -77,15 +77,19 @@ pub fn uuid_v4(rng: &mut Rng) -> String {
 
 fn format_uuid(hi: u64, lo: u64) -> String {
     const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut s = String::with_capacity(36);
-    let bytes = ((hi as u128) << 64) | lo as u128;
+    let mut buf = [b'-'; 36];
+    let mut at = 0;
     for i in 0..32 {
         if matches!(i, 8 | 12 | 16 | 20) {
-            s.push('-');
+            at += 1;
         }
-        let nibble = (bytes >> (124 - i * 4)) & 0xf;
-        s.push(HEX[nibble as usize] as char);
+        let word = if i < 16 { hi } else { lo };
+        buf[at] = HEX[((word >> (60 - (i % 16) * 4)) & 0xf) as usize];
+        at += 1;
     }
+    let mut s = String::with_capacity(36);
+    // SAFETY: hex digits and dashes are ASCII.
+    unsafe { tracklet_wire::json::push_ascii(&mut s, &buf) };
     s
 }
 
@@ -96,8 +100,15 @@ pub fn uuid_v7_ms(id: &str) -> Option<u64> {
         return None;
     }
     let mut ms = 0u64;
-    for &c in b[..8].iter().chain(&b[9..13]) {
-        ms = (ms << 4) | (c as char).to_digit(16)? as u64;
+    for (i, &c) in b[..13].iter().enumerate() {
+        let digit = match c {
+            _ if i == 8 => continue,
+            b'0'..=b'9' => c - b'0',
+            b'a'..=b'f' => c - b'a' + 10,
+            b'A'..=b'F' => c - b'A' + 10,
+            _ => return None,
+        };
+        ms = (ms << 4) | digit as u64;
     }
     Some(ms)
 }

@@ -722,16 +722,18 @@ impl Core {
         let mut n = limit;
         loop {
             let mut batch = BatchJson::new(now, self.dropped);
-            let mut events = 0;
-            for (_, r) in self
-                .queue
-                .iter()
-                .filter(|(_, r)| !r.in_flight)
-                .skip(skip)
-                .take(n)
-            {
-                batch.push_raw_event(&r.json);
-                events += 1;
+            let (mut seen, mut events) = (0, 0);
+            for (_, r) in self.queue.iter() {
+                if events == n {
+                    break;
+                }
+                if !r.in_flight {
+                    seen += 1;
+                    if seen > skip {
+                        batch.push_raw_event(&r.json);
+                        events += 1;
+                    }
+                }
             }
             let body = gzip::gzip(batch.finish().as_bytes());
             if body.len() <= tracklet_wire::SDK_MAX_REQUEST_BYTES || events <= 1 {

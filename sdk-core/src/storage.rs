@@ -69,7 +69,8 @@ pub fn event_line_id(line: &str) -> Option<&str> {
     let rest = line.strip_prefix("{\"id\":\"")?;
     let end = rest.bytes().position(|b| b == b'"')?;
     let (id, after) = rest.split_at_checked(end)?;
-    (!id.is_empty() && after.starts_with("\",\"name\":\"") && line.ends_with('}')).then_some(id)
+    (!id.is_empty() && after.starts_with("\",\"name\":\"") && line.as_bytes().last() == Some(&b'}'))
+        .then_some(id)
 }
 
 /// Whether the event line's name is `escaped_name` (a JSON string literal, quotes
@@ -77,7 +78,7 @@ pub fn event_line_id(line: &str) -> Option<&str> {
 pub fn event_name_is(line: &str, id_len: usize, escaped_name: &str) -> bool {
     line.get(7 + id_len + 9..).is_some_and(|rest| {
         rest.strip_prefix(escaped_name)
-            .is_some_and(|r| r.starts_with(','))
+            .is_some_and(|r| r.as_bytes().first() == Some(&b','))
     })
 }
 

@@ -34,13 +34,15 @@ pub fn number(s: &str) -> Option<u64> {
     if s.is_empty() {
         return None;
     }
-    s.bytes().try_fold(0u64, |n, b| {
+    let mut n = 0u64;
+    for &b in s.as_bytes() {
         let d = b.wrapping_sub(b'0');
         if d > 9 {
             return None;
         }
-        n.checked_mul(10)?.checked_add(d as u64)
-    })
+        n = n.checked_mul(10)?.checked_add(d as u64)?;
+    }
+    Some(n)
 }
 
 #[cfg(test)]

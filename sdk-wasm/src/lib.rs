@@ -219,7 +219,7 @@ impl Engine {
     fn on_result(&mut self, text: &str, now: u64) {
         let mut f = text::fields(text, b' ');
         let mut signed = || match f.next() {
-            Some(n) if n.starts_with('-') => -1,
+            Some(n) if n.as_bytes().first() == Some(&b'-') => -1,
             n => n.and_then(text::number).map_or(-1, |n| n as i64),
         };
         let (batch, status, retry_after) = (signed(), signed(), signed());

@@ -26,7 +26,8 @@ pub fn push_str_literal(out: &mut String, s: &str) {
         if esc.is_empty() {
             const HEX: &[u8; 16] = b"0123456789abcdef";
             out.push_str("\\u00");
-            push_ascii(out, &[HEX[(b >> 4) as usize], HEX[(b & 0xf) as usize]]);
+            // SAFETY: hex digits are ASCII.
+            unsafe { push_ascii(out, &[HEX[(b >> 4) as usize], HEX[(b & 0xf) as usize]]) };
         } else {
             out.push_str(esc);
         }
@@ -48,13 +49,17 @@ pub fn push_u64(out: &mut String, mut n: u64) {
             break;
         }
     }
-    push_ascii(out, &buf[i..]);
+    // SAFETY: decimal digits are ASCII.
+    unsafe { push_ascii(out, &buf[i..]) };
 }
 
 /// Appends ASCII bytes (cheaper than `String::push`, which encodes any `char` as UTF-8).
-fn push_ascii(out: &mut String, ascii: &[u8]) {
+///
+/// # Safety
+/// `ascii` must be ASCII, or the string would no longer be valid UTF-8.
+pub unsafe fn push_ascii(out: &mut String, ascii: &[u8]) {
     debug_assert!(ascii.is_ascii());
-    // SAFETY: ASCII bytes are valid UTF-8 on their own, so the string stays valid.
+    // SAFETY: ASCII bytes are valid UTF-8 on their own (the caller's promise).
     unsafe { out.as_mut_vec() }.extend_from_slice(ascii);
 }
 
