@@ -193,7 +193,10 @@ fn code_lengths(freq: &[u32], limit: u8) -> Vec<u8> {
             }
             _ => {}
         }
-        let mut live: Vec<usize> = (0..weight.len()).collect();
+        let mut live = Vec::with_capacity(weight.len());
+        for n in 0..weight.len() {
+            live.push(n);
+        }
         // The two lightest nodes, by linear search: at most 286 symbols, and no sort
         // routine in the wasm.
         let take_min = |live: &mut Vec<usize>, weight: &[u64]| {

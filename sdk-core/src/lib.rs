@@ -197,8 +197,8 @@ fn gone_key(chunk: &str) -> String {
 }
 
 /// Merges a stored gone-list (another tab's view, as [`storage::gone_lines`] reads it)
-/// into ours.
-fn merge_gone(list: &mut String, stored: &[bool]) {
+/// into ours; returns the merged list as [`storage::gone_lines`] reads it.
+fn merge_gone(list: &mut String, stored: &[bool]) -> Vec<bool> {
     let mut lines = storage::gone_lines(list);
     for (l, _) in stored.iter().enumerate().filter(|(_, &g)| g) {
         if lines.len() <= l {
@@ -210,6 +210,7 @@ fn merge_gone(list: &mut String, stored: &[bool]) {
     for (l, _) in lines.iter().enumerate().filter(|(_, &g)| g) {
         queue::append_line(list, l as u32);
     }
+    lines
 }
 
 fn event_key(id: &str) -> String {
@@ -225,15 +226,12 @@ impl Core {
     pub fn new(cfg: Config, seed: u64) -> Self {
         let mut rng = Rng::new(seed);
         let tab = ids::uuid_v4(&mut rng);
-        let keep_literals = cfg
-            .always_keep
-            .iter()
-            .map(|n| {
-                let mut s = String::new();
-                push_str_literal(&mut s, n);
-                s
-            })
-            .collect();
+        let mut keep_literals = Vec::new();
+        for name in &cfg.always_keep {
+            let mut s = String::new();
+            push_str_literal(&mut s, name);
+            keep_literals.push(s);
+        }
         Core {
             cfg,
             rng,
@@ -265,8 +263,12 @@ impl Core {
     /// Loads what storage holds (every `tl1:` key with its value): the queue left by
     /// earlier pages and other tabs, identity, and the shared retry state. Corrupt
     /// records are removed one by one. Creates the anonymous id when there is none.
-    pub fn restore<'a>(&mut self, entries: impl IntoIterator<Item = (&'a str, &'a str)>) {
-        self.adopt(entries, true);
+    pub fn restore<'a, I>(&mut self, entries: I)
+    where
+        I: IntoIterator<Item = (&'a str, &'a str)>,
+        I::IntoIter: Clone,
+    {
+        self.adopt(entries.into_iter(), true);
         if self.anon.is_empty() {
             self.anon = ids::uuid_v4(&mut self.rng);
             self.actions
@@ -277,25 +279,26 @@ impl Core {
 
     /// Re-reads shared state written by other tabs (call before sending and before
     /// clearing): their queued events, acknowledgements, retry state, lease and identity.
-    pub fn refresh<'a>(&mut self, entries: impl IntoIterator<Item = (&'a str, &'a str)>) {
-        self.adopt(entries, false);
+    pub fn refresh<'a, I>(&mut self, entries: I)
+    where
+        I: IntoIterator<Item = (&'a str, &'a str)>,
+        I::IntoIter: Clone,
+    {
+        self.adopt(entries.into_iter(), false);
     }
 
-    fn adopt<'a>(&mut self, entries: impl IntoIterator<Item = (&'a str, &'a str)>, first: bool) {
-        let entries: Vec<(&str, &str)> = entries.into_iter().collect();
+    /// (`entries` is read more than once, hence `Clone`: no copy of the snapshot is made.)
+    fn adopt<'a>(
+        &mut self,
+        entries: impl Iterator<Item = (&'a str, &'a str)> + Clone,
+        first: bool,
+    ) {
         // Gone-lists first: their lines are not queued, whatever their records say.
-        for &(key, value) in &entries {
+        // (first id, lines, whether its record was met).
+        let mut lists: Vec<(&str, Vec<bool>, bool)> = Vec::new();
+        for (key, value) in entries.clone() {
             if let Some(first_id) = key.strip_prefix(storage::GONE) {
-                if entries
-                    .iter()
-                    .any(|(k, _)| k.strip_prefix(storage::EVENT) == Some(first_id))
-                {
-                    let chunk = self.queue.chunk_for(&event_key(first_id));
-                    merge_gone(&mut chunk.gone, &storage::gone_lines(value));
-                } else {
-                    // Its record is gone: so is the list.
-                    self.actions.push(Action::Remove(key.into()));
-                }
+                lists.push((first_id, storage::gone_lines(value), false));
             }
         }
         if !first {
@@ -308,10 +311,33 @@ impl Core {
         let mut dropped = 0;
         let mut opted_out = false;
         let mut user = None;
-        for &(key, value) in &entries {
-            if key.starts_with(storage::EVENT) {
-                let chunk = self.queue.chunk_for(key);
-                let (serial, gone) = (chunk.serial, storage::gone_lines(&chunk.gone));
+        for (key, value) in entries {
+            if let Some(first_id) = key.strip_prefix(storage::EVENT) {
+                let mut stored = None;
+                for list in lists.iter_mut().filter(|l| l.0 == first_id) {
+                    list.2 = true;
+                    stored = Some(&list.1);
+                }
+                // The record's entry in the queue: found through one of its queued events
+                // (a record is read whole, so no other entry has its key), else made anew.
+                let mut chunk = None;
+                for line in text::fields(value, storage::LINE) {
+                    if let Some(r) =
+                        storage::event_line_id(line).and_then(|id| self.queue.get_mut(id))
+                    {
+                        chunk = Some(r.chunk);
+                        break;
+                    }
+                }
+                let chunk = match chunk {
+                    Some(c) => c,
+                    None => self.queue.new_chunk(key.into()),
+                };
+                // Its gone lines: ours and the stored ones.
+                let gone = match self.queue.chunk(chunk) {
+                    Some(c) => merge_gone(&mut c.gone, stored.map_or(&[], |s| s)),
+                    None => Vec::new(),
+                };
                 let mut valid = false;
                 for (at, line) in text::fields(value, storage::LINE).enumerate() {
                     let Some(id) = storage::event_line_id(line) else {
@@ -329,7 +355,7 @@ impl Core {
                             json: line.into(),
                             keep,
                             persisted: true,
-                            chunk: serial,
+                            chunk,
                             line: at as u32,
                             in_flight: false,
                             marked: false,
@@ -363,6 +389,14 @@ impl Core {
                 storage::DROPPED => dropped = text::number(value).unwrap_or(0),
                 storage::OPT_OUT => opted_out = true,
                 _ => {}
+            }
+        }
+        for (first_id, _, met) in lists {
+            if !met {
+                // Its record is gone: so is the list.
+                let mut k = String::from(storage::GONE);
+                k.push_str(first_id);
+                self.actions.push(Action::Remove(k));
             }
         }
         self.queue.remove_marked(true);
@@ -561,8 +595,8 @@ impl Core {
     /// The binding could not write this key (quota exceeded, storage disabled): its events
     /// live on in memory only, and a refresh must not mistake them for acknowledged.
     pub fn persist_failed(&mut self, key: &str) {
-        let chunk = self.queue.chunk_for(key).serial;
-        for r in self.queue.iter_mut().filter(|r| r.chunk == chunk) {
+        let chunk = self.queue.serial_of(key);
+        for r in self.queue.iter_mut().filter(|r| Some(r.chunk) == chunk) {
             r.persisted = false;
         }
     }

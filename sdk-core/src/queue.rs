@@ -72,16 +72,10 @@ impl EventQueue {
         serial
     }
 
-    /// The record keyed `key`, met before or new.
-    pub fn chunk_for(&mut self, key: &str) -> &mut Chunk {
-        let at = match self.chunks.iter().position(|c| c.key == key) {
-            Some(at) => at,
-            None => {
-                self.new_chunk(key.into());
-                self.chunks.len() - 1
-            }
-        };
-        &mut self.chunks[at]
+    /// The serial number of the record keyed `key`, if it holds queued events.
+    pub fn serial_of(&self, key: &str) -> Option<u32> {
+        let c = self.chunks.iter().find(|c| c.key == key)?;
+        Some(c.serial)
     }
 
     pub fn chunk(&mut self, serial: u32) -> Option<&mut Chunk> {
@@ -162,9 +156,10 @@ impl EventQueue {
     /// Events queued in storage record `key`.
     #[cfg(test)]
     pub fn chunk_len(&self, key: &str) -> u32 {
+        let serial = self.serial_of(key);
         self.chunks
             .iter()
-            .find(|c| c.key == key)
+            .find(|c| Some(c.serial) == serial)
             .map_or(0, |c| c.count)
     }
 

@@ -5,7 +5,7 @@
 
 /// The parts of `s` between `sep` bytes, as `str::split` gives them. `sep` must be ASCII,
 /// so every part is valid UTF-8.
-pub fn fields(s: &str, sep: u8) -> impl Iterator<Item = &str> {
+pub fn fields(s: &str, sep: u8) -> impl Iterator<Item = &str> + Clone {
     debug_assert!(sep.is_ascii());
     let mut rest = Some(s);
     core::iter::from_fn(move || {

@@ -36,11 +36,11 @@ fn panic(_: &core::panic::PanicInfo) -> ! {
 
 const SEP: char = '\u{1}';
 
-fn parts(joined: &str) -> impl Iterator<Item = &str> {
+fn parts(joined: &str) -> impl Iterator<Item = &str> + Clone {
     text::fields(joined, SEP as u8)
 }
 
-fn pairs(joined: &str) -> impl Iterator<Item = (&str, &str)> {
+fn pairs(joined: &str) -> impl Iterator<Item = (&str, &str)> + Clone {
     let mut parts = parts(joined);
     core::iter::from_fn(move || Some((parts.next()?, parts.next()?)))
 }
@@ -107,20 +107,20 @@ fn start(options: &str, seed: u64) {
             .and_then(text::number)
             .map_or(default, |n| n as usize)
     };
-    let cfg = Config {
+    let mut cfg = Config {
         max_batch_size: number(50).max(1),
         max_wait_ms: number(5_000) as u64,
         max_queue_events: number(1_000).max(1),
-        // Rates come in millionths: no float parser in the module.
-        sampling: pairs(section())
-            .map(|(n, r)| (n.into(), text::number(r).map_or(1.0, |m| m as f64 / 1e6)))
-            .collect(),
-        always_keep: parts(section())
-            .filter(|n| !n.is_empty())
-            .map(String::from)
-            .collect(),
         ..Config::default()
     };
+    for (name, rate) in pairs(section()) {
+        // Rates come in millionths: no float parser in the module.
+        let rate = text::number(rate).map_or(1.0, |m| m as f64 / 1e6);
+        cfg.sampling.push((name.into(), rate));
+    }
+    for name in parts(section()).filter(|n| !n.is_empty()) {
+        cfg.always_keep.push(name.into());
+    }
     // SAFETY: see `Global`; no reference from `engine()` is live here.
     unsafe {
         *ENGINE.0.get() = Some(Engine {
@@ -226,11 +226,15 @@ impl Engine {
         let rejected = f.next().unwrap_or_default();
         let outcome = match status {
             -1 => Outcome::Offline,
-            200..=299 => Outcome::Accepted {
-                rejected: text::fields(rejected, b',')
-                    .filter_map(|i| Some(text::number(i)? as usize))
-                    .collect(),
-            },
+            200..=299 => {
+                let mut indices = Vec::new();
+                for i in text::fields(rejected, b',') {
+                    if let Some(i) = text::number(i) {
+                        indices.push(i as usize);
+                    }
+                }
+                Outcome::Accepted { rejected: indices }
+            }
             400 => Outcome::BadRequest,
             401 | 403 => Outcome::Unauthorized {
                 status: status as u16,
