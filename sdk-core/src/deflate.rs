@@ -168,73 +168,66 @@ fn tokenize(data: &[u8]) -> Vec<Token> {
     tokens
 }
 
-/// Huffman code lengths for `freq`, none longer than `limit` (frequencies are halved
-/// until the tree fits: simple, and near optimal for the shallow trees DEFLATE allows).
+/// Huffman code lengths for `freq`, none longer than `limit` (frequencies are scaled
+/// down until the tree fits: simple, and near optimal for the shallow trees DEFLATE allows).
+/// At most `1 << limit` symbols may occur (DEFLATE has 286 within 15 bits, 19 within 7).
 fn code_lengths(freq: &[u32], limit: u8) -> Vec<u8> {
-    let mut f: Vec<u32> = freq.to_vec();
+    let n = freq.len();
+    let mut lens = vec![0u8; n];
+    let mut scale = 0;
     loop {
-        let mut lens = vec![0u8; f.len()];
-        // Nodes: (weight, parent index); leaves first, then internal nodes.
-        let mut weight: Vec<u64> = Vec::new();
-        let mut parent: Vec<usize> = Vec::new();
-        let mut leaf_of: Vec<usize> = Vec::new();
-        for (sym, &w) in f.iter().enumerate() {
-            if w > 0 {
-                weight.push(w as u64);
-                parent.push(usize::MAX);
-                leaf_of.push(sym);
+        // Nodes: the symbols first (weight 0: unused), then the tree's inner nodes, each
+        // made after its two children.
+        let mut weight: Vec<u32> = Vec::with_capacity(2 * n);
+        let mut live: Vec<u32> = Vec::new();
+        for (sym, &f) in freq.iter().enumerate() {
+            weight.push(if f == 0 { 0 } else { (f >> scale) | 1 });
+            if f > 0 {
+                live.push(sym as u32);
             }
         }
-        match leaf_of.len() {
-            0 => return lens,
-            1 => {
-                lens[leaf_of[0]] = 1;
-                return lens;
+        if live.len() < 2 {
+            for &sym in &live {
+                lens[sym as usize] = 1;
             }
-            _ => {}
+            return lens;
         }
-        let mut live = Vec::with_capacity(weight.len());
-        for n in 0..weight.len() {
-            live.push(n);
-        }
-        // The two lightest nodes, by linear search: at most 286 symbols, and no sort
-        // routine in the wasm.
-        let take_min = |live: &mut Vec<usize>, weight: &[u64]| {
-            let mut at = 0;
-            for (k, &n) in live.iter().enumerate() {
-                if weight[n] < weight[live[at]] {
-                    at = k;
-                }
-            }
-            live.swap_remove(at)
-        };
+        let mut parent = vec![0u32; 2 * n];
         while live.len() > 1 {
-            let a = take_min(&mut live, &weight);
-            let b = take_min(&mut live, &weight);
-            weight.push(weight[a] + weight[b]);
-            parent.push(usize::MAX);
-            let node = weight.len() - 1;
-            parent[a] = node;
-            parent[b] = node;
+            let node = weight.len() as u32;
+            let mut sum = 0;
+            for _ in 0..2 {
+                // The lightest live node, by linear search: at most 286 symbols, and no
+                // sort routine in the wasm.
+                let mut at = 0;
+                for k in 1..live.len() {
+                    if weight[live[k] as usize] < weight[live[at] as usize] {
+                        at = k;
+                    }
+                }
+                let lightest = live.swap_remove(at) as usize;
+                parent[lightest] = node;
+                sum += weight[lightest];
+            }
+            weight.push(sum);
             live.push(node);
         }
+        // Depths from the root (the last node) down: a parent comes after its children.
+        let mut depth = vec![0u8; weight.len()];
         let mut max = 0;
-        for (leaf, &sym) in leaf_of.iter().enumerate() {
-            let mut depth = 0u8;
-            let mut n = leaf;
-            while parent[n] != usize::MAX {
-                n = parent[n];
-                depth += 1;
+        for i in (0..weight.len() - 1).rev() {
+            if weight[i] > 0 {
+                depth[i] = depth[parent[i] as usize] + 1;
             }
-            lens[sym] = depth;
-            max = max.max(depth);
+            if i < n {
+                lens[i] = depth[i];
+                max = max.max(depth[i]);
+            }
         }
         if max <= limit {
             return lens;
         }
-        for w in f.iter_mut().filter(|w| **w > 0) {
-            *w = (*w >> 1) | 1;
-        }
+        scale += 1;
     }
 }
 
@@ -437,6 +430,36 @@ mod tests {
         assert!(ours * 100 <= miniz * 110, "ours {ours} B, miniz {miniz} B");
         extern crate std;
         std::eprintln!("deflate: ours {ours} B, miniz level 6 {miniz} B");
+    }
+
+    proptest! {
+        /// Lengths are a complete or incomplete prefix code (Kraft sum at most 1), within
+        /// the limit, for exactly the symbols that occur, however skewed the counts.
+        #[test]
+        fn code_lengths_are_a_prefix_code_within_the_limit(
+            freq in proptest::collection::vec(prop_oneof![Just(0u32), 1u32..4, 1u32..1_000_000], 1..300),
+            limit in 9u8..=15,
+            short in any::<bool>(),
+        ) {
+            // DEFLATE's two cases: up to 286 symbols within 15 bits, 19 within 7 bits (any
+            // limit above log2 of the symbol count works).
+            let (freq, limit) = if short { (&freq[..freq.len().min(19)], 7) } else { (&freq[..], limit) };
+            let lens = code_lengths(freq, limit);
+            let used = freq.iter().filter(|&&f| f > 0).count();
+            let mut kraft = 0u64;
+            for (&f, &l) in freq.iter().zip(&lens) {
+                prop_assert_eq!(f > 0, l > 0);
+                prop_assert!(l <= limit);
+                if l > 0 {
+                    kraft += 1 << (15 - l);
+                }
+            }
+            prop_assert!(kraft <= 1 << 15);
+            if used >= 2 {
+                // Two symbols or more: a full tree (Kraft sum exactly 1).
+                prop_assert_eq!(kraft, 1 << 15);
+            }
+        }
     }
 
     proptest! {

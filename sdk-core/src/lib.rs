@@ -793,18 +793,13 @@ impl Core {
 
     fn settle(&mut self, flight: InFlight, outcome: Outcome, now: u64) {
         let n = flight.events;
-        match outcome {
+        // `status().lastError`: text, a number, text (the number left out when 0).
+        let error: (&str, u64, &str) = match outcome {
             Outcome::Accepted { rejected } => {
-                let rejected = rejected.iter().filter(|&&i| i < n).count();
-                self.rejected += rejected as u64;
+                let rejected = rejected.iter().filter(|&&i| i < n).count() as u64;
+                self.rejected += rejected;
                 self.remove_in_flight();
                 self.last_sent_at = Some(now);
-                self.last_error = (rejected > 0).then(|| {
-                    let mut s = String::new();
-                    push_u64(&mut s, rejected as u64);
-                    s.push_str(" events rejected by the collector");
-                    s
-                });
                 self.split_limit = None;
                 self.reset_retry();
                 if flight.dropped > 0 {
@@ -817,28 +812,30 @@ impl Core {
                         Action::Set(storage::DROPPED.into(), d)
                     });
                 }
+                ("", rejected, " events rejected by the collector")
             }
             Outcome::BadRequest => {
                 self.rejected += n as u64;
                 self.remove_in_flight();
-                self.last_error = Some("batch rejected by the collector (400)".into());
                 self.reset_retry();
+                ("HTTP ", 400, ": batch rejected by the collector")
             }
             Outcome::TooLarge if n > 1 => {
                 self.split_limit = Some(n / 2);
-                self.last_error = Some("batch too large (413): splitting".into());
+                ("HTTP ", 413, ": batch too large, splitting it")
             }
             Outcome::TooLarge => {
                 self.rejected += 1;
                 self.remove_in_flight();
-                self.last_error = Some("event too large (413)".into());
+                ("HTTP ", 413, ": event too large")
             }
             Outcome::Unauthorized { status } => {
                 self.blocked = true;
-                let mut s = String::from("HTTP ");
-                push_u64(&mut s, status as u64);
-                s.push_str(": check the apiKey and the project's allowed origins");
-                self.last_error = Some(s);
+                (
+                    "HTTP ",
+                    status as u64,
+                    ": check the apiKey and the project's allowed origins",
+                )
             }
             Outcome::Retry {
                 status,
@@ -853,19 +850,27 @@ impl Core {
                 self.retry.next_at = (now + delay).max(self.retry.not_before);
                 self.actions
                     .push(Action::Set(storage::RETRY.into(), self.retry.encode()));
-                self.last_error = Some(if status == 0 {
-                    "network error".into()
-                } else {
-                    let mut s = String::from("HTTP ");
-                    push_u64(&mut s, status as u64);
-                    s
-                });
+                match status {
+                    0 => ("network error", 0, ""),
+                    _ => ("HTTP ", status as u64, ""),
+                }
             }
             Outcome::Offline => {
                 self.online = false;
-                self.last_error = Some("offline".into());
+                ("offline", 0, "")
             }
-        }
+        };
+        self.last_error = match error {
+            ("", 0, _) => None,
+            (lead, n, tail) => {
+                let mut s = String::from(lead);
+                if n > 0 {
+                    push_u64(&mut s, n);
+                }
+                s.push_str(tail);
+                Some(s)
+            }
+        };
     }
 
     /// Gives up the sending role if this tab holds it.

@@ -133,10 +133,12 @@ fn start(options: &str, seed: u64) {
 }
 
 /// Queues an event; returns false when it was not (opted out, sampled, invalid, or no
-/// engine). The hot path, so it has an export of its own.
+/// engine). `props` is a JSON object, or empty for none. The hot path, so it has an
+/// export of its own.
 #[wasm_bindgen]
-pub fn track(name: &str, props: Option<String>, now: f64) -> bool {
-    engine().is_some_and(|e| e.core.track(name, props.as_deref(), now as u64).is_ok())
+pub fn track(name: &str, props: &str, now: f64) -> bool {
+    let props = (!props.is_empty()).then_some(props);
+    engine().is_some_and(|e| e.core.track(name, props, now as u64).is_ok())
 }
 
 /// Every other call, by number (`OP` in `npm/src/binding.js`): one export instead of
