@@ -297,16 +297,15 @@ export function bind(engine, o, emit, log, listeners) {
     });
   }
 
-  // The page is going away: hand what is queued to sendBeacon, which outlives it. The
-  // events stay stored until a normal send is acknowledged; the collector drops repeats.
+  // The page is going away: hand what is queued (as much as one request under 64 KB
+  // holds) to sendBeacon, which outlives it. The events stay stored until a normal send
+  // is acknowledged; the collector drops repeats.
   let unloading = false;
   function unload() {
     unloading = true;
     apply();
-    const n = number(PREPARE_UNLOAD, Date.now());
-    for (let i = 0; i < n; i++) {
-      const body = engine.body(0, false, true);
-      if (!navigator.sendBeacon || !navigator.sendBeacon(url, new Blob([body], { type: 'text/plain' }))) break;
+    if (number(PREPARE_UNLOAD, Date.now()) > 0 && navigator.sendBeacon) {
+      navigator.sendBeacon(url, new Blob([engine.body(0, false, true)], { type: 'text/plain' }));
     }
     apply();
   }

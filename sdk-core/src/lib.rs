@@ -725,7 +725,7 @@ impl Core {
             .split_limit
             .unwrap_or(normal)
             .clamp(1, tracklet_wire::MAX_EVENTS_PER_BATCH);
-        let (events, body) = self.build_body(now, 0, limit);
+        let (events, body) = self.build_body(now, limit);
         // The batch holds the first `events` events not in flight: all of them, as nothing
         // else is in flight.
         for r in self.queue.iter_mut().take(events) {
@@ -752,21 +752,18 @@ impl Core {
 
     /// Up to `limit` of the oldest events passing `include`, as a gzip body under the
     /// request cap (halving the count until it fits).
-    fn build_body(&self, now: u64, skip: usize, limit: usize) -> (usize, Vec<u8>) {
+    fn build_body(&self, now: u64, limit: usize) -> (usize, Vec<u8>) {
         let mut n = limit;
         loop {
             let mut batch = BatchJson::new(now, self.dropped);
-            let (mut seen, mut events) = (0, 0);
+            let mut events = 0;
             for (_, r) in self.queue.iter() {
                 if events == n {
                     break;
                 }
                 if !r.in_flight {
-                    seen += 1;
-                    if seen > skip {
-                        batch.push_raw_event(&r.json);
-                        events += 1;
-                    }
+                    batch.push_raw_event(&r.json);
+                    events += 1;
                 }
             }
             let body = gzip::gzip(batch.finish().as_bytes());
@@ -919,35 +916,21 @@ impl Core {
         }
     }
 
-    /// Bodies for `sendBeacon` when the page goes away: everything queued and not in
-    /// flight, within the browser's 64 KB budget for requests that outlive the page.
-    /// Events stay stored until a normal send is acknowledged; the collector drops the
-    /// duplicates.
+    /// The body for `sendBeacon` when the page goes away: what is queued and not in
+    /// flight, oldest first, as much as one request under the browser's 64 KB budget for
+    /// requests that outlive the page holds. Events stay stored until a normal send is
+    /// acknowledged; the collector drops the duplicates.
     ///
     /// Also gives up this tab's sending lease: the next page must not wait for a lease
     /// whose holder is gone. A batch still in flight (a keepalive fetch) may then be sent
     /// again by the next page; the collector drops the duplicates.
-    pub fn unload_batches(&mut self, now: u64) -> Vec<Vec<u8>> {
+    pub fn unload_body(&mut self, now: u64) -> Option<Vec<u8>> {
         self.release_lease();
-        let mut out = Vec::new();
         if !self.online || self.blocked || self.opted_out || now < self.retry.not_before {
-            return out;
+            return None;
         }
-        let mut budget = tracklet_wire::SDK_MAX_REQUEST_BYTES;
-        let mut skip = 0;
-        let limit = self
-            .cfg
-            .max_batch_size
-            .clamp(1, tracklet_wire::MAX_EVENTS_PER_BATCH);
-        loop {
-            let (events, body) = self.build_body(now, skip, limit);
-            if events == 0 || body.len() > budget {
-                return out;
-            }
-            budget -= body.len();
-            skip += events;
-            out.push(body);
-        }
+        let (events, body) = self.build_body(now, tracklet_wire::MAX_EVENTS_PER_BATCH);
+        (events > 0).then_some(body)
     }
 
     /// When the binding should call [`Core::poll_send`] next, if ever (an `online` event,

@@ -606,19 +606,16 @@ fn an_event_not_persisted_survives_a_refresh() {
 }
 
 #[test]
-fn unload_batches_fit_the_beacon_budget_and_cover_the_queue() {
+fn the_unload_body_fits_the_beacon_budget_and_covers_the_queue() {
     let mut st = Storage::new();
     let mut c = tab(&mut st, Config::default(), 1);
     track_n(&mut c, &mut st, 120, 0);
     let inflight = c.poll_send(0, true).unwrap();
     assert_eq!(inflight.events, 120, "a backlog goes in one bigger batch");
     track_n(&mut c, &mut st, 130, 1);
-    let bodies = c.unload_batches(1);
-    assert_eq!(bodies.len(), 3, "batches of maxBatchSize");
-    let total: usize = bodies.iter().map(Vec::len).sum();
-    assert!(total <= tracklet_wire::SDK_MAX_REQUEST_BYTES);
-    let n: usize = bodies.iter().map(|b| decode(b).2.len()).sum();
-    assert_eq!(n, 130, "everything not in flight");
+    let body = c.unload_body(1).expect("a beacon");
+    assert!(body.len() <= tracklet_wire::SDK_MAX_REQUEST_BYTES);
+    assert_eq!(decode(&body).2.len(), 130, "everything not in flight");
     assert_eq!(c.pending(), 250, "still stored until acknowledged");
     apply(&mut st, &mut c);
     assert!(
@@ -627,6 +624,38 @@ fn unload_batches_fit_the_beacon_budget_and_cover_the_queue() {
     );
     let mut next = tab(&mut st, Config::default(), 2);
     assert!(next.poll_send(2, true).is_some());
+}
+
+#[test]
+fn an_unload_body_too_big_for_the_budget_takes_the_oldest_that_fit() {
+    let mut st = Storage::new();
+    let mut c = tab(&mut st, Config::default(), 1);
+    // Random-looking strings compress badly: 100 of 2 KB is far over 60 KB gzipped.
+    let mut rng = ids::Rng::new(5);
+    let mut ids = Vec::new();
+    for i in 0..100 {
+        let s: String = (0..2_000)
+            .map(|_| (b'a' + rng.below(26) as u8) as char)
+            .collect();
+        ids.push(
+            c.track("big", Some(&format!(r#"{{"s":"{s}"}}"#)), i)
+                .unwrap(),
+        );
+    }
+    apply(&mut st, &mut c);
+    let body = c.unload_body(200).expect("a beacon");
+    assert!(body.len() <= tracklet_wire::SDK_MAX_REQUEST_BYTES);
+    let sent = decode(&body).2;
+    assert!(
+        !sent.is_empty() && sent.len() < 100,
+        "{} events",
+        sent.len()
+    );
+    assert_eq!(sent[0].id, ids[0], "the oldest first");
+    assert!(
+        c.unload_body(200).is_some(),
+        "asking again gives the same oldest events"
+    );
 }
 
 #[test]

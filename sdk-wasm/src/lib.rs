@@ -51,7 +51,7 @@ struct Engine {
     /// The batch `body()` returned last, and how many events it holds.
     batch: u64,
     events: usize,
-    unload: Vec<Vec<u8>>,
+    unload: Option<Vec<u8>>,
 }
 
 /// The page's one engine. The exports below are free functions over it rather than the
@@ -127,7 +127,7 @@ fn start(options: &str, seed: u64) {
             core: Core::new(cfg, seed),
             batch: 0,
             events: 0,
-            unload: Vec::new(),
+            unload: None,
         })
     };
 }
@@ -162,7 +162,7 @@ pub fn call(op: u32, text: &str, num: f64) -> String {
 pub fn body(now: f64, force: bool, unload: bool) -> Option<Vec<u8>> {
     let e = engine()?;
     if unload {
-        return e.unload.pop();
+        return e.unload.take();
     }
     let out = e.core.poll_send(now as u64, force)?;
     e.batch = out.batch;
@@ -204,9 +204,8 @@ impl Engine {
                 count(&mut out, self.events);
             }
             op::PREPARE_UNLOAD => {
-                self.unload = self.core.unload_batches(now);
-                self.unload.reverse();
-                count(&mut out, self.unload.len());
+                self.unload = self.core.unload_body(now);
+                count(&mut out, self.unload.is_some() as usize);
             }
             op::ON_RESULT => self.on_result(text, now),
             _ => {}

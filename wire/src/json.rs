@@ -6,32 +6,32 @@
 use crate::field;
 use alloc::string::String;
 
-/// Appends `s` as a JSON string literal (with quotes) to `out`.
+/// Appends `s` as a JSON string literal (with quotes) to `out`. Quotes, backslashes and
+/// control characters are written as `\u00XX`: one rule, less code than the short forms.
 pub fn push_str_literal(out: &mut String, s: &str) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
     out.push('"');
-    let bytes = s.as_bytes();
     let mut start = 0;
-    for (i, &b) in bytes.iter().enumerate() {
-        let esc: &str = match b {
-            b'"' => "\\\"",
-            b'\\' => "\\\\",
-            b'\n' => "\\n",
-            b'\r' => "\\r",
-            b'\t' => "\\t",
-            0..=0x1f => "",
-            _ => continue,
-        };
-        // `start` and `i` sit next to ASCII bytes, so `get` always succeeds.
-        out.push_str(s.get(start..i).unwrap_or_default());
-        if esc.is_empty() {
-            const HEX: &[u8; 16] = b"0123456789abcdef";
-            out.push_str("\\u00");
-            // SAFETY: hex digits are ASCII.
-            unsafe { push_ascii(out, &[HEX[(b >> 4) as usize], HEX[(b & 0xf) as usize]]) };
-        } else {
-            out.push_str(esc);
+    for (i, &b) in s.as_bytes().iter().enumerate() {
+        if b < 0x20 || b == b'"' || b == b'\\' {
+            // `start` and `i` sit next to ASCII bytes, so `get` always succeeds.
+            out.push_str(s.get(start..i).unwrap_or_default());
+            // SAFETY: `\u00` and hex digits are ASCII.
+            unsafe {
+                push_ascii(
+                    out,
+                    &[
+                        b'\\',
+                        b'u',
+                        b'0',
+                        b'0',
+                        HEX[(b >> 4) as usize],
+                        HEX[(b & 0xf) as usize],
+                    ],
+                )
+            };
+            start = i + 1;
         }
-        start = i + 1;
     }
     out.push_str(s.get(start..).unwrap_or_default());
     out.push('"');
@@ -175,7 +175,7 @@ mod tests {
     fn escapes_quotes_backslashes_and_control_characters() {
         let mut out = String::new();
         push_str_literal(&mut out, "a\"b\\c\nd\u{1}é😀");
-        assert_eq!(out, "\"a\\\"b\\\\c\\nd\\u0001é😀\"");
+        assert_eq!(out, r#""a\u0022b\u005cc\u000ad\u0001é😀""#);
         let back: String = serde_json::from_str(&out).unwrap();
         assert_eq!(back, "a\"b\\c\nd\u{1}é😀");
     }
