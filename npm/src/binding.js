@@ -22,7 +22,6 @@ const STATUS = 13;
 const NEXT_WAKE = 14;
 const LEASE_HELD_ELSEWHERE = 15;
 const LAST_BATCH = 16;
-const PREPARE_UNLOAD = 17;
 const ON_RESULT = 18;
 const START = 19;
 const PREFIX = 'tl1:';
@@ -304,9 +303,8 @@ export function bind(engine, o, emit, log, listeners) {
   function unload() {
     unloading = true;
     apply();
-    if (number(PREPARE_UNLOAD, Date.now()) > 0 && navigator.sendBeacon) {
-      navigator.sendBeacon(url, new Blob([engine.body(0, false, true)], { type: 'text/plain' }));
-    }
+    const body = engine.body(Date.now(), false, true);
+    if (body && navigator.sendBeacon) navigator.sendBeacon(url, new Blob([body], { type: 'text/plain' }));
     apply();
   }
 

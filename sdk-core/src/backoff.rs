@@ -41,28 +41,26 @@ pub struct RetryState {
 }
 
 impl RetryState {
+    /// `<failures> <next_at> <not_before>`.
     pub fn encode(&self) -> alloc::string::String {
+        use tracklet_wire::json::push_u64;
         let mut s = alloc::string::String::new();
-        for (i, n) in [self.failures as u64, self.next_at, self.not_before]
-            .into_iter()
-            .enumerate()
-        {
-            if i > 0 {
-                s.push(' ');
-            }
-            tracklet_wire::json::push_u64(&mut s, n);
-        }
+        push_u64(&mut s, self.failures as u64);
+        s.push(' ');
+        push_u64(&mut s, self.next_at);
+        s.push(' ');
+        push_u64(&mut s, self.not_before);
         s
     }
 
     pub fn decode(s: &str) -> Option<Self> {
-        let mut it = crate::text::fields(s, b' ').map(crate::text::number);
-        let state = RetryState {
-            failures: it.next()?? as u32,
-            next_at: it.next()??,
-            not_before: it.next()??,
-        };
-        it.next().is_none().then_some(state)
+        let (failures, rest) = crate::text::split_once(s, b' ')?;
+        let (next_at, not_before) = crate::text::split_once(rest, b' ')?;
+        Some(RetryState {
+            failures: crate::text::number(failures)?.try_into().ok()?,
+            next_at: crate::text::number(next_at)?,
+            not_before: crate::text::number(not_before)?,
+        })
     }
 }
 

@@ -18,24 +18,6 @@ const MAX_MATCH: usize = 258;
 const MAX_CHAIN: usize = 24;
 const NONE: u32 = u32::MAX;
 
-/// Base lengths of codes 257..=285, and their extra bits.
-const LEN_BASE: [u16; 29] = [
-    3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 15, 17, 19, 23, 27, 31, 35, 43, 51, 59, 67, 83, 99, 115, 131,
-    163, 195, 227, 258,
-];
-const LEN_EXTRA: [u8; 29] = [
-    0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3, 4, 4, 4, 4, 5, 5, 5, 5, 0,
-];
-/// Base distances of codes 0..=29, and their extra bits.
-const DIST_BASE: [u16; 30] = [
-    1, 2, 3, 4, 5, 7, 9, 13, 17, 25, 33, 49, 65, 97, 129, 193, 257, 385, 513, 769, 1025, 1537,
-    2049, 3073, 4097, 6145, 8193, 12289, 16385, 24577,
-];
-const DIST_EXTRA: [u8; 30] = [
-    0, 0, 0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7, 8, 8, 9, 9, 10, 10, 11, 11, 12, 12, 13,
-    13,
-];
-
 /// Writes bits least-significant first, as DEFLATE wants.
 struct Bits {
     out: Vec<u8>,
@@ -67,9 +49,34 @@ impl Bits {
     }
 }
 
-/// Index of the last table entry whose base is at most `v`.
-fn slot(base: &[u16], v: usize) -> usize {
-    base.iter().rposition(|&b| b as usize <= v).unwrap_or(0)
+/// The symbol (257..=285) of a match length (3..=258), with its extra bits: (symbol,
+/// how many extra bits, their value). Computed rather than looked up (RFC 1951, 3.2.5:
+/// four symbols per power of two); the tests check it against the RFC's table.
+fn len_code(len: usize) -> (usize, u32, u32) {
+    let l = len - 3;
+    if len == 258 {
+        return (285, 0, 0);
+    }
+    if l < 8 {
+        return (257 + l, 0, 0);
+    }
+    let log = usize::BITS - 1 - l.leading_zeros();
+    let extra = log - 2;
+    let symbol = 253 + 4 * log as usize + ((l >> extra) & 3);
+    (symbol, extra, (l & ((1 << extra) - 1)) as u32)
+}
+
+/// The code (0..=29) of a match distance (1..=32768), with its extra bits, as
+/// [`len_code`] (two codes per power of two).
+fn dist_code(dist: usize) -> (usize, u32, u32) {
+    let d = dist - 1;
+    if d < 4 {
+        return (d, 0, 0);
+    }
+    let log = usize::BITS - 1 - d.leading_zeros();
+    let extra = log - 1;
+    let code = 2 * log as usize + ((d >> extra) & 1);
+    (code, extra, (d & ((1 << extra) - 1)) as u32)
 }
 
 fn hash(d: &[u8], i: usize) -> usize {
@@ -308,12 +315,12 @@ fn block(
             Token::Literal(b) => sym(&mut bits, b as usize),
             Token::Match { len, dist } => {
                 let (len, dist) = (len as usize, dist as usize);
-                let l = slot(&LEN_BASE, len);
-                sym(&mut bits, 257 + l);
-                bits.put((len - LEN_BASE[l] as usize) as u32, LEN_EXTRA[l] as u32);
-                let d = slot(&DIST_BASE, dist);
+                let (l, extra, value) = len_code(len);
+                sym(&mut bits, l);
+                bits.put(value, extra);
+                let (d, extra, value) = dist_code(dist);
                 bits.code(dist_codes[d], dist_lens[d] as u32);
-                bits.put((dist - DIST_BASE[d] as usize) as u32, DIST_EXTRA[d] as u32);
+                bits.put(value, extra);
             }
         }
     }
@@ -331,8 +338,8 @@ pub fn deflate(data: &[u8]) -> Vec<u8> {
         match *t {
             Token::Literal(b) => lit_freq[b as usize] += 1,
             Token::Match { len, dist } => {
-                lit_freq[257 + slot(&LEN_BASE, len as usize)] += 1;
-                dist_freq[slot(&DIST_BASE, dist as usize)] += 1;
+                lit_freq[len_code(len as usize).0] += 1;
+                dist_freq[dist_code(dist as usize).0] += 1;
             }
         }
     }
@@ -384,6 +391,48 @@ mod tests {
     use alloc::format;
     use alloc::string::String;
     use proptest::prelude::*;
+
+    /// Base lengths of codes 257..=285, and their extra bits.
+    const LEN_BASE: [u16; 29] = [
+        3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 15, 17, 19, 23, 27, 31, 35, 43, 51, 59, 67, 83, 99, 115,
+        131, 163, 195, 227, 258,
+    ];
+    const LEN_EXTRA: [u8; 29] = [
+        0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3, 4, 4, 4, 4, 5, 5, 5, 5, 0,
+    ];
+    /// Base distances of codes 0..=29, and their extra bits.
+    const DIST_BASE: [u16; 30] = [
+        1, 2, 3, 4, 5, 7, 9, 13, 17, 25, 33, 49, 65, 97, 129, 193, 257, 385, 513, 769, 1025, 1537,
+        2049, 3073, 4097, 6145, 8193, 12289, 16385, 24577,
+    ];
+    const DIST_EXTRA: [u8; 30] = [
+        0, 0, 0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7, 8, 8, 9, 9, 10, 10, 11, 11, 12, 12,
+        13, 13,
+    ];
+
+    #[test]
+    fn length_and_distance_codes_match_the_rfc_tables() {
+        // The last table entry whose base is at most `v`.
+        let slot = |base: &[u16], v: usize| base.iter().rposition(|&b| b as usize <= v).unwrap();
+        for len in 3..=258 {
+            let l = slot(&LEN_BASE, len);
+            let want = (
+                257 + l,
+                LEN_EXTRA[l] as u32,
+                (len - LEN_BASE[l] as usize) as u32,
+            );
+            assert_eq!(len_code(len), want, "length {len}");
+        }
+        for dist in 1..=32768 {
+            let d = slot(&DIST_BASE, dist);
+            let want = (
+                d,
+                DIST_EXTRA[d] as u32,
+                (dist - DIST_BASE[d] as usize) as u32,
+            );
+            assert_eq!(dist_code(dist), want, "distance {dist}");
+        }
+    }
 
     fn inflate(d: &[u8]) -> Vec<u8> {
         miniz_oxide::inflate::decompress_to_vec(d).expect("valid deflate")

@@ -196,16 +196,14 @@ fn gone_key(chunk: &str) -> String {
     k
 }
 
-/// Merges a stored gone-list (another tab's view, as [`storage::gone_lines`] reads it)
-/// into ours; returns the merged list as [`storage::gone_lines`] reads it.
-fn merge_gone(list: &mut String, stored: &[bool]) -> Vec<bool> {
-    let mut lines = storage::gone_lines(list);
-    for (l, _) in stored.iter().enumerate().filter(|(_, &g)| g) {
-        if lines.len() <= l {
-            lines.resize(l + 1, false);
-        }
-        lines[l] = true;
+/// Merges a stored gone-list (another tab's view) into ours; returns the merged list as
+/// [`storage::gone_lines`] reads it.
+fn merge_gone(list: &mut String, stored: &str) -> Vec<bool> {
+    if !list.is_empty() {
+        list.push(storage::LINE as char);
     }
+    list.push_str(stored);
+    let lines = storage::gone_lines(list);
     list.clear();
     for (l, _) in lines.iter().enumerate().filter(|(_, &g)| g) {
         queue::append_line(list, l as u32);
@@ -294,11 +292,11 @@ impl Core {
         first: bool,
     ) {
         // Gone-lists first: their lines are not queued, whatever their records say.
-        // (first id, lines, whether its record was met).
-        let mut lists: Vec<(&str, Vec<bool>, bool)> = Vec::new();
+        // (first id, list, whether its record was met).
+        let mut lists: Vec<(&str, &str, bool)> = Vec::new();
         for (key, value) in entries.clone() {
             if let Some(first_id) = key.strip_prefix(storage::GONE) {
-                lists.push((first_id, storage::gone_lines(value), false));
+                lists.push((first_id, value, false));
             }
         }
         if !first {
@@ -313,10 +311,10 @@ impl Core {
         let mut user = None;
         for (key, value) in entries {
             if let Some(first_id) = key.strip_prefix(storage::EVENT) {
-                let mut stored = None;
+                let mut stored = "";
                 for list in lists.iter_mut().filter(|l| l.0 == first_id) {
                     list.2 = true;
-                    stored = Some(&list.1);
+                    stored = list.1;
                 }
                 // The record's entry in the queue: found through one of its queued events
                 // (a record is read whole, so no other entry has its key), else made anew.
@@ -335,7 +333,7 @@ impl Core {
                 };
                 // Its gone lines: ours and the stored ones.
                 let gone = match self.queue.chunk(chunk) {
-                    Some(c) => merge_gone(&mut c.gone, stored.map_or(&[], |s| s)),
+                    Some(c) => merge_gone(&mut c.gone, stored),
                     None => Vec::new(),
                 };
                 let mut valid = false;

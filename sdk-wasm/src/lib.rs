@@ -51,7 +51,6 @@ struct Engine {
     /// The batch `body()` returned last, and how many events it holds.
     batch: u64,
     events: usize,
-    unload: Option<Vec<u8>>,
 }
 
 /// The page's one engine. The exports below are free functions over it rather than the
@@ -88,7 +87,6 @@ mod op {
     pub const NEXT_WAKE: u32 = 14;
     pub const LEASE_HELD_ELSEWHERE: u32 = 15;
     pub const LAST_BATCH: u32 = 16;
-    pub const PREPARE_UNLOAD: u32 = 17;
     pub const ON_RESULT: u32 = 18;
     pub const START: u32 = 19;
 }
@@ -127,7 +125,6 @@ fn start(options: &str, seed: u64) {
             core: Core::new(cfg, seed),
             batch: 0,
             events: 0,
-            unload: None,
         })
     };
 }
@@ -156,13 +153,13 @@ pub fn call(op: u32, text: &str, num: f64) -> String {
 }
 
 /// Bytes out: the next batch if one is due (`force`: skipping the backoff wait), then
-/// `call(LAST_BATCH)` names it; or, with `unload`, the next body prepared by
-/// `call(PREPARE_UNLOAD)`.
+/// `call(LAST_BATCH)` names it; or, with `unload`, the body for `sendBeacon` as the page
+/// goes away (see `Core::unload_body`).
 #[wasm_bindgen]
 pub fn body(now: f64, force: bool, unload: bool) -> Option<Vec<u8>> {
     let e = engine()?;
     if unload {
-        return e.unload.take();
+        return e.core.unload_body(now as u64);
     }
     let out = e.core.poll_send(now as u64, force)?;
     e.batch = out.batch;
@@ -202,10 +199,6 @@ impl Engine {
                 push_u64(&mut out, self.batch);
                 out.push(' ');
                 count(&mut out, self.events);
-            }
-            op::PREPARE_UNLOAD => {
-                self.unload = self.core.unload_body(now);
-                count(&mut out, self.unload.is_some() as usize);
             }
             op::ON_RESULT => self.on_result(text, now),
             _ => {}
