@@ -21,7 +21,6 @@ const PENDING = 12;
 const STATUS = 13;
 const NEXT_WAKE = 14;
 const LEASE_HELD_ELSEWHERE = 15;
-const LAST_BATCH = 16;
 const ON_RESULT = 18;
 const START = 19;
 const PREFIX = 'tl1:';
@@ -93,16 +92,13 @@ export function bind(engine, o, emit, log, listeners) {
     ].join('\u0002'),
     Math.random() * 9007199254740991,
   );
-  const number = (op, num) => Number(call(op, '', num));
+  const number = (op, num, text) => Number(call(op, text, num));
   // Every callback the browser calls goes through this: a failure (even a trap in the
   // wasm) is logged in debug mode and never reaches the page's error handlers.
   const guard = guarded(log);
   let timer = 0;
   let timerAt = -1;
   let statusQueued = false;
-
-  // [batch, events] of the batch `engine.body()` returned last.
-  const lastBatch = () => call(LAST_BATCH).split(' ').map(Number);
 
   // Carries out the core's storage actions; a failed write leaves the event in memory.
   function apply() {
@@ -197,8 +193,9 @@ export function bind(engine, o, emit, log, listeners) {
     }
   }
 
-  // POSTs one batch and reports its fate. Resolves to whether it was accepted.
-  async function send(body, batch) {
+  // POSTs the batch `engine.body()` returned last and reports its fate. Resolves to the
+  // number of events the collector took (0 unless it was accepted).
+  async function send(body) {
     let status = 0;
     let retryAfter = -1;
     let rejected = [];
@@ -221,12 +218,11 @@ export function bind(engine, o, emit, log, listeners) {
     } catch (e) {
       status = navigator.onLine === false ? -1 : 0;
     }
-    const ok = status >= 200 && status < 300;
-    if (!ok) log('send failed (' + status + '): events stay queued');
-    call(ON_RESULT, [batch, status, retryAfter, rejected.join(',')].join(' '), Date.now());
+    if (status < 200 || status > 299) log('send failed (' + status + '): events stay queued');
+    const taken = number(ON_RESULT, Date.now(), [status, retryAfter, rejected.join(',')].join(' '));
     apply();
     changed();
-    return ok;
+    return taken;
   }
 
   // Runs `fn` holding the cross-tab send lock (Web Locks, where the browser has them), so
@@ -260,7 +256,7 @@ export function bind(engine, o, emit, log, listeners) {
       apply();
       if (body) {
         changed(); // listeners see the batch in flight
-        await send(body, lastBatch()[0]);
+        await send(body);
       } else schedule();
     });
   }
@@ -287,8 +283,8 @@ export function bind(engine, o, emit, log, listeners) {
         }
         if (!body) break;
         changed();
-        const [batch, n] = lastBatch();
-        if (!(await send(body, batch))) break;
+        const n = await send(body);
+        if (!n) break;
         sent += n;
       }
       schedule();

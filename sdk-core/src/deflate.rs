@@ -107,11 +107,10 @@ fn longest(data: &[u8], head: &[u32], prev: &[u32], i: usize) -> (usize, usize) 
         }
         let probe = best_len.min(max - 1);
         if data[c + probe] == data[i + probe] {
-            let len = data[c..c + max]
-                .iter()
-                .zip(&data[i..i + max])
-                .take_while(|(a, b)| a == b)
-                .count();
+            let mut len = 0;
+            while len < max && data[c + len] == data[i + len] {
+                len += 1;
+            }
             if len > best_len {
                 best_len = len;
                 best_dist = i - c;

@@ -175,8 +175,6 @@ pub struct Core {
     /// The storage record this task's events go into, written by the next
     /// [`Core::take_actions`] (which the binding calls before the task ends).
     open_chunk: Option<u32>,
-    /// `always_keep` names as JSON literals, to recognise stored records.
-    keep_literals: Vec<String>,
 }
 
 const SESSION_PERSIST_EVERY_MS: u64 = 5_000;
@@ -205,8 +203,10 @@ fn merge_gone(list: &mut String, stored: &str) -> Vec<bool> {
     list.push_str(stored);
     let lines = storage::gone_lines(list);
     list.clear();
-    for (l, _) in lines.iter().enumerate().filter(|(_, &g)| g) {
-        queue::append_line(list, l as u32);
+    for (l, &gone) in lines.iter().enumerate() {
+        if gone {
+            queue::append_line(list, l as u32);
+        }
     }
     lines
 }
@@ -224,12 +224,6 @@ impl Core {
     pub fn new(cfg: Config, seed: u64) -> Self {
         let mut rng = Rng::new(seed);
         let tab = ids::uuid_v4(&mut rng);
-        let mut keep_literals = Vec::new();
-        for name in &cfg.always_keep {
-            let mut s = String::new();
-            push_str_literal(&mut s, name);
-            keep_literals.push(s);
-        }
         Core {
             cfg,
             rng,
@@ -254,7 +248,6 @@ impl Core {
             last_sent_at: None,
             actions: Vec::new(),
             open_chunk: None,
-            keep_literals,
         }
     }
 
@@ -407,10 +400,13 @@ impl Core {
         self.user = user;
     }
 
+    /// Whether a stored event line is of an `always_keep` event.
     fn is_keep_record(&self, id_len: usize, value: &str) -> bool {
-        self.keep_literals
-            .iter()
-            .any(|lit| storage::event_name_is(value, id_len, lit))
+        self.cfg.always_keep.iter().any(|name| {
+            let mut literal = String::new();
+            push_str_literal(&mut literal, name);
+            storage::event_name_is(value, id_len, &literal)
+        })
     }
 
     /// Page-level context (url, path, title, screen, ...) as a JSON object, added to every
@@ -748,7 +744,7 @@ impl Core {
         })
     }
 
-    /// Up to `limit` of the oldest events passing `include`, as a gzip body under the
+    /// Up to `limit` of the oldest events not in flight, as a gzip body under the
     /// request cap (halving the count until it fits).
     fn build_body(&self, now: u64, limit: usize) -> (usize, Vec<u8>) {
         let mut n = limit;

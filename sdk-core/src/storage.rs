@@ -25,13 +25,13 @@ pub const MAX_RECORD_LINES: u64 = 1 << 20;
 /// The lines a gone-list names, as flags by line number.
 pub fn gone_lines(list: &str) -> alloc::vec::Vec<bool> {
     let mut lines = alloc::vec::Vec::new();
-    for n in crate::text::fields(list, LINE).filter_map(crate::text::number) {
+    for n in crate::text::fields(list, LINE) {
+        let n = crate::text::number(n).unwrap_or(MAX_RECORD_LINES);
         if n < MAX_RECORD_LINES {
-            let n = n as usize;
-            if lines.len() <= n {
-                lines.resize(n + 1, false);
+            while lines.len() <= n as usize {
+                lines.push(false);
             }
-            lines[n] = true;
+            lines[n as usize] = true;
         }
     }
     lines

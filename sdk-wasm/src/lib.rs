@@ -86,7 +86,6 @@ mod op {
     pub const STATUS: u32 = 13;
     pub const NEXT_WAKE: u32 = 14;
     pub const LEASE_HELD_ELSEWHERE: u32 = 15;
-    pub const LAST_BATCH: u32 = 16;
     pub const ON_RESULT: u32 = 18;
     pub const START: u32 = 19;
 }
@@ -152,8 +151,8 @@ pub fn call(op: u32, text: &str, num: f64) -> String {
     }
 }
 
-/// Bytes out: the next batch if one is due (`force`: skipping the backoff wait), then
-/// `call(LAST_BATCH)` names it; or, with `unload`, the body for `sendBeacon` as the page
+/// Bytes out: the next batch if one is due (`force`: skipping the backoff wait), whose
+/// fate `call(ON_RESULT)` reports; or, with `unload`, the body for `sendBeacon` as the page
 /// goes away (see `Core::unload_body`).
 #[wasm_bindgen]
 pub fn body(now: f64, force: bool, unload: bool) -> Option<Vec<u8>> {
@@ -195,32 +194,30 @@ impl Engine {
             op::STATUS => out = self.status(),
             op::NEXT_WAKE => time(&mut out, self.core.next_wake()),
             op::LEASE_HELD_ELSEWHERE => time(&mut out, self.core.lease_held_elsewhere(now)),
-            op::LAST_BATCH => {
-                push_u64(&mut out, self.batch);
-                out.push(' ');
-                count(&mut out, self.events);
-            }
-            op::ON_RESULT => self.on_result(text, now),
+            op::ON_RESULT => count(&mut out, self.on_result(text, now)),
             _ => {}
         }
         out
     }
 
-    /// What became of a batch: `text` is `<batch> <status> <retry-after ms> <rejected>`,
-    /// the status being the HTTP status, 0 for a network error and -1 for a network error
-    /// while offline, the retry-after -1 for none, and the rejected indices (of a 2xx)
-    /// joined by commas.
-    fn on_result(&mut self, text: &str, now: u64) {
+    /// What became of the batch `body()` returned last: `text` is `<status> <retry-after
+    /// ms> <rejected>`, the status being the HTTP status, 0 for a network error and -1 for
+    /// a network error while offline, the retry-after -1 for none, and the rejected
+    /// indices (of a 2xx) joined by commas. Returns how many events the collector took
+    /// (the batch's, for a 2xx; else none).
+    fn on_result(&mut self, text: &str, now: u64) -> usize {
         let mut f = text::fields(text, b' ');
         let mut signed = || match f.next() {
             Some(n) if n.as_bytes().first() == Some(&b'-') => -1,
             n => n.and_then(text::number).map_or(-1, |n| n as i64),
         };
-        let (batch, status, retry_after) = (signed(), signed(), signed());
+        let (status, retry_after) = (signed(), signed());
         let rejected = f.next().unwrap_or_default();
+        let mut taken = 0;
         let outcome = match status {
             -1 => Outcome::Offline,
             200..=299 => {
+                taken = self.events;
                 let mut indices = Vec::new();
                 for i in text::fields(rejected, b',') {
                     if let Some(i) = text::number(i) {
@@ -240,7 +237,8 @@ impl Engine {
                 retry_after_ms: (retry_after >= 0).then_some(retry_after as u64),
             },
         };
-        self.core.on_result(batch as u64, outcome, now);
+        self.core.on_result(self.batch, outcome, now);
+        taken
     }
 
     /// Storage actions to carry out, in order (see the module docs for the format).
