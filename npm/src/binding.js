@@ -345,7 +345,7 @@ export function bind(engine, o, emit, log, listeners) {
     };
   return {
     track: (name, props, at) => {
-      engine.track(name, props || '', isNaN(at) ? Date.now() : at);
+      engine.track((props || '') + SEP + name, isNaN(at) ? Date.now() : at);
       flushSoon();
     },
     setContext: (c) => call(SET_CONTEXT, c || ''),

@@ -129,10 +129,12 @@ fn start(options: &str, seed: u64) {
 }
 
 /// Queues an event; returns false when it was not (opted out, sampled, invalid, or no
-/// engine). `props` is a JSON object, or empty for none. The hot path, so it has an
-/// export of its own.
+/// engine). `event` is the properties (a JSON object, or empty for none), U+0001, then the
+/// name: one string crosses the boundary, and `JSON.stringify` never writes U+0001 raw.
+/// The hot path, so it has an export of its own.
 #[wasm_bindgen]
-pub fn track(name: &str, props: &str, now: f64) -> bool {
+pub fn track(event: &str, now: f64) -> bool {
+    let (props, name) = text::split_once(event, SEP as u8).unwrap_or(("", event));
     let props = (!props.is_empty()).then_some(props);
     engine().is_some_and(|e| e.core.track(name, props, now as u64).is_ok())
 }
