@@ -172,8 +172,8 @@ pub struct Core {
     last_error: Option<String>,
     last_sent_at: Option<u64>,
     actions: Vec<Action>,
-    /// The storage record this task's events go into, written by the next
-    /// [`Core::take_actions`] (which the binding calls before the task ends).
+    /// The storage record (its serial number in the queue's table) this task's events go into,
+    /// written by the next [`Core::take_actions`] (which the binding calls before the task ends).
     open_chunk: Option<u32>,
 }
 
