@@ -108,8 +108,8 @@ impl EventQueue {
             let r = &self.items[i].1;
             if r.marked {
                 self.bytes -= r.json.len();
-                let (line, persisted) = (r.line, r.persisted && !quietly);
-                if let Some(c) = self.chunk(self.items[i].1.chunk) {
+                let (chunk, line, persisted) = (r.chunk, r.line, r.persisted && !quietly);
+                if let Some(c) = self.chunk(chunk) {
                     c.count -= 1;
                     if persisted {
                         // It just left the queue, so its line is not in the list yet: a
@@ -156,10 +156,9 @@ impl EventQueue {
     /// Events queued in storage record `key`.
     #[cfg(test)]
     pub fn chunk_len(&self, key: &str) -> u32 {
-        let serial = self.serial_of(key);
         self.chunks
             .iter()
-            .find(|c| Some(c.serial) == serial)
+            .find(|c| c.key == key)
             .map_or(0, |c| c.count)
     }
 
