@@ -124,6 +124,23 @@ pub struct BatchJson {
 
 impl BatchJson {
     pub fn new(sent_at: u64, dropped: u64) -> Self {
+        Self::open_events(Self::head(sent_at, dropped))
+    }
+
+    /// Like [`BatchJson::new`], with `"batch_id"` after `sent_at`/`dropped`: the id by which
+    /// the SDK later asks the collector whether this batch arrived
+    /// ([`crate::BATCH_STATUS_PATH`]). The collector ignores an id that is not
+    /// [`crate::is_valid_batch_id`].
+    pub fn with_batch_id(sent_at: u64, dropped: u64, batch_id: &str) -> Self {
+        let mut out = Self::head(sent_at, dropped);
+        out.push(',');
+        push_key(&mut out, field::BATCH_ID);
+        push_str_literal(&mut out, batch_id);
+        Self::open_events(out)
+    }
+
+    /// `{"sent_at":N` and, when not zero, `,"dropped":N`.
+    fn head(sent_at: u64, dropped: u64) -> String {
         let mut out = String::with_capacity(1024);
         out.push('{');
         push_key(&mut out, field::SENT_AT);
@@ -133,6 +150,11 @@ impl BatchJson {
             push_key(&mut out, field::DROPPED);
             push_u64(&mut out, dropped);
         }
+        out
+    }
+
+    /// Appends `,"events":[` to the head.
+    fn open_events(mut out: String) -> Self {
         out.push(',');
         push_key(&mut out, field::EVENTS);
         out.push('[');
@@ -237,5 +259,20 @@ mod tests {
     fn dropped_is_left_out_when_zero() {
         let b = BatchJson::new(1, 0);
         assert_eq!(b.finish(), r#"{"sent_at":1,"events":[]}"#);
+    }
+
+    #[test]
+    fn batch_id_follows_sent_at_and_dropped_escaped() {
+        let b = BatchJson::with_batch_id(1, 0, "0190b6f0-0000-4000-8000-000000000001");
+        assert_eq!(
+            b.finish(),
+            r#"{"sent_at":1,"batch_id":"0190b6f0-0000-4000-8000-000000000001","events":[]}"#
+        );
+        let mut b = BatchJson::with_batch_id(2, 3, "q\"b");
+        b.push_raw_event("{}");
+        assert_eq!(
+            b.finish(),
+            r#"{"sent_at":2,"dropped":3,"batch_id":"q\u0022b","events":[{}]}"#
+        );
     }
 }

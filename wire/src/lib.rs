@@ -15,6 +15,9 @@ pub mod types;
 
 /// Path of the batch endpoint, appended by the SDK to the configured `endpoint`.
 pub const BATCH_PATH: &str = "/v1/batch";
+/// Path of the endpoint that tells which batches (by `batch_id`) the collector committed:
+/// body `{"batch_ids": [...]}`, answer `{"arrived": [...]}`.
+pub const BATCH_STATUS_PATH: &str = "/v1/batch/status";
 /// Query parameter that carries the project's write key (so a batch needs no custom
 /// header and therefore no CORS preflight).
 pub const KEY_PARAM: &str = "key";
@@ -32,11 +35,26 @@ pub const MAX_DECOMPRESSED_BYTES: usize = 10 * 1024 * 1024;
 pub const MAX_EVENT_BYTES: usize = 32 * 1024;
 /// Longest event name.
 pub const MAX_NAME_LEN: usize = 200;
+/// Longest `batch_id`, in characters (the SDK sends a UUID, 36).
+pub const MAX_BATCH_ID_LEN: usize = 64;
+/// Most batch ids one `BATCH_STATUS_PATH` query may ask about; more is a 413.
+pub const MAX_BATCH_IDS_PER_QUERY: usize = 100;
+/// Largest body of a `BATCH_STATUS_PATH` query, compressed or not (100 UUIDs take 4 KB).
+pub const MAX_BATCH_STATUS_BODY_BYTES: usize = 16 * 1024;
+
+/// Whether `id` is usable as a `batch_id`: 1 to [`MAX_BATCH_ID_LEN`] characters, none of
+/// them a control character (Postgres refuses NUL in text). The collector ignores a batch's
+/// id that is not (the batch itself is still stored), so such an id is never reported as
+/// arrived.
+pub fn is_valid_batch_id(id: &str) -> bool {
+    !id.is_empty() && id.chars().count() <= MAX_BATCH_ID_LEN && !id.chars().any(char::is_control)
+}
 
 /// Field names of a batch and of its events.
 pub mod field {
     pub const SENT_AT: &str = "sent_at";
     pub const DROPPED: &str = "dropped";
+    pub const BATCH_ID: &str = "batch_id";
     pub const EVENTS: &str = "events";
     pub const ID: &str = "id";
     pub const NAME: &str = "name";
@@ -46,6 +64,10 @@ pub mod field {
     pub const USER_ID: &str = "user_id";
     pub const PROPS: &str = "props";
     pub const CONTEXT: &str = "context";
+    /// Of a batch status query: the ids asked about.
+    pub const BATCH_IDS: &str = "batch_ids";
+    /// Of a batch status answer: the asked ids the collector committed.
+    pub const ARRIVED: &str = "arrived";
 }
 
 /// Error codes of the collector's JSON error body `{"error": code, "message": text}`.

@@ -3,7 +3,7 @@
 //! A batch is decoded in two steps: the envelope first, with each event kept as raw JSON,
 //! then each event on its own, so that one malformed event rejects only itself.
 
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::value::RawValue;
 
 /// `POST /v1/batch` body. Unknown fields are ignored, so an older collector accepts batches
@@ -15,8 +15,38 @@ pub struct BatchEnvelope<'a> {
     /// Events the SDK dropped for lack of space since its last acknowledged batch.
     #[serde(default)]
     pub dropped: u64,
+    /// The batch's id, by which the SDK later asks whether it arrived. `None` when absent,
+    /// and also when it is not a string passing [`crate::is_valid_batch_id`] (not a string,
+    /// empty, longer than 64 characters, a control character): such an id is ignored rather
+    /// than failing the batch, since the id only saves resends while a 400 would make the
+    /// SDK drop the events.
+    #[serde(default, deserialize_with = "usable_batch_id")]
+    pub batch_id: Option<String>,
     #[serde(borrow)]
     pub events: Vec<&'a RawValue>,
+}
+
+/// Reads any JSON value without failing; keeps it only when it is a usable batch id.
+fn usable_batch_id<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    let raw = Option::<&'de RawValue>::deserialize(d)?;
+    Ok(raw
+        .and_then(|raw| serde_json::from_str::<String>(raw.get()).ok())
+        .filter(|id| crate::is_valid_batch_id(id)))
+}
+
+/// `POST /v1/batch/status` body: which of these batches did the collector commit? At most
+/// [`crate::MAX_BATCH_IDS_PER_QUERY`] ids. Unknown fields are ignored.
+#[derive(Debug, Deserialize, Serialize, Clone, PartialEq, Default)]
+pub struct BatchStatusRequest {
+    pub batch_ids: Vec<String>,
+}
+
+/// 200 answer to a batch status query.
+#[derive(Debug, Deserialize, Serialize, Clone, PartialEq, Default)]
+pub struct BatchStatusResponse {
+    /// The asked ids (each once, in the order asked) whose batch the collector committed and
+    /// still remembers; an id not listed may or may not have arrived.
+    pub arrived: Vec<String>,
 }
 
 /// One event, decoded from its raw JSON.
@@ -69,9 +99,20 @@ mod tests {
     use super::*;
     use crate::json::{BatchJson, EventJson};
 
-    /// The SDK's writer and the collector's reader agree, including on awkward strings.
+    /// The SDK's writer and the collector's reader agree, including on awkward strings, with
+    /// and without a batch id.
     #[test]
     fn sdk_writer_round_trips_through_collector_types() {
+        for batch_id in [
+            None,
+            Some("0190b6f0-aaaa-4bbb-8ccc-000000000001"),
+            Some("q\"\\ü😀"),
+        ] {
+            round_trip(batch_id);
+        }
+    }
+
+    fn round_trip(batch_id: Option<&str>) {
         let names = [
             "plain",
             "quote\"d",
@@ -80,7 +121,10 @@ mod tests {
             "ünï😀",
             "'; DROP TABLE events; --",
         ];
-        let mut batch = BatchJson::new(1_700_000_000_000, 2);
+        let mut batch = match batch_id {
+            None => BatchJson::new(1_700_000_000_000, 2),
+            Some(id) => BatchJson::with_batch_id(1_700_000_000_000, 2, id),
+        };
         for (i, name) in names.iter().enumerate() {
             let mut e = String::new();
             EventJson {
@@ -100,6 +144,7 @@ mod tests {
         let env: BatchEnvelope = serde_json::from_str(&body).unwrap();
         assert_eq!(env.sent_at, 1_700_000_000_000);
         assert_eq!(env.dropped, 2);
+        assert_eq!(env.batch_id.as_deref(), batch_id);
         assert_eq!(env.events.len(), names.len());
         for (i, raw) in env.events.iter().enumerate() {
             let ev: Event = serde_json::from_str(raw.get()).unwrap();
@@ -109,5 +154,41 @@ mod tests {
             assert_eq!(ev.props.as_ref().unwrap()["n"], 1.5);
             assert_eq!(ev.context.as_ref().unwrap()["path"], "/x");
         }
+    }
+
+    #[test]
+    fn unusable_batch_ids_are_ignored_not_fatal() {
+        let long = "x".repeat(crate::MAX_BATCH_ID_LEN + 1);
+        let longest = "é".repeat(crate::MAX_BATCH_ID_LEN);
+        for (value, expected) in [
+            ("null".to_owned(), None),
+            ("5".to_owned(), None),
+            (r#"{"a":[1]}"#.to_owned(), None),
+            (r#""""#.to_owned(), None),
+            (format!("{long:?}"), None),
+            (r#""a\u0000b""#.to_owned(), None),
+            (format!("{longest:?}"), Some(longest.as_str())),
+            (r#""b-1""#.to_owned(), Some("b-1")),
+        ] {
+            let body = format!(r#"{{"sent_at":1,"batch_id":{value},"events":[{{}}]}}"#);
+            let env: BatchEnvelope = serde_json::from_str(&body).unwrap();
+            assert_eq!(env.batch_id.as_deref(), expected, "{value}");
+            assert_eq!(env.events.len(), 1);
+        }
+        let env: BatchEnvelope = serde_json::from_str(r#"{"sent_at":1,"events":[]}"#).unwrap();
+        assert_eq!(env.batch_id, None);
+    }
+
+    #[test]
+    fn batch_status_shapes() {
+        let q: BatchStatusRequest =
+            serde_json::from_str(r#"{"batch_ids":["a","b"],"later":1}"#).unwrap();
+        assert_eq!(q.batch_ids, ["a", "b"]);
+        assert!(serde_json::from_str::<BatchStatusRequest>(r#"{"batch_ids":[1]}"#).is_err());
+        assert!(serde_json::from_str::<BatchStatusRequest>("{}").is_err());
+        let a = BatchStatusResponse {
+            arrived: vec!["a".into()],
+        };
+        assert_eq!(serde_json::to_string(&a).unwrap(), r#"{"arrived":["a"]}"#);
     }
 }
