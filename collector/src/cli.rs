@@ -12,8 +12,9 @@ use anyhow::Context;
 use chrono::Utc;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::config::{CommitConfig, DbConfig, ServeConfig};
+use crate::config::{self, CommitConfig, DbConfig, ServeConfig};
 use crate::http::{self, AppState};
+use crate::receipts;
 use crate::shutdown::Shutdown;
 use crate::store::{self, EventStore, Project};
 
@@ -128,6 +129,15 @@ pub struct ServeArgs {
     /// Seconds allowed for draining on SIGTERM/SIGINT.
     #[arg(long, env = "TRACKLET_SHUTDOWN_TIMEOUT_SECS", default_value_t = 30)]
     pub shutdown_timeout_secs: u64,
+    /// Days batch receipts are kept for POST /v1/batch/status (1 to 3650); older ones are
+    /// deleted hourly.
+    #[arg(
+        long,
+        env = "TRACKLET_BATCH_RECEIPT_TTL_DAYS",
+        default_value_t = config::DEFAULT_BATCH_RECEIPT_TTL_DAYS,
+        value_parser = clap::value_parser!(u32).range(1..=3650)
+    )]
+    pub batch_receipt_ttl_days: u32,
 }
 
 #[derive(Debug, Subcommand)]
@@ -188,6 +198,7 @@ impl ServeArgs {
             max_inflight_batches: self.max_inflight_batches,
             body_read_timeout: Duration::from_secs(self.body_timeout_secs.max(1)),
             shutdown_timeout: Duration::from_secs(self.shutdown_timeout_secs),
+            batch_receipt_ttl: config::days(self.batch_receipt_ttl_days),
         }
     }
 }
@@ -253,7 +264,8 @@ async fn projects(db: &DbConfig, command: ProjectsCommand) -> anyhow::Result<()>
     Ok(())
 }
 
-/// `serve`: migrate, keep partitions, answer requests until SIGTERM/SIGINT, then drain.
+/// `serve`: migrate, keep partitions and batch receipts, answer requests until SIGTERM/SIGINT,
+/// then drain.
 pub async fn serve(db: &DbConfig, config: ServeConfig) -> anyhow::Result<()> {
     let store = open_migrated(db).await?;
     let shutdown = Shutdown::new();
@@ -261,6 +273,11 @@ pub async fn serve(db: &DbConfig, config: ServeConfig) -> anyhow::Result<()> {
     let maintenance = tokio::spawn(keep_partitions(
         store.clone(),
         config.clone(),
+        shutdown.clone(),
+    ));
+    let receipt_cleanup = tokio::spawn(receipts::keep_receipts(
+        store.clone(),
+        config.batch_receipt_ttl,
         shutdown.clone(),
     ));
 
@@ -292,6 +309,7 @@ pub async fn serve(db: &DbConfig, config: ServeConfig) -> anyhow::Result<()> {
         Err(_) => tracing::warn!("commit queue not drained in time"),
     }
     maintenance.abort();
+    receipt_cleanup.abort();
     Ok(())
 }
 

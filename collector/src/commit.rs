@@ -4,6 +4,10 @@
 //! committer task gathers whatever is queued (up to N rows, waiting at most T), inserts it in
 //! one transaction and only then answers each request, so a 200 always means "committed".
 //! The queue is bounded in rows: when full, requests get 503 instead of growing memory.
+//!
+//! A request may also hand over its batch's receipt ([`BatchReceipt`]); it is written in the
+//! same transaction as the rows (one row of queue capacity), so "the batch arrived" is
+//! committed exactly when its events are, even when it has no rows to store.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -14,7 +18,7 @@ use tokio::task::JoinHandle;
 
 use crate::config::CommitConfig;
 use crate::metrics;
-use crate::store::{EventRow, EventStore, StoreError};
+use crate::store::{BatchReceipt, EventRow, EventStore, StoreError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CommitError {
@@ -31,9 +35,17 @@ pub enum CommitError {
 /// Rows of one request waiting for their transaction.
 struct Job {
     rows: Vec<EventRow>,
+    receipt: Option<BatchReceipt>,
     reply: oneshot::Sender<Result<Vec<bool>, CommitError>>,
     /// Queue capacity held by these rows until they are committed (or failed).
     _capacity: OwnedSemaphorePermit,
+}
+
+impl Job {
+    /// Rows this job holds in the queue: its events and its receipt.
+    fn weight(&self) -> usize {
+        self.rows.len() + usize::from(self.receipt.is_some())
+    }
 }
 
 /// The requests' handle on the committer task. Cloning is cheap; the task ends once every
@@ -70,13 +82,18 @@ impl GroupCommitter {
         (committer, task)
     }
 
-    /// Commits `rows` (with the rows of concurrent requests) and tells, per row, whether it was
-    /// newly stored. Returns only after the transaction has committed.
-    pub async fn commit(&self, rows: Vec<EventRow>) -> Result<Vec<bool>, CommitError> {
-        if rows.is_empty() {
+    /// Commits `rows` and the batch's `receipt` (with the rows of concurrent requests) and
+    /// tells, per row, whether it was newly stored. Returns only after the transaction has
+    /// committed.
+    pub async fn commit(
+        &self,
+        rows: Vec<EventRow>,
+        receipt: Option<BatchReceipt>,
+    ) -> Result<Vec<bool>, CommitError> {
+        let n = rows.len() + usize::from(receipt.is_some());
+        if n == 0 {
             return Ok(Vec::new());
         }
-        let n = rows.len();
         let permits = u32::try_from(n).map_err(|_| CommitError::QueueFull)?;
         let capacity = self
             .capacity
@@ -90,6 +107,7 @@ impl GroupCommitter {
             .jobs
             .send(Job {
                 rows,
+                receipt,
                 reply,
                 _capacity: capacity,
             })
@@ -132,7 +150,7 @@ async fn run_committer(
         let Some(first) = receiver.recv().await else {
             break;
         };
-        let mut rows = first.rows.len();
+        let mut rows = first.weight();
         let mut jobs = vec![first];
         let deadline = tokio::time::Instant::now() + config.max_delay;
         while rows < config.max_rows {
@@ -148,7 +166,7 @@ async fn run_committer(
             };
             match next {
                 Some(job) => {
-                    rows += job.rows.len();
+                    rows += job.weight();
                     jobs.push(job);
                 }
                 None => break,
@@ -171,33 +189,42 @@ async fn run_committer(
 /// refuses the transaction (not an outage), each job is retried alone so that one bad request
 /// cannot fail the others.
 async fn commit_jobs(store: &dyn EventStore, jobs: Vec<Job>, config: &CommitConfig) {
-    // Move (not copy) every job's rows into one slice; each job keeps its range.
+    // Move (not copy) every job's rows and receipt into one slice each; each job keeps its
+    // ranges.
     let mut rows = Vec::with_capacity(jobs.iter().map(|j| j.rows.len()).sum());
+    let mut receipts = Vec::new();
     let mut answers = Vec::with_capacity(jobs.len());
     for job in jobs {
-        let start = rows.len();
+        let (start, receipt_start) = (rows.len(), receipts.len());
         rows.extend(job.rows);
-        answers.push((start..rows.len(), job.reply, job._capacity));
+        receipts.extend(job.receipt);
+        answers.push((
+            start..rows.len(),
+            receipt_start..receipts.len(),
+            job.reply,
+            job._capacity,
+        ));
     }
-    match insert_with_retry(store, &rows, config).await {
+    match insert_with_retry(store, &rows, &receipts, config).await {
         Ok(inserted) => {
-            for (range, reply, _capacity) in answers {
+            for (range, _, reply, _capacity) in answers {
                 let _ = reply.send(Ok(inserted.get(range).unwrap_or_default().to_vec()));
             }
         }
         Err(e) if !e.is_transient() && answers.len() > 1 => {
             tracing::warn!(error = %e, jobs = answers.len(), "group commit refused; committing requests one by one");
-            for (range, reply, _capacity) in answers {
-                let result = insert_with_retry(store, &rows[range], config)
-                    .await
-                    .map_err(to_commit_error);
+            for (range, receipt_range, reply, _capacity) in answers {
+                let result =
+                    insert_with_retry(store, &rows[range], &receipts[receipt_range], config)
+                        .await
+                        .map_err(to_commit_error);
                 let _ = reply.send(result);
             }
         }
         Err(e) => {
             tracing::warn!(error = %e, rows = rows.len(), "commit failed");
             let (transient, message) = (e.is_transient(), e.to_string());
-            for (_, reply, _capacity) in answers {
+            for (_, _, reply, _capacity) in answers {
                 let _ = reply.send(Err(commit_error(transient, message.clone())));
             }
         }
@@ -220,13 +247,14 @@ fn commit_error(transient: bool, message: String) -> CommitError {
 async fn insert_with_retry(
     store: &dyn EventStore,
     rows: &[EventRow],
+    receipts: &[BatchReceipt],
     config: &CommitConfig,
 ) -> Result<Vec<bool>, StoreError> {
     let mut backoff = Duration::from_millis(100);
     let mut attempt = 1;
     loop {
         let started = Instant::now();
-        let result = store.insert_events(rows).await;
+        let result = store.insert_events(rows, receipts).await;
         metrics::commit_finished(started.elapsed(), rows.len(), result.is_ok());
         match result {
             Err(e) if e.is_transient() && attempt < config.max_attempts => {

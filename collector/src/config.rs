@@ -75,7 +75,13 @@ pub struct ServeConfig {
     pub body_read_timeout: Duration,
     /// Longest wait for in-flight requests and the commit queue on shutdown.
     pub shutdown_timeout: Duration,
+    /// How long batch receipts ("batch X arrived", for `POST /v1/batch/status`) are kept:
+    /// the SDK asks when the next page loads, which may be days later.
+    pub batch_receipt_ttl: Duration,
 }
+
+/// Default of [`ServeConfig::batch_receipt_ttl`], in days.
+pub const DEFAULT_BATCH_RECEIPT_TTL_DAYS: u32 = 30;
 
 impl Default for ServeConfig {
     fn default() -> Self {
@@ -91,6 +97,12 @@ impl Default for ServeConfig {
             max_inflight_batches: 128,
             body_read_timeout: crate::limits::BODY_READ_TIMEOUT,
             shutdown_timeout: Duration::from_secs(30),
+            batch_receipt_ttl: days(DEFAULT_BATCH_RECEIPT_TTL_DAYS),
         }
     }
+}
+
+/// `n` days as a [`Duration`].
+pub fn days(n: u32) -> Duration {
+    Duration::from_secs(u64::from(n) * 24 * 3600)
 }

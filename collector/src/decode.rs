@@ -3,6 +3,7 @@
 //! Reads the (compressed) body under a size cap and a deadline, sniffs gzip by its magic
 //! bytes (the SDK sends gzip as `text/plain` with no `Content-Encoding`), inflates while
 //! counting so a gzip bomb costs at most the cap, then parses the envelope with raw events.
+//! A batch status query goes through the same steps under much smaller caps.
 
 use std::io::Read;
 use std::time::Duration;
@@ -10,10 +11,10 @@ use std::time::Duration;
 use axum::body::Body;
 use bytes::{Bytes, BytesMut};
 use http_body_util::BodyExt;
-use tracklet_wire::types::BatchEnvelope;
+use tracklet_wire::types::{BatchEnvelope, BatchStatusRequest};
 
 use crate::limits::{
-    MAX_BODY_BYTES, MAX_DECOMPRESSED_BYTES, MAX_DECOMPRESSION_RATIO, MAX_EVENTS_PER_BATCH,
+    MAX_BATCH_IDS_PER_QUERY, MAX_DECOMPRESSED_BYTES, MAX_DECOMPRESSION_RATIO, MAX_EVENTS_PER_BATCH,
     RATIO_FREE_DECOMPRESSED_BYTES,
 };
 
@@ -27,6 +28,8 @@ pub enum DecodeError {
     DecompressedTooLarge { limit: usize },
     #[error("{count} events in one batch; at most {max} allowed", max = MAX_EVENTS_PER_BATCH)]
     TooManyEvents { count: usize },
+    #[error("{count} batch ids in one query; at most {max} allowed", max = MAX_BATCH_IDS_PER_QUERY)]
+    TooManyBatchIds { count: usize },
     #[error("request body not received in time")]
     Timeout,
     #[error("unsupported content encoding {0:?} (use gzip or none)")]
@@ -37,6 +40,8 @@ pub enum DecodeError {
     InvalidUtf8,
     #[error("malformed batch: {0}")]
     Malformed(String),
+    #[error("malformed batch status query: {0}")]
+    MalformedQuery(String),
     #[error("could not read request body: {0}")]
     BodyRead(String),
 }
@@ -60,14 +65,15 @@ impl Encoding {
     }
 }
 
-/// Reads the whole body, refusing more than [`MAX_BODY_BYTES`] or taking longer than
-/// `timeout`. A `Content-Length` above the cap is refused before reading anything.
+/// Reads the whole body, refusing more than `limit` bytes
+/// ([`crate::limits::MAX_BODY_BYTES`] for a batch) or taking longer than `timeout`. A
+/// `Content-Length` above the cap is refused before reading anything.
 pub async fn read_body(
     body: Body,
     content_length: Option<u64>,
+    limit: usize,
     timeout: Duration,
 ) -> Result<Bytes, DecodeError> {
-    let limit = MAX_BODY_BYTES;
     if content_length.is_some_and(|len| len > limit as u64) {
         return Err(DecodeError::BodyTooLarge { limit });
     }
@@ -97,13 +103,23 @@ pub fn decompressed_limit(compressed_len: usize) -> usize {
         .clamp(RATIO_FREE_DECOMPRESSED_BYTES, MAX_DECOMPRESSED_BYTES)
 }
 
-/// The JSON text of the body: inflated when gzip (by header or magic bytes), else as is.
+/// The JSON text of a batch body: inflated when gzip (by header or magic bytes), else as is;
+/// inflated output is capped by [`decompressed_limit`].
 pub fn decompress(raw: Bytes, encoding: Encoding) -> Result<Bytes, DecodeError> {
+    let limit = decompressed_limit(raw.len());
+    decompress_capped(raw, encoding, limit)
+}
+
+/// [`decompress`] with the inflated output capped at `limit` bytes.
+pub fn decompress_capped(
+    raw: Bytes,
+    encoding: Encoding,
+    limit: usize,
+) -> Result<Bytes, DecodeError> {
     let is_gzip = encoding == Encoding::Gzip || raw.starts_with(&GZIP_MAGIC);
     if !is_gzip {
         return Ok(raw);
     }
-    let limit = decompressed_limit(raw.len());
     // Inflate straight into the output, never more than one byte past the cap (a gzip bomb
     // costs at most the cap).
     let mut decoder = flate2::bufread::MultiGzDecoder::new(&raw[..]).take(limit as u64 + 1);
@@ -117,11 +133,18 @@ pub fn decompress(raw: Bytes, encoding: Encoding) -> Result<Bytes, DecodeError> 
     Ok(Bytes::from(out))
 }
 
+/// Parses UTF-8 JSON text; a parse error becomes `malformed(message)`.
+fn parse_json<'a, T: serde::Deserialize<'a>>(
+    json: &'a [u8],
+    malformed: fn(String) -> DecodeError,
+) -> Result<T, DecodeError> {
+    let text = std::str::from_utf8(json).map_err(|_| DecodeError::InvalidUtf8)?;
+    serde_json::from_str(text).map_err(|e| malformed(e.to_string()))
+}
+
 /// Parses the envelope, keeping each event as raw JSON (decoded one by one later).
 pub fn parse_envelope(json: &[u8]) -> Result<BatchEnvelope<'_>, DecodeError> {
-    let text = std::str::from_utf8(json).map_err(|_| DecodeError::InvalidUtf8)?;
-    let envelope: BatchEnvelope =
-        serde_json::from_str(text).map_err(|e| DecodeError::Malformed(e.to_string()))?;
+    let envelope: BatchEnvelope = parse_json(json, DecodeError::Malformed)?;
     if envelope.events.len() > MAX_EVENTS_PER_BATCH {
         return Err(DecodeError::TooManyEvents {
             count: envelope.events.len(),
@@ -130,9 +153,22 @@ pub fn parse_envelope(json: &[u8]) -> Result<BatchEnvelope<'_>, DecodeError> {
     Ok(envelope)
 }
 
+/// Parses a batch status query `{"batch_ids": [...]}` (unknown fields ignored); more than
+/// [`MAX_BATCH_IDS_PER_QUERY`] ids is [`DecodeError::TooManyBatchIds`].
+pub fn parse_status_request(json: &[u8]) -> Result<BatchStatusRequest, DecodeError> {
+    let query: BatchStatusRequest = parse_json(json, DecodeError::MalformedQuery)?;
+    if query.batch_ids.len() > MAX_BATCH_IDS_PER_QUERY {
+        return Err(DecodeError::TooManyBatchIds {
+            count: query.batch_ids.len(),
+        });
+    }
+    Ok(query)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::limits::MAX_BODY_BYTES;
     use flate2::write::GzEncoder;
     use std::io::Write;
 
@@ -216,5 +252,51 @@ mod tests {
             parse_envelope(br#"{"events":[]}"#),
             Err(DecodeError::Malformed(_))
         ));
+    }
+
+    #[test]
+    fn status_query_is_checked_and_capped() {
+        let q = parse_status_request(br#"{"batch_ids":["a","b"]}"#).unwrap();
+        assert_eq!(q.batch_ids, ["a", "b"]);
+        for bad in [
+            &b"{"[..],
+            br#"{"batch_ids":"a"}"#,
+            br#"{"batch_ids":[1]}"#,
+            br#"{"ids":["a"]}"#,
+            br#"["a"]"#,
+        ] {
+            assert!(
+                matches!(
+                    parse_status_request(bad),
+                    Err(DecodeError::MalformedQuery(_))
+                ),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+        assert!(matches!(
+            parse_status_request(b"{\"batch_ids\":[\"\xff\"]}"),
+            Err(DecodeError::InvalidUtf8)
+        ));
+        let ids = vec!["\"x\""; MAX_BATCH_IDS_PER_QUERY + 1].join(",");
+        assert!(matches!(
+            parse_status_request(format!(r#"{{"batch_ids":[{ids}]}}"#).as_bytes()),
+            Err(DecodeError::TooManyBatchIds { count: 101 })
+        ));
+    }
+
+    #[test]
+    fn capped_decompression_refuses_more_than_the_cap() {
+        let body = gzip(&vec![b' '; 20_000]);
+        assert!(matches!(
+            decompress_capped(body.clone(), Encoding::Sniff, 16 * 1024),
+            Err(DecodeError::DecompressedTooLarge { limit: 16384 })
+        ));
+        assert_eq!(
+            decompress_capped(body, Encoding::Sniff, 20_000)
+                .unwrap()
+                .len(),
+            20_000
+        );
     }
 }

@@ -52,7 +52,8 @@ impl ApiError {
             ApiError::Decode(e) => match e {
                 DecodeError::BodyTooLarge { .. }
                 | DecodeError::DecompressedTooLarge { .. }
-                | DecodeError::TooManyEvents { .. } => {
+                | DecodeError::TooManyEvents { .. }
+                | DecodeError::TooManyBatchIds { .. } => {
                     (S::PAYLOAD_TOO_LARGE, error_code::TOO_LARGE, None)
                 }
                 DecodeError::Timeout => (S::REQUEST_TIMEOUT, error_code::TIMEOUT, None),
@@ -64,6 +65,7 @@ impl ApiError {
                 DecodeError::InvalidGzip(_)
                 | DecodeError::InvalidUtf8
                 | DecodeError::Malformed(_)
+                | DecodeError::MalformedQuery(_)
                 | DecodeError::BodyRead(_) => (S::BAD_REQUEST, error_code::MALFORMED, None),
             },
             ApiError::Auth(e) => match e {

@@ -1,7 +1,9 @@
 //! The HTTP surface: routes, and the batch pipeline read top to bottom.
 //!
 //! `POST /v1/batch`: authenticate (key, origin; before reading any body) -> decode (capped,
-//! gzip-sniffed) -> rate limit -> validate (per event) -> enrich -> group commit -> respond.
+//! gzip-sniffed) -> rate limit -> validate (per event) -> enrich -> group commit (with the
+//! batch's receipt) -> respond. `POST /v1/batch/status`: authenticate -> rate limit -> decode
+//! (16 KiB) -> look receipts up -> respond.
 //! Also `/healthz`, `/readyz`, `/metrics`, `/v1/stats`, CORS, and the optional static files.
 
 use std::collections::HashSet;
@@ -9,17 +11,20 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use axum::body::Body;
 use axum::extract::{ConnectInfo, MatchedPath, Request, State};
 use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use metrics_exporter_prometheus::PrometheusHandle;
+use serde::Serialize;
 use serde_json::value::RawValue;
 use tracing::Instrument;
-use tracklet_wire::types::BatchResponse;
+use tracklet_wire::types::{BatchResponse, BatchStatusResponse};
 
 use crate::auth::{self, AuthError, ProjectCache};
 use crate::commit::GroupCommitter;
@@ -27,10 +32,12 @@ use crate::config::ServeConfig;
 use crate::decode::{self, DecodeError, Encoding};
 use crate::enrich::{self, EnrichError, Enricher};
 use crate::error::{ApiError, UNAVAILABLE_RETRY_AFTER_SECS};
+use crate::limits::{MAX_BATCH_STATUS_BODY_BYTES, MAX_BODY_BYTES};
 use crate::metrics;
 use crate::ratelimit::RateLimiter;
+use crate::receipts;
 use crate::stats;
-use crate::store::{EventRow, EventStore};
+use crate::store::{BatchReceipt, EventRow, EventStore, Project};
 use crate::validate;
 
 /// Everything a request handler needs, shared by all requests.
@@ -74,7 +81,14 @@ impl AppState {
 pub fn router(state: AppState) -> Router {
     let static_dir = state.config.static_dir.clone();
     let api = Router::new()
-        .route("/v1/batch", post(post_batch).options(preflight))
+        .route(
+            tracklet_wire::BATCH_PATH,
+            post(post_batch).options(preflight),
+        )
+        .route(
+            tracklet_wire::BATCH_STATUS_PATH,
+            post(post_batch_status).options(preflight),
+        )
         .route("/v1/stats", get(get_stats).options(preflight))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
@@ -126,21 +140,56 @@ fn header_str<'h>(headers: &'h HeaderMap, name: &HeaderName) -> Option<&'h str> 
     headers.get(name).and_then(|v| v.to_str().ok())
 }
 
-/// `POST /v1/batch`.
-async fn post_batch(State(state): State<AppState>, request: Request) -> Response {
-    let origin = header_str(request.headers(), &header::ORIGIN).map(str::to_owned);
-    let result = receive_batch(&state, request).await;
-    // Every answer but "origin not allowed" may be read by the page (none leaks data), so
-    // the SDK can see 429/503 and their Retry-After.
+/// The answer (JSON, or the error) with CORS headers for `origin`. Every answer but "origin
+/// not allowed" may be read by the page (none leaks data), so the SDK can see 429/503 and
+/// their Retry-After.
+fn cors_answer<T: Serialize>(origin: Option<&str>, result: Result<T, ApiError>) -> Response {
     let readable = !matches!(result, Err(ApiError::Auth(AuthError::OriginNotAllowed(_))));
     let mut response = match result {
         Ok(answer) => Json(answer).into_response(),
         Err(e) => e.into_response(),
     };
     if let (true, Some(origin)) = (readable, origin) {
-        add_cors_headers(response.headers_mut(), &origin);
+        add_cors_headers(response.headers_mut(), origin);
     }
     response
+}
+
+/// `POST /v1/batch`.
+async fn post_batch(State(state): State<AppState>, request: Request) -> Response {
+    let origin = header_str(request.headers(), &header::ORIGIN).map(str::to_owned);
+    let result = receive_batch(&state, request).await;
+    cors_answer(origin.as_deref(), result)
+}
+
+/// The project whose write key the request carries, when the request's `Origin` may send
+/// for it. Done first, before reading a byte of body: the cheapest refusal.
+async fn writing_project(
+    state: &AppState,
+    uri: &axum::http::Uri,
+    headers: &HeaderMap,
+) -> Result<Project, ApiError> {
+    let key = auth::request_key(uri, headers).ok_or(AuthError::MissingKey)?;
+    let project = state.projects.by_write_key(&key).await?;
+    auth::check_origin(&project, header_str(headers, &header::ORIGIN))?;
+    Ok(project)
+}
+
+/// The body's JSON text: read under `limit` bytes and the body deadline, then inflated when
+/// gzip (by header or magic bytes) under `inflated_limit(compressed size)` bytes.
+async fn read_json_body(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: Body,
+    limit: usize,
+    inflated_limit: impl FnOnce(usize) -> usize,
+) -> Result<Bytes, DecodeError> {
+    let encoding = Encoding::from_header(header_str(headers, &header::CONTENT_ENCODING))?;
+    let content_length = header_str(headers, &header::CONTENT_LENGTH).and_then(|v| v.parse().ok());
+    let raw =
+        decode::read_body(body, content_length, limit, state.config.body_read_timeout).await?;
+    let inflated = inflated_limit(raw.len());
+    decode::decompress_capped(raw, encoding, inflated)
 }
 
 /// The batch pipeline.
@@ -150,9 +199,7 @@ async fn receive_batch(state: &AppState, request: Request) -> Result<BatchRespon
     let headers = &parts.headers;
 
     // Authenticate first: the cheapest refusal, before reading a byte of body.
-    let key = auth::request_key(&parts.uri, headers).ok_or(AuthError::MissingKey)?;
-    let project = state.projects.by_write_key(&key).await?;
-    auth::check_origin(&project, header_str(headers, &header::ORIGIN))?;
+    let project = writing_project(state, &parts.uri, headers).await?;
 
     // Bounded work in progress: shed load rather than buffer without limit. The permit covers
     // reading, inflating and decoding (the memory-hungry part); once the rows are built it is
@@ -163,11 +210,15 @@ async fn receive_batch(state: &AppState, request: Request) -> Result<BatchRespon
         .map_err(|_| ApiError::Overloaded)?;
 
     // Decode.
-    let encoding = Encoding::from_header(header_str(headers, &header::CONTENT_ENCODING))?;
-    let content_length = header_str(headers, &header::CONTENT_LENGTH).and_then(|v| v.parse().ok());
-    let raw = decode::read_body(body, content_length, state.config.body_read_timeout).await?;
-    let json = decode::decompress(raw, encoding)?;
-    let envelope = decode::parse_envelope(&json)?;
+    let json = read_json_body(
+        state,
+        headers,
+        body,
+        MAX_BODY_BYTES,
+        decode::decompressed_limit,
+    )
+    .await?;
+    let mut envelope = decode::parse_envelope(&json)?;
     let sent_at = i64::try_from(envelope.sent_at)
         .ok()
         .and_then(DateTime::from_timestamp_millis)
@@ -223,13 +274,21 @@ async fn receive_batch(state: &AppState, request: Request) -> Result<BatchRespon
         })
         .collect();
 
+    // "This batch arrived", committed with its rows (even when it has none to store: its
+    // events were all rejected, or there were none).
+    let receipt = envelope.batch_id.take().map(|batch_id| BatchReceipt {
+        project_id: project.id,
+        batch_id,
+        received_at,
+    });
+
     // The body is no longer needed while waiting for the commit.
     drop(envelope);
     drop(json);
     drop(inflight);
 
     // Group commit: returns only once the rows are committed.
-    let inserted = state.committer.commit(rows).await?;
+    let inserted = state.committer.commit(rows, receipt).await?;
     let accepted = inserted.iter().filter(|new| **new).count() as u64;
     let duplicates = (inserted.len() as u64 - accepted) + repeats;
     metrics::events_accepted(accepted);
@@ -239,6 +298,32 @@ async fn receive_batch(state: &AppState, request: Request) -> Result<BatchRespon
         duplicates,
         rejected,
     })
+}
+
+/// `POST /v1/batch/status`: which of the asked batches arrived.
+async fn post_batch_status(State(state): State<AppState>, request: Request) -> Response {
+    let origin = header_str(request.headers(), &header::ORIGIN).map(str::to_owned);
+    let result = receive_status_query(&state, request).await;
+    cors_answer(origin.as_deref(), result)
+}
+
+/// The batch status pipeline: same authentication, origin check and rate limit (one event's
+/// worth per query) as a batch; a small body; one indexed lookup.
+async fn receive_status_query(
+    state: &AppState,
+    request: Request,
+) -> Result<BatchStatusResponse, ApiError> {
+    let (parts, body) = request.into_parts();
+    let headers = &parts.headers;
+    let project = writing_project(state, &parts.uri, headers).await?;
+    state.limiter.check(&project, 1)?;
+    let json = read_json_body(state, headers, body, MAX_BATCH_STATUS_BODY_BYTES, |_| {
+        MAX_BATCH_STATUS_BODY_BYTES
+    })
+    .await?;
+    let query = decode::parse_status_request(&json)?;
+    let arrived = receipts::arrived(state.store.as_ref(), project.id, query.batch_ids).await?;
+    Ok(BatchStatusResponse { arrived })
 }
 
 fn add_cors_headers(headers: &mut HeaderMap, origin: &str) {
@@ -308,15 +393,7 @@ async fn get_stats(
         Ok::<_, ApiError>(state.store.stats(project.id, from, to).await?)
     }
     .await;
-    let readable = !matches!(result, Err(ApiError::Auth(AuthError::OriginNotAllowed(_))));
-    let mut response = match result {
-        Ok(stats) => Json(stats).into_response(),
-        Err(e) => e.into_response(),
-    };
-    if let (true, Some(origin)) = (readable, origin) {
-        add_cors_headers(response.headers_mut(), origin);
-    }
-    response
+    cors_answer(origin, result)
 }
 
 async fn healthz() -> Json<serde_json::Value> {

@@ -3,7 +3,8 @@
 //! A batch flows through one pipeline, read top to bottom in [`http`]:
 //! [`decode`] -> [`auth`] -> [`validate`] -> [`enrich`] -> [`commit`] (group commit into a
 //! [`store`]) -> respond. Every error on the way is mapped to a status and a JSON body in
-//! exactly one place, [`error`].
+//! exactly one place, [`error`]. [`receipts`] remembers which batches arrived, for
+//! `POST /v1/batch/status`.
 
 pub mod auth;
 pub mod cli;
@@ -16,6 +17,7 @@ pub mod http;
 pub mod limits;
 pub mod metrics;
 pub mod ratelimit;
+pub mod receipts;
 pub mod shutdown;
 pub mod stats;
 pub mod store;

@@ -6,7 +6,8 @@
 use std::time::Duration;
 
 pub use tracklet_wire::{
-    MAX_BODY_BYTES, MAX_DECOMPRESSED_BYTES, MAX_EVENTS_PER_BATCH, MAX_EVENT_BYTES, MAX_NAME_LEN,
+    MAX_BATCH_IDS_PER_QUERY, MAX_BATCH_ID_LEN, MAX_BATCH_STATUS_BODY_BYTES, MAX_BODY_BYTES,
+    MAX_DECOMPRESSED_BYTES, MAX_EVENTS_PER_BATCH, MAX_EVENT_BYTES, MAX_NAME_LEN,
 };
 
 /// Beyond this much decompressed output, the output may be at most

@@ -67,3 +67,18 @@ pub fn queue_depth(rows: usize) {
 pub fn sdk_dropped(n: u64) {
     metrics::counter!("tracklet_sdk_dropped_events_total").increment(n);
 }
+
+/// A batch status query answered: `asked` distinct usable ids, `arrived` of them with a
+/// receipt (the others: `not_found`).
+pub fn batch_status_answered(asked: usize, arrived: usize) {
+    metrics::counter!("tracklet_batch_status_queries_total").increment(1);
+    metrics::counter!("tracklet_batch_status_ids_total", "outcome" => "arrived")
+        .increment(arrived as u64);
+    metrics::counter!("tracklet_batch_status_ids_total", "outcome" => "not_found")
+        .increment(asked.saturating_sub(arrived) as u64);
+}
+
+/// Batch receipts deleted for being older than `--batch-receipt-ttl-days`.
+pub fn receipts_expired(n: u64) {
+    metrics::counter!("tracklet_batch_receipts_expired_total").increment(n);
+}

@@ -1,5 +1,6 @@
 //! `POST /v1/batch` against real Postgres and SQLite, driven in-process.
 
+#[macro_use]
 mod common;
 
 use axum::body::Body;
@@ -7,23 +8,6 @@ use axum::http::{Request, StatusCode};
 use common::*;
 
 const SENT: u64 = 1_763_800_005_000;
-
-/// Runs one async test body against both backends.
-macro_rules! on_both_backends {
-    ($name:ident, $body:expr) => {
-        mod $name {
-            use super::*;
-            #[tokio::test]
-            async fn postgres() {
-                ($body)(Backend::Postgres).await
-            }
-            #[tokio::test]
-            async fn sqlite() {
-                ($body)(Backend::Sqlite).await
-            }
-        }
-    };
-}
 
 on_both_backends!(
     accepts_then_dedupes_a_retry_with_new_sent_at,
@@ -196,19 +180,11 @@ on_both_backends!(
     concurrent_requests_are_group_committed,
     |backend| async move {
         let app = app(backend).await;
-        let mut tasks = Vec::new();
-        for r in 0..20u64 {
-            let router = app.router.clone();
-            let uri = app.batch_uri();
-            tasks.push(tokio::spawn(async move {
-                use tower::ServiceExt;
-                let body = batch(SENT, (0..20).map(|i| event(r * 100 + i)).collect());
-                let req = Request::post(uri).body(Body::from(gzip(&body))).unwrap();
-                router.oneshot(req).await.unwrap().status()
-            }));
-        }
-        for t in tasks {
-            assert_eq!(t.await.unwrap(), StatusCode::OK);
+        let bodies = (0..20u64)
+            .map(|r| gzip(&batch(SENT, (0..20).map(|i| event(r * 100 + i)).collect())))
+            .collect();
+        for a in app.post_concurrently(bodies).await {
+            assert_eq!(a.status, StatusCode::OK, "{}", a.text);
         }
         assert_eq!(app.stored().await, 400);
     }

@@ -96,9 +96,99 @@ fn projects_add_list_remove_print_json() {
     assert!(!run(&["projects", "remove", "--sqlite-path", db, "--name", "site"]).0);
     let (ok, help, _) = run(&["serve", "--help"]);
     assert!(ok && help.contains("--static-dir") && help.contains("TRACKLET_LISTEN"));
+    assert!(
+        help.contains("--batch-receipt-ttl-days")
+            && help.contains("TRACKLET_BATCH_RECEIPT_TTL_DAYS")
+    );
     for suffix in ["", "-wal", "-shm"] {
         let _ = std::fs::remove_file(format!("{db}{suffix}"));
     }
+}
+
+/// Polls `/healthz` until the server answers (5 s at most).
+async fn wait_until_up(client: &reqwest::Client, port: u16) -> bool {
+    for _ in 0..100 {
+        if client
+            .get(format!("http://127.0.0.1:{port}/healthz"))
+            .send()
+            .await
+            .is_ok()
+        {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
+
+/// `serve` on 127.0.0.1:`port` against `database_url`, with `env` set, quiet.
+fn serve(database_url: &str, port: u16, env: &[(&str, &str)]) -> std::process::Child {
+    Command::new(BIN)
+        .args([
+            "serve",
+            "--database-url",
+            database_url,
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+        ])
+        .envs(env.iter().copied())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+fn sigterm(server: &std::process::Child) {
+    let killed = Command::new("kill")
+        .args(["-TERM", &server.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_deletes_receipts_older_than_the_ttl() {
+    let (ok, _, stderr) = run(&["serve", "--batch-receipt-ttl-days", "0"]);
+    assert!(!ok && stderr.contains("batch-receipt-ttl-days"), "{stderr}");
+
+    let db = TestDb::create().await;
+    let (ok, _, stderr) = run(&["migrate", "--database-url", &db.url]);
+    assert!(ok, "{stderr}");
+    let pool = sqlx::PgPool::connect(&db.url).await.unwrap();
+    sqlx::query(
+        "INSERT INTO batch_receipts (project_id, batch_id, received_at) VALUES \
+         (gen_random_uuid(), 'old', now() - interval '8 days'), \
+         (gen_random_uuid(), 'young', now() - interval '6 days')",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let port = free_port();
+    let mut server = serve(&db.url, port, &[("TRACKLET_BATCH_RECEIPT_TTL_DAYS", "7")]);
+    assert!(
+        wait_until_up(&reqwest::Client::new(), port).await,
+        "collector did not start"
+    );
+    // The cleanup runs at start, then hourly.
+    let mut left = Vec::new();
+    for _ in 0..100 {
+        left = sqlx::query_scalar::<_, String>("SELECT batch_id FROM batch_receipts")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+        if left.len() < 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(left, ["young"]);
+    sigterm(&server);
+    let status = tokio::task::spawn_blocking(move || server.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "collector exit status {status:?}");
+    pool.close().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -119,34 +209,13 @@ async fn sigterm_drains_and_keeps_every_acknowledged_event() {
     let key = project["write_key"].as_str().unwrap().to_owned();
 
     let port = free_port();
-    let mut server = Command::new(BIN)
-        .args([
-            "serve",
-            "--database-url",
-            &db.url,
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut server = serve(&db.url, port, &[]);
     let client = reqwest::Client::new();
     let url = format!("http://127.0.0.1:{port}/v1/batch?key={key}");
-    let mut up = false;
-    for _ in 0..100 {
-        if client
-            .get(format!("http://127.0.0.1:{port}/healthz"))
-            .send()
-            .await
-            .is_ok()
-        {
-            up = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(up, "collector did not start");
+    assert!(
+        wait_until_up(&client, port).await,
+        "collector did not start"
+    );
 
     // Eight clients post batches of 20 until the server goes away.
     let mut clients = Vec::new();
@@ -177,11 +246,7 @@ async fn sigterm_drains_and_keeps_every_acknowledged_event() {
         }));
     }
     tokio::time::sleep(Duration::from_millis(700)).await;
-    let killed = Command::new("kill")
-        .args(["-TERM", &server.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(killed.success());
+    sigterm(&server);
     let mut acked = Vec::new();
     for c in clients {
         acked.extend(c.await.unwrap());

@@ -87,6 +87,18 @@ pub struct EventRow {
     pub enrichment: Arc<Enrichment>,
 }
 
+/// "This batch arrived": committed in the same transaction as the batch's event rows, so a
+/// receipt exists exactly when the batch's rows are committed. Kept for
+/// `--batch-receipt-ttl-days` (see [`crate::receipts`]).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct BatchReceipt {
+    pub project_id: Uuid,
+    /// The batch's `batch_id` (checked by `tracklet_wire::is_valid_batch_id`).
+    pub batch_id: String,
+    /// Server clock when the batch arrived (the first time, when it is sent again).
+    pub received_at: DateTime<Utc>,
+}
+
 /// Answer of `GET /v1/stats`.
 #[derive(Debug, Clone, Serialize, PartialEq, Default)]
 pub struct Stats {
@@ -208,9 +220,26 @@ pub trait EventStore: Send + Sync + 'static {
     async fn migrate(&self) -> Result<(), StoreError>;
     /// Cheap round trip proving the database answers.
     async fn ping(&self) -> Result<(), StoreError>;
-    /// Stores `rows` in one transaction, skipping (project_id, id) already stored. Returns, for
-    /// each row, whether it was newly stored; of repeats within `rows`, only the first can be.
-    async fn insert_events(&self, rows: &[EventRow]) -> Result<Vec<bool>, StoreError>;
+    /// Stores `rows` and `receipts` in one transaction, skipping (project_id, id) and
+    /// (project_id, batch_id) already stored. Returns, for each row, whether it was newly
+    /// stored; of repeats within `rows`, only the first can be.
+    async fn insert_events(
+        &self,
+        rows: &[EventRow],
+        receipts: &[BatchReceipt],
+    ) -> Result<Vec<bool>, StoreError>;
+    /// Those of `batch_ids` that have a receipt for `project_id` (in no particular order).
+    async fn arrived_batches(
+        &self,
+        project_id: Uuid,
+        batch_ids: &[String],
+    ) -> Result<Vec<String>, StoreError>;
+    /// Deletes at most `limit` receipts received before `before`; returns how many it deleted.
+    async fn delete_receipts_before(
+        &self,
+        before: DateTime<Utc>,
+        limit: u32,
+    ) -> Result<u64, StoreError>;
     async fn add_project(&self, project: &Project) -> Result<(), StoreError>;
     async fn list_projects(&self) -> Result<Vec<Project>, StoreError>;
     /// Removes the project whose name or id is `name_or_id`; false when none matched.
@@ -266,6 +295,15 @@ pub(crate) fn claim_inserted(
     rows.iter()
         .map(|r| inserted.remove(&(r.project_id, r.id)))
         .collect()
+}
+
+/// The receipts in key order without repeats (a batch sent twice in one group commit), so
+/// concurrent transactions take their locks in one order.
+pub(crate) fn sorted_receipts(receipts: &[BatchReceipt]) -> Vec<&BatchReceipt> {
+    let mut sorted: Vec<&BatchReceipt> = receipts.iter().collect();
+    sorted.sort_unstable();
+    sorted.dedup_by(|a, b| (a.project_id, &a.batch_id) == (b.project_id, &b.batch_id));
+    sorted
 }
 
 /// First instant of the month `offset` months after the month of `t` (negative: before).

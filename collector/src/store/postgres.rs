@@ -14,8 +14,8 @@ use sqlx::Row;
 use uuid::Uuid;
 
 use super::{
-    claim_inserted, month_start, EventRow, EventStore, KeyKind, PartitionReport, Project, Stats,
-    StoreError,
+    claim_inserted, month_start, sorted_receipts, BatchReceipt, EventRow, EventStore, KeyKind,
+    PartitionReport, Project, Stats, StoreError,
 };
 
 pub struct PgStore {
@@ -102,8 +102,12 @@ impl EventStore for PgStore {
         Ok(())
     }
 
-    async fn insert_events(&self, rows: &[EventRow]) -> Result<Vec<bool>, StoreError> {
-        if rows.is_empty() {
+    async fn insert_events(
+        &self,
+        rows: &[EventRow],
+        receipts: &[BatchReceipt],
+    ) -> Result<Vec<bool>, StoreError> {
+        if rows.is_empty() && receipts.is_empty() {
             return Ok(Vec::new());
         }
         let n = rows.len();
@@ -156,8 +160,19 @@ impl EventStore for PgStore {
             country.push(e.country.as_deref());
             city.push(e.city.as_deref());
         }
+        let receipts = sorted_receipts(receipts);
+        let receipt_project: Vec<Uuid> = receipts.iter().map(|r| r.project_id).collect();
+        let receipt_batch: Vec<&str> = receipts.iter().map(|r| r.batch_id.as_str()).collect();
+        let receipt_received: Vec<DateTime<Utc>> = receipts.iter().map(|r| r.received_at).collect();
+        // One statement, so one transaction and one round trip: the receipts (in the data-
+        // modifying WITH, which Postgres runs to completion after the events) are committed
+        // exactly when the events are.
         let inserted: Vec<(Uuid, Uuid)> = sqlx::query_as(
-            "INSERT INTO events (project_id, id, ts, name, anonymous_id, session_id, user_id, \
+            "WITH receipts AS (\
+                 INSERT INTO batch_receipts (project_id, batch_id, received_at) \
+                 SELECT * FROM UNNEST($22::uuid[], $23::text[], $24::timestamptz[]) \
+                 ON CONFLICT DO NOTHING) \
+             INSERT INTO events (project_id, id, ts, name, anonymous_id, session_id, user_id, \
                  props, context, sent_at, received_at, time, browser, browser_version, os, \
                  device_type, is_bot, bot_reason, ip, country, city) \
              SELECT project_id, id, ts, name, anonymous_id, session_id, user_id, \
@@ -195,12 +210,48 @@ impl EventStore for PgStore {
         .bind(&ip)
         .bind(&country)
         .bind(&city)
+        .bind(&receipt_project)
+        .bind(&receipt_batch)
+        .bind(&receipt_received)
         .fetch_all(&self.pool)
         .await?;
         Ok(claim_inserted(
             rows,
             inserted.into_iter().collect::<HashSet<_>>(),
         ))
+    }
+
+    async fn arrived_batches(
+        &self,
+        project_id: Uuid,
+        batch_ids: &[String],
+    ) -> Result<Vec<String>, StoreError> {
+        if batch_ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        Ok(sqlx::query_scalar(
+            "SELECT batch_id FROM batch_receipts WHERE project_id = $1 AND batch_id = ANY($2)",
+        )
+        .bind(project_id)
+        .bind(batch_ids)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    async fn delete_receipts_before(
+        &self,
+        before: DateTime<Utc>,
+        limit: u32,
+    ) -> Result<u64, StoreError> {
+        let result = sqlx::query(
+            "DELETE FROM batch_receipts WHERE (project_id, batch_id) IN \
+             (SELECT project_id, batch_id FROM batch_receipts WHERE received_at < $1 LIMIT $2)",
+        )
+        .bind(before)
+        .bind(i64::from(limit))
+        .execute(&self.pool)
+        .await?;
+        Ok(result.rows_affected())
     }
 
     async fn add_project(&self, p: &Project) -> Result<(), StoreError> {

@@ -15,8 +15,8 @@ use sqlx::Row;
 use uuid::Uuid;
 
 use super::{
-    claim_inserted, month_start, EventRow, EventStore, KeyKind, PartitionReport, Project, Stats,
-    StoreError,
+    claim_inserted, month_start, sorted_receipts, BatchReceipt, EventRow, EventStore, KeyKind,
+    PartitionReport, Project, Stats, StoreError,
 };
 
 pub struct SqliteStore {
@@ -85,7 +85,11 @@ impl EventStore for SqliteStore {
         Ok(())
     }
 
-    async fn insert_events(&self, rows: &[EventRow]) -> Result<Vec<bool>, StoreError> {
+    async fn insert_events(
+        &self,
+        rows: &[EventRow],
+        receipts: &[BatchReceipt],
+    ) -> Result<Vec<bool>, StoreError> {
         let mut inserted = HashSet::new();
         let mut tx = self.pool.begin().await?;
         for r in rows {
@@ -124,8 +128,54 @@ impl EventStore for SqliteStore {
                 inserted.insert((r.project_id, r.id));
             }
         }
+        for r in sorted_receipts(receipts) {
+            sqlx::query(
+                "INSERT INTO batch_receipts (project_id, batch_id, received_at) VALUES (?, ?, ?) \
+                 ON CONFLICT DO NOTHING",
+            )
+            .bind(r.project_id.to_string())
+            .bind(&r.batch_id)
+            .bind(ms(r.received_at))
+            .execute(&mut *tx)
+            .await?;
+        }
         tx.commit().await?;
         Ok(claim_inserted(rows, inserted))
+    }
+
+    async fn arrived_batches(
+        &self,
+        project_id: Uuid,
+        batch_ids: &[String],
+    ) -> Result<Vec<String>, StoreError> {
+        if batch_ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let placeholders = vec!["?"; batch_ids.len()].join(", ");
+        let sql = format!(
+            "SELECT batch_id FROM batch_receipts WHERE project_id = ? AND batch_id IN ({placeholders})"
+        );
+        let mut query = sqlx::query_scalar(&sql).bind(project_id.to_string());
+        for id in batch_ids {
+            query = query.bind(id);
+        }
+        Ok(query.fetch_all(&self.pool).await?)
+    }
+
+    async fn delete_receipts_before(
+        &self,
+        before: DateTime<Utc>,
+        limit: u32,
+    ) -> Result<u64, StoreError> {
+        let result = sqlx::query(
+            "DELETE FROM batch_receipts WHERE (project_id, batch_id) IN \
+             (SELECT project_id, batch_id FROM batch_receipts WHERE received_at < ? LIMIT ?)",
+        )
+        .bind(ms(before))
+        .bind(i64::from(limit))
+        .execute(&self.pool)
+        .await?;
+        Ok(result.rows_affected())
     }
 
     async fn add_project(&self, p: &Project) -> Result<(), StoreError> {

@@ -18,6 +18,25 @@ use tracklet_collector::store::postgres::PgStore;
 use tracklet_collector::store::sqlite::SqliteStore;
 use tracklet_collector::store::{EventStore, Project};
 
+/// Runs one async test body against both backends: `$name::postgres` and `$name::sqlite`
+/// (use with `#[macro_use] mod common;`).
+#[allow(unused_macros)]
+macro_rules! on_both_backends {
+    ($name:ident, $body:expr) => {
+        mod $name {
+            use super::*;
+            #[tokio::test]
+            async fn postgres() {
+                ($body)(Backend::Postgres).await
+            }
+            #[tokio::test]
+            async fn sqlite() {
+                ($body)(Backend::Sqlite).await
+            }
+        }
+    };
+}
+
 pub const PG_REQUIRED: &str =
     "Postgres is required: install postgresql and start it on 127.0.0.1:5432, or set DATABASE_URL";
 
@@ -162,6 +181,20 @@ pub fn batch(sent_at: u64, events: Vec<serde_json::Value>) -> Vec<u8> {
     serde_json::to_vec(&serde_json::json!({ "sent_at": sent_at, "events": events })).unwrap()
 }
 
+/// A batch carrying `batch_id` (any JSON value, to try unusable ones too).
+pub fn batch_with_id(
+    sent_at: u64,
+    batch_id: impl Into<serde_json::Value>,
+    events: Vec<serde_json::Value>,
+) -> Vec<u8> {
+    serde_json::to_vec(&serde_json::json!({
+        "sent_at": sent_at,
+        "batch_id": batch_id.into(),
+        "events": events,
+    }))
+    .unwrap()
+}
+
 pub fn gzip(data: &[u8]) -> Vec<u8> {
     let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
     enc.write_all(data).unwrap();
@@ -205,16 +238,75 @@ impl TestApp {
         }
     }
 
+    pub fn status_uri(&self) -> String {
+        format!("/v1/batch/status?key={}", self.project.write_key)
+    }
+
     /// POSTs `body` as the SDK does (text/plain, from the allowed origin).
     pub async fn post(&self, body: Vec<u8>) -> Answer {
+        self.post_to(&self.batch_uri(), body).await
+    }
+
+    /// Asks, as the SDK does, which of `batch_ids` arrived.
+    pub async fn status(&self, batch_ids: &[&str]) -> Answer {
+        let body = serde_json::json!({ "batch_ids": batch_ids });
+        self.post_to(&self.status_uri(), body.to_string().into_bytes())
+            .await
+    }
+
+    /// POSTs `body` to `uri` as the SDK does (text/plain, from the allowed origin).
+    pub async fn post_to(&self, uri: &str, body: Vec<u8>) -> Answer {
         self.send(
-            Request::post(self.batch_uri())
+            Request::post(uri)
                 .header("content-type", "text/plain")
                 .header("origin", ORIGIN)
                 .body(Body::from(body))
                 .unwrap(),
         )
         .await
+    }
+
+    /// `OPTIONS uri` is answered as a CORS preflight for the allowed origin (204 with the
+    /// CORS headers) and refused for another (403 without them).
+    pub async fn check_preflight(&self, uri: &str) {
+        let preflight = |origin: &str| {
+            Request::options(uri)
+                .header("origin", origin)
+                .header("access-control-request-method", "POST")
+                .body(Body::empty())
+                .unwrap()
+        };
+        let a = self.send(preflight(ORIGIN)).await;
+        assert_eq!(a.status, StatusCode::NO_CONTENT, "{uri}");
+        assert_eq!(a.headers["access-control-allow-origin"], ORIGIN);
+        assert_eq!(
+            a.headers["access-control-allow-headers"],
+            "Content-Type, Authorization, Content-Encoding"
+        );
+        let a = self.send(preflight("https://evil.example")).await;
+        assert_eq!(a.status, StatusCode::FORBIDDEN, "{uri}");
+        assert!(a.headers.get("access-control-allow-origin").is_none());
+    }
+
+    /// POSTs every body to the batch endpoint at once, as [`TestApp::post`] does; the
+    /// answers in the same order.
+    pub async fn post_concurrently(&self, bodies: Vec<Vec<u8>>) -> Vec<Answer> {
+        futures_util::future::join_all(bodies.into_iter().map(|body| self.post(body))).await
+    }
+
+    /// Runs one SQL statement on the test's database (either backend).
+    pub async fn execute(&self, sql: &str) {
+        if let Some(db) = &self.db {
+            let pool = sqlx::PgPool::connect(&db.url).await.unwrap();
+            sqlx::query(sql).execute(&pool).await.unwrap();
+            pool.close().await;
+        }
+        if let Some(path) = &self.sqlite_file {
+            let url = format!("sqlite:{}", path.display());
+            let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
+            sqlx::query(sql).execute(&pool).await.unwrap();
+            pool.close().await;
+        }
     }
 
     pub async fn get(&self, uri: &str) -> Answer {
