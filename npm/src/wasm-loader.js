@@ -1,7 +1,7 @@
-// Instantiates the wasm module and hands back wasm-bindgen's bindings (`track`, `call`,
-// `body`). wasm-bindgen runs with `--target bundler`, and this file is
-// the loader: it accepts the bytes, a URL, a Response (or a promise of one) or a
-// WebAssembly.Module. Nothing runs at import: the wasm is touched when a tracker starts.
+// Instantiates the wasm module and hands back wasm-bindgen's bindings (the `Tracker`
+// class). wasm-bindgen runs with `--target bundler`, and this file is the loader: it
+// accepts the bytes, a URL, a Response (or a promise of one) or a WebAssembly.Module.
+// Nothing runs at import: the wasm is touched when a tracker starts.
 import * as bindings from '../pkg/tracklet_sdk_wasm_bg.js';
 
 async function instantiate(source) {
@@ -9,13 +9,14 @@ async function instantiate(source) {
   if (typeof src === 'string' || src instanceof URL) src = await fetch(src);
   if (typeof Response === 'function' && src instanceof Response) {
     if (!src.ok) throw new Error('tracklet: HTTP ' + src.status + ' loading ' + src.url);
-    // Not instantiateStreaming: it refuses servers that do not send application/wasm,
-    // and at this size compiling from bytes costs about a millisecond.
+    // Not instantiateStreaming: it refuses servers that do not send application/wasm.
     src = await src.arrayBuffer();
   }
   const r = await WebAssembly.instantiate(src, { './tracklet_sdk_wasm_bg.js': bindings });
-  const exports = (r.instance || r).exports;
-  bindings.__wbg_set_wasm(exports);
+  const instance = r.instance || r;
+  bindings.__wbg_set_wasm(instance.exports);
+  // wasm-bindgen's start-up (its externref table), as its bundler entry would run it.
+  if (instance.exports.__wbindgen_start) instance.exports.__wbindgen_start();
   return bindings;
 }
 

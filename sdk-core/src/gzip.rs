@@ -1,7 +1,14 @@
-//! gzip framing (RFC 1952) around [`crate::deflate`]: synchronous, so it also works inside
-//! `pagehide`, where nothing asynchronous is guaranteed to finish.
+//! gzip framing (RFC 1952) around miniz_oxide's DEFLATE: synchronous, so it also works
+//! inside `pagehide`, where nothing asynchronous is guaranteed to finish.
+//!
+//! The header and the CRC are ours (18 bytes and a 16-entry table); the compressor is
+//! miniz_oxide's, at level 6 (its default: on batches of events, levels 7 to 9 gain under
+//! 1 % for twice the time).
 
 use alloc::vec::Vec;
+
+/// miniz_oxide's compression level for batches.
+const LEVEL: u8 = 6;
 
 /// CRC-32 (IEEE) with a 16-entry table: small code, fast enough for 60 KB batches.
 pub fn crc32(data: &[u8]) -> u32 {
@@ -20,7 +27,7 @@ pub fn crc32(data: &[u8]) -> u32 {
 
 /// Compresses `data` into a gzip member.
 pub fn gzip(data: &[u8]) -> Vec<u8> {
-    let deflated = crate::deflate::deflate(data);
+    let deflated = miniz_oxide::deflate::compress_to_vec(data, LEVEL);
     let mut out = Vec::with_capacity(deflated.len() + 18);
     out.extend_from_slice(&[0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 0xff]);
     out.extend_from_slice(&deflated);
@@ -32,6 +39,42 @@ pub fn gzip(data: &[u8]) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use alloc::format;
+    use alloc::string::String;
+    use proptest::prelude::*;
+
+    fn gunzip(gz: &[u8]) -> Vec<u8> {
+        assert_eq!(&gz[..3], &[0x1f, 0x8b, 8], "gzip magic and DEFLATE");
+        let body = &gz[10..gz.len() - 8];
+        let inflated = miniz_oxide::inflate::decompress_to_vec(body).unwrap();
+        let tail = &gz[gz.len() - 8..];
+        assert_eq!(
+            u32::from_le_bytes(tail[..4].try_into().unwrap()),
+            crc32(&inflated)
+        );
+        assert_eq!(
+            u32::from_le_bytes(tail[4..].try_into().unwrap()) as usize,
+            inflated.len()
+        );
+        inflated
+    }
+
+    /// A batch as the SDK writes it: `n` events with distinct ids and a few props.
+    fn batch(n: usize) -> String {
+        let mut s = String::from(r#"{"sent_at":1763800000123,"events":["#);
+        for i in 0..n {
+            if i > 0 {
+                s.push(',');
+            }
+            s.push_str(&format!(
+                r#"{{"id":"019aab3c-5d1e-7a2b-8c3d-{i:012x}","name":"Song Played","ts":{},"anonymous_id":"c0a8f3e2-1b4d-4e5f-8a9b-0c1d2e3f4a5b","session_id":"9f1e2d3c-4b5a-4968-8776-655443322110","props":{{"songId":{},"title":"Blue in Green"}},"context":{{"url":"https://example.com/music/","path":"/music/","sdk":"tracklet/0.2.0"}}}}"#,
+                1763800000000u64 + i as u64 * 37,
+                i % 7
+            ));
+        }
+        s.push_str("]}");
+        s
+    }
 
     #[test]
     fn crc_matches_known_value() {
@@ -41,22 +84,34 @@ mod tests {
 
     #[test]
     fn output_is_a_gzip_member_that_inflates_back() {
-        let text =
-            br#"{"sent_at":1,"events":[{"name":"Song Played"},{"name":"Song Played"}]}"#.repeat(50);
-        let gz = gzip(&text);
-        assert_eq!(&gz[..2], &[0x1f, 0x8b]);
-        assert!(gz.len() < text.len() / 5);
-        let body = &gz[10..gz.len() - 8];
-        let inflated = miniz_oxide::inflate::decompress_to_vec(body).unwrap();
-        assert_eq!(inflated, text);
-        let tail = &gz[gz.len() - 8..];
-        assert_eq!(
-            u32::from_le_bytes(tail[..4].try_into().unwrap()),
-            crc32(&text)
-        );
-        assert_eq!(
-            u32::from_le_bytes(tail[4..].try_into().unwrap()) as usize,
-            text.len()
-        );
+        for text in [Vec::new(), b"x".to_vec(), batch(1).into_bytes(), batch(50).into_bytes()] {
+            assert_eq!(gunzip(&gzip(&text)), text);
+        }
+    }
+
+    /// What the SDK relies on for its request budget: a batch of events shrinks by at
+    /// least 5x (the core halves a batch until its gzip body fits 60 KB; a 1,000-event
+    /// backlog must fit in a few requests, not hundreds).
+    #[test]
+    fn batches_compress_well() {
+        for n in [5, 50, 1000] {
+            let text = batch(n);
+            let gz = gzip(text.as_bytes());
+            assert!(
+                gz.len() * 5 < text.len(),
+                "{n} events: {} -> {} bytes",
+                text.len(),
+                gz.len()
+            );
+        }
+        // 1,000 events fit under the 60 KB request cap.
+        assert!(gzip(batch(1000).as_bytes()).len() < tracklet_wire::SDK_MAX_REQUEST_BYTES);
+    }
+
+    proptest! {
+        #[test]
+        fn round_trips_anything(data in proptest::collection::vec(any::<u8>(), 0..5_000)) {
+            prop_assert_eq!(gunzip(&gzip(&data)), data);
+        }
     }
 }

@@ -1,24 +1,34 @@
-//! Tracklet SDK core: the queue, batching, retry and cross-tab rules, with no I/O.
+//! Tracklet SDK core: every decision of the SDK, with no I/O.
 //!
 //! Nothing in here reads a clock, draws a random number or touches a browser. Time comes
 //! in as `now` (ms since the Unix epoch), randomness as a seed, stored state as key/value
-//! pairs; the core answers with storage [`Action`]s, [`Outgoing`] batches to send and the
-//! time it wants to be woken ([`Core::next_wake`]). The wasm binding (`sdk-wasm`) maps
-//! those onto localStorage, `fetch`/`sendBeacon` and timers; tests drive it directly,
-//! faster than real time.
-
-#![no_std]
+//! pairs, answers from the collector as status codes and header text. Two layers:
+//!
+//! - [`Tracker`] (`tracker.rs`) is what the browser driver (`sdk-wasm`) talks to: page
+//!   events, answers, timers and the cross-tab lock go in; [`Output`]s come out (persist,
+//!   transmit, take or release the lock, wake at T, status changed), in the style of str0m.
+//!   It owns the rules around the queue: forceSend's drain, the retry-soon rule, reading
+//!   `Retry-After`, what counts as offline, the storage keys' meaning, the pre-load queue,
+//!   and asking the collector which unload batches arrived.
+//! - [`Core`] (this file) is the queue engine under it: the stored layout and restore,
+//!   batching, the sending lease, retry state and identity.
+//!
+//! Tests drive both directly, faster than real time.
 
 extern crate alloc;
 
 pub mod backoff;
-pub mod deflate;
 pub mod gzip;
 pub mod ids;
 pub mod memory;
+pub mod options;
 mod queue;
 pub mod storage;
 pub mod text;
+pub mod tracker;
+
+pub use options::{Autocapture, Options, Settings};
+pub use tracker::{Output, Transmit, TransmitKind, Tracker};
 
 use alloc::string::{String, ToString};
 use alloc::vec::Vec;
@@ -80,6 +90,9 @@ pub enum Action {
 pub struct Outgoing {
     /// Pass back to [`Core::on_result`].
     pub batch: u64,
+    /// The batch's `batch_id` on the wire (a UUIDv4): what the next page asks the
+    /// collector about if this page goes away before the answer comes.
+    pub batch_id: String,
     pub body: Vec<u8>,
     pub events: usize,
 }
@@ -113,8 +126,11 @@ pub enum Skipped {
     InvalidName,
 }
 
-/// What `status()` reports. Counts are events; times are ms since the epoch.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// What `status()` reports, to the page as an object with these names in camelCase
+/// (`inFlight`, `lastError`, ...; `None` is `null`). Counts are events; times are ms since
+/// the epoch. The one definition of the status shape.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct Status {
     /// Events not yet acknowledged (including those in flight).
     pub pending: usize,
@@ -133,6 +149,7 @@ pub struct Status {
 #[derive(Clone, Debug)]
 struct InFlight {
     batch: u64,
+    batch_id: String,
     /// How many events it holds: the queued events marked `in_flight`.
     events: usize,
     /// The `dropped` count this batch reported.
@@ -175,6 +192,19 @@ pub struct Core {
     /// The storage record (its serial number in the queue's table) this task's events go into,
     /// written by the next [`Core::take_actions`] (which the binding calls before the task ends).
     open_chunk: Option<u32>,
+    /// Batches sent without an answer seen (the unload beacon, a request cut off by the
+    /// page going away), by this page or an earlier one: their events are held back until
+    /// the collector says which arrived ([`Core::confirm`]).
+    unconfirmed: Vec<Unconfirmed>,
+}
+
+/// A batch whose fate is unknown (`tl1:b:<batch id>`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Unconfirmed {
+    pub batch_id: String,
+    /// When it was sent (ms).
+    pub sent_at: u64,
+    pub events: Vec<String>,
 }
 
 const SESSION_PERSIST_EVERY_MS: u64 = 5_000;
@@ -209,6 +239,13 @@ fn merge_gone(list: &mut String, stored: &str) -> Vec<bool> {
         }
     }
     lines
+}
+
+/// `tl1:b:<batch id>`: an unconfirmed batch.
+fn unconfirmed_key(batch_id: &str) -> String {
+    let mut k = String::from(storage::UNCONFIRMED);
+    k.push_str(batch_id);
+    k
 }
 
 fn event_key(id: &str) -> String {
@@ -248,6 +285,7 @@ impl Core {
             last_sent_at: None,
             actions: Vec::new(),
             open_chunk: None,
+            unconfirmed: Vec::new(),
         }
     }
 
@@ -349,6 +387,7 @@ impl Core {
                             chunk,
                             line: at as u32,
                             in_flight: false,
+                            held: false,
                             marked: false,
                         };
                         self.queue.insert(id.into(), record);
@@ -379,7 +418,19 @@ impl Core {
                 }
                 storage::DROPPED => dropped = text::number(value).unwrap_or(0),
                 storage::OPT_OUT => opted_out = true,
-                _ => {}
+                _ => {
+                    if let Some(batch_id) = key.strip_prefix(storage::UNCONFIRMED) {
+                        if first && !self.unconfirmed.iter().any(|u| u.batch_id == batch_id) {
+                            let mut lines = text::fields(value, storage::LINE);
+                            let sent_at = lines.next().and_then(text::number).unwrap_or(0);
+                            self.unconfirmed.push(Unconfirmed {
+                                batch_id: batch_id.into(),
+                                sent_at,
+                                events: lines.filter(|l| !l.is_empty()).map(String::from).collect(),
+                            });
+                        }
+                    }
+                }
             }
         }
         for (first_id, _, met) in lists {
@@ -393,6 +444,7 @@ impl Core {
         self.queue.remove_marked(true);
         // (And forgets the records met above with none of their events queued.)
         self.queue.take_touched(|_, _| {});
+        self.hold_unconfirmed();
         self.retry = retry;
         self.lease = lease;
         self.dropped = dropped;
@@ -477,6 +529,7 @@ impl Core {
                 chunk,
                 line: 0,
                 in_flight: false,
+                held: false,
                 marked: false,
             },
         );
@@ -598,7 +651,9 @@ impl Core {
     /// Discards every queued event that is not in flight; returns how many.
     pub fn clear(&mut self) -> usize {
         self.queue.mark(|r| !r.in_flight);
-        self.remove_events()
+        let n = self.remove_events();
+        self.hold_unconfirmed();
+        n
     }
 
     pub fn set_online(&mut self, online: bool) {
@@ -669,7 +724,7 @@ impl Core {
     }
 
     fn oldest_ms(&self) -> Option<u64> {
-        let (id, _) = self.queue.iter().find(|(_, r)| !r.in_flight)?;
+        let (id, _) = self.queue.iter().find(|(_, r)| !r.in_flight && !r.held)?;
         Some(ids::uuid_v7_ms(id).unwrap_or(0))
     }
 
@@ -700,10 +755,15 @@ impl Core {
                 .is_some_and(|t| t.saturating_add(self.cfg.max_wait_ms) <= now)
     }
 
+    /// Whether [`Core::poll_send`] would answer a batch now (not forced).
+    pub fn poll_due(&self, now: u64) -> bool {
+        self.may_send(now, false) && self.oldest_ms().is_some()
+    }
+
     /// The next batch to send, if one is due. While it is in flight no other batch is
     /// started; report its fate with [`Core::on_result`].
     pub fn poll_send(&mut self, now: u64, force: bool) -> Option<Outgoing> {
-        if !self.may_send(now, force) {
+        if !self.may_send(now, force) || self.oldest_ms().is_none() {
             return None;
         }
         // A backlog (a burst, or what queued up during an outage) goes in bigger requests,
@@ -719,16 +779,17 @@ impl Core {
             .split_limit
             .unwrap_or(normal)
             .clamp(1, tracklet_wire::MAX_EVENTS_PER_BATCH);
-        let (events, body) = self.build_body(now, limit);
-        // The batch holds the first `events` events not in flight: all of them, as nothing
-        // else is in flight.
-        for r in self.queue.iter_mut().take(events) {
+        let batch_id = ids::uuid_v4(&mut self.rng);
+        let (events, body) = self.build_body(now, limit, &batch_id);
+        // The batch holds the first `events` events not in flight nor held.
+        for r in self.queue.iter_mut().filter(|r| !r.held).take(events) {
             r.in_flight = true;
         }
         let batch = self.next_batch;
         self.next_batch += 1;
         self.in_flight = Some(InFlight {
             batch,
+            batch_id: batch_id.clone(),
             events,
             dropped: self.dropped,
         });
@@ -739,6 +800,7 @@ impl Core {
         ));
         Some(Outgoing {
             batch,
+            batch_id,
             body,
             events,
         })
@@ -746,16 +808,16 @@ impl Core {
 
     /// Up to `limit` of the oldest events not in flight, as a gzip body under the
     /// request cap (halving the count until it fits).
-    fn build_body(&self, now: u64, limit: usize) -> (usize, Vec<u8>) {
+    fn build_body(&self, now: u64, limit: usize, batch_id: &str) -> (usize, Vec<u8>) {
         let mut n = limit;
         loop {
-            let mut batch = BatchJson::new(now, self.dropped);
+            let mut batch = BatchJson::with_batch_id(now, self.dropped, batch_id);
             let mut events = 0;
             for (_, r) in self.queue.iter() {
                 if events == n {
                     break;
                 }
-                if !r.in_flight {
+                if !r.in_flight && !r.held {
                     batch.push_raw_event(&r.json);
                     events += 1;
                 }
@@ -773,6 +835,8 @@ impl Core {
         let Some(flight) = self.in_flight.take_if(|f| f.batch == batch) else {
             return;
         };
+        // Its answer came after all (a page back from the back-forward cache).
+        self.forget_unconfirmed(&flight.batch_id);
         self.settle(flight, outcome, now);
         for r in self.queue.iter_mut() {
             r.in_flight = false;
@@ -918,13 +982,154 @@ impl Core {
     /// Also gives up this tab's sending lease: the next page must not wait for a lease
     /// whose holder is gone. A batch still in flight (a keepalive fetch) may then be sent
     /// again by the next page; the collector drops the duplicates.
+    ///
+    /// Both the beacon and a batch still in flight are remembered as unconfirmed
+    /// (`tl1:b:<batch id>`): the next page asks the collector which arrived before sending
+    /// their events again (see [`Core::unconfirmed_due`]).
     pub fn unload_body(&mut self, now: u64) -> Option<Vec<u8>> {
         self.release_lease();
+        if let Some(flight) = &self.in_flight {
+            let ids = self.ids_where(|r| r.in_flight);
+            let batch_id = flight.batch_id.clone();
+            self.remember_unconfirmed(batch_id, now, ids);
+        }
         if !self.online || self.blocked || self.opted_out || now < self.retry.not_before {
             return None;
         }
-        let (events, body) = self.build_body(now, tracklet_wire::MAX_EVENTS_PER_BATCH);
-        (events > 0).then_some(body)
+        let batch_id = ids::uuid_v4(&mut self.rng);
+        let (events, body) =
+            self.build_body(now, tracklet_wire::MAX_EVENTS_PER_BATCH, &batch_id);
+        if events == 0 {
+            return None;
+        }
+        let mut ids = Vec::with_capacity(events);
+        for (id, r) in self.queue.iter() {
+            if ids.len() == events {
+                break;
+            }
+            if !r.in_flight && !r.held {
+                ids.push(id.clone());
+            }
+        }
+        self.remember_unconfirmed(batch_id, now, ids);
+        Some(body)
+    }
+
+    fn ids_where(&self, f: impl Fn(&queue::Record) -> bool) -> Vec<String> {
+        let mut ids = Vec::new();
+        for (id, r) in self.queue.iter() {
+            if f(r) {
+                ids.push(id.clone());
+            }
+        }
+        ids
+    }
+
+    /// Writes `tl1:b:<batch id>` (`<sent at>` then the event ids, one per line) and holds
+    /// the events back.
+    fn remember_unconfirmed(&mut self, batch_id: String, sent_at: u64, events: Vec<String>) {
+        let mut value = String::new();
+        push_u64(&mut value, sent_at);
+        for id in &events {
+            value.push(storage::LINE as char);
+            value.push_str(id);
+        }
+        self.actions
+            .push(Action::Set(unconfirmed_key(&batch_id), value));
+        self.unconfirmed.retain(|u| u.batch_id != batch_id);
+        self.unconfirmed.push(Unconfirmed {
+            batch_id,
+            sent_at,
+            events,
+        });
+        self.hold_unconfirmed();
+    }
+
+    fn forget_unconfirmed(&mut self, batch_id: &str) {
+        let before = self.unconfirmed.len();
+        self.unconfirmed.retain(|u| u.batch_id != batch_id);
+        if self.unconfirmed.len() != before {
+            self.actions.push(Action::Remove(unconfirmed_key(batch_id)));
+        }
+    }
+
+    /// Marks the queued events of unconfirmed batches as held (not sent until confirmed);
+    /// forgets unconfirmed batches none of whose events is queued any more.
+    fn hold_unconfirmed(&mut self) {
+        let mut gone = Vec::new();
+        for u in &self.unconfirmed {
+            let mut any = false;
+            for id in &u.events {
+                if let Some(r) = self.queue.get_mut(id) {
+                    if !r.in_flight {
+                        r.held = true;
+                    }
+                    any = true;
+                }
+            }
+            if !any {
+                gone.push(u.batch_id.clone());
+            }
+        }
+        for id in gone {
+            self.forget_unconfirmed(&id);
+        }
+    }
+
+    /// The unconfirmed batches to ask the collector about now, if any: those sent at
+    /// least `delay_ms` ago (a beacon may still be on its way to the database).
+    pub fn unconfirmed_due(&self, now: u64, delay_ms: u64) -> Option<Vec<String>> {
+        let due: Vec<String> = self
+            .unconfirmed
+            .iter()
+            .filter(|u| u.sent_at.saturating_add(delay_ms) <= now)
+            .map(|u| u.batch_id.clone())
+            .take(tracklet_wire::MAX_BATCH_IDS_PER_QUERY)
+            .collect();
+        (!due.is_empty()).then_some(due)
+    }
+
+    /// When the oldest unconfirmed batch becomes due for the question, if any.
+    pub fn unconfirmed_at(&self, delay_ms: u64) -> Option<u64> {
+        self.unconfirmed
+            .iter()
+            .map(|u| u.sent_at.saturating_add(delay_ms))
+            .min()
+    }
+
+    pub fn has_unconfirmed(&self) -> bool {
+        !self.unconfirmed.is_empty()
+    }
+
+    /// The collector's answer about the unconfirmed batches `asked`: `arrived` lists those
+    /// it committed (their events are acknowledged and leave the queue), `None` when it
+    /// could not say (no answer, an error): then, as for those not listed, their events
+    /// are released and sent again (the collector drops duplicates by event id).
+    /// Returns how many events were acknowledged.
+    pub fn confirm(&mut self, asked: &[String], arrived: Option<&[String]>) -> usize {
+        let mut acknowledged = 0;
+        for batch_id in asked {
+            let Some(at) = self.unconfirmed.iter().position(|u| &u.batch_id == batch_id) else {
+                continue;
+            };
+            let u = self.unconfirmed.remove(at);
+            self.actions.push(Action::Remove(unconfirmed_key(batch_id)));
+            let came = arrived.is_some_and(|a| a.contains(batch_id));
+            for id in &u.events {
+                if let Some(r) = self.queue.get_mut(id) {
+                    if !r.in_flight {
+                        r.held = false;
+                        r.marked = came;
+                    }
+                }
+            }
+            if came {
+                acknowledged += self.remove_events();
+            }
+        }
+        // An event in two unconfirmed batches stays held by the other.
+        self.hold_unconfirmed();
+        acknowledged
     }
 
     /// When the binding should call [`Core::poll_send`] next, if ever (an `online` event,

@@ -20,6 +20,9 @@ pub(crate) struct Record {
     pub line: u32,
     /// Part of the batch this tab has on the wire.
     pub in_flight: bool,
+    /// Part of a batch sent without an answer seen (the unload beacon): not sent again
+    /// until the collector says whether it arrived.
+    pub held: bool,
     /// To be taken out by the next [`EventQueue::remove_marked`].
     pub marked: bool,
 }
@@ -219,6 +222,7 @@ mod tests {
             chunk,
             line: line as u32,
             in_flight: false,
+            held: false,
             marked: false,
         }
     }

@@ -50,6 +50,10 @@ pub const DROPPED: &str = "tl1:drop";
 pub const LEASE: &str = "tl1:lease";
 /// Present when the user opted out.
 pub const OPT_OUT: &str = "tl1:optout";
+/// `tl1:b:<batch id>` -> a batch sent without an answer seen (the unload beacon, a request
+/// cut off by the page going away): `<sent at ms>`, then the ids of its events, one per
+/// line. The next page asks the collector whether it arrived before sending them again.
+pub const UNCONFIRMED: &str = "tl1:b:";
 /// Calls made before the wasm was ready, kept by the JavaScript facade (`tl1:p:<seq>`).
 pub const PRE_READY: &str = "tl1:p:";
 

@@ -622,8 +622,44 @@ fn the_unload_body_fits_the_beacon_budget_and_covers_the_queue() {
         !st.contains_key(storage::LEASE),
         "the next page need not wait for this one's lease"
     );
+    // The next page holds both batches back until the collector says which arrived.
     let mut next = tab(&mut st, Config::default(), 2);
-    assert!(next.poll_send(2, true).is_some());
+    assert_eq!(next.pending(), 250);
+    assert!(next.poll_send(2, true).is_none(), "held until confirmed");
+    let asked = next.unconfirmed_due(2, 0).expect("two batches to ask about");
+    assert_eq!(asked.len(), 2);
+    let beacon_id = beacon_batch_id(&body);
+    assert!(asked.contains(&beacon_id));
+    // The beacon arrived, the request in flight did not: only its 120 events are resent.
+    assert_eq!(next.confirm(&asked, Some(&[beacon_id])), 130);
+    apply(&mut st, &mut next);
+    assert_eq!(next.pending(), 120);
+    assert!(!st.keys().any(|k| k.starts_with(storage::UNCONFIRMED)));
+    assert_eq!(next.poll_send(3, true).unwrap().events, 120);
+}
+
+fn beacon_batch_id(body: &[u8]) -> String {
+    let json = miniz_oxide::inflate::decompress_to_vec(&body[10..body.len() - 8]).unwrap();
+    let env: BatchEnvelope = serde_json::from_slice(&json).unwrap();
+    env.batch_id.expect("every batch has an id")
+}
+
+#[test]
+fn unconfirmed_batches_are_resent_when_the_collector_cannot_say() {
+    let mut st = Storage::new();
+    let mut c = tab(&mut st, Config::default(), 1);
+    track_n(&mut c, &mut st, 20, 0);
+    assert!(c.unload_body(10).is_some());
+    apply(&mut st, &mut c);
+    let mut next = tab(&mut st, Config::default(), 2);
+    assert_eq!(next.unconfirmed_due(500, 1_000), None, "a beacon may still be on its way");
+    assert_eq!(next.unconfirmed_at(1_000), Some(1_010));
+    let asked = next.unconfirmed_due(1_010, 1_000).unwrap();
+    assert_eq!(next.confirm(&asked, None), 0);
+    apply(&mut st, &mut next);
+    assert_eq!(next.poll_send(1_011, true).unwrap().events, 20, "nothing lost");
+    // A batch id the collector lists but that was never asked about changes nothing.
+    assert_eq!(next.confirm(&["other".into()], Some(&["other".into()])), 0);
 }
 
 #[test]

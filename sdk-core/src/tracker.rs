@@ -1,0 +1,644 @@
+//! The tracker's rules around the queue, as one sans-IO state machine: what the browser
+//! driver (`sdk-wasm`) feeds in (page events, timers, the collector's answers, the
+//! cross-tab lock) and the [`Output`]s it carries out, in the style of str0m.
+//!
+//! The driver calls an input method, then [`Tracker::poll_output`] until it answers
+//! [`Output::Wake`]. Nothing here blocks or waits: a wait is a wake-up time.
+
+use alloc::collections::VecDeque;
+use alloc::string::String;
+use alloc::vec::Vec;
+
+use crate::{storage, Action, Core, Outcome, Settings, Skipped, Status};
+
+/// After the lock was busy (another tab is sending), look again this much later (ms).
+const RETRY_SOON_MS: u64 = 1_000;
+/// `forceSend()` waits at most this long (ms) for another tab's lease to be released
+/// before giving up: localStorage writes reach other tabs a little late, and the removals
+/// that come with a release must be seen before this tab sends (or it would resend them).
+const LEASE_WAIT_MS: u64 = 3_000;
+/// How often a waiting `forceSend()` looks again at the lease (ms).
+const LEASE_POLL_MS: u64 = 20;
+/// An unconfirmed batch is asked about once it is this old (ms): a beacon sent as the
+/// last page unloaded may still be on its way into the collector's database.
+const CONFIRM_DELAY_MS: u64 = 1_000;
+
+/// What the driver does next.
+#[derive(Debug, PartialEq)]
+pub enum Output {
+    /// Carry out this storage change now (a failed write is reported with
+    /// [`Tracker::persist_failed`]).
+    Persist(Action),
+    /// Send this body; report the answer with [`Tracker::response`] (or, for a
+    /// [`TransmitKind::Confirm`], [`Tracker::confirmation`]).
+    Transmit(Transmit),
+    /// Take the cross-tab send lock (Web Locks `tracklet:send`), then call
+    /// [`Tracker::lock_acquired`] or [`Tracker::lock_unavailable`]. `wait`: queue for it
+    /// (up to 30 s) rather than give up if another tab holds it.
+    Lock { wait: bool },
+    /// Release the send lock.
+    Unlock,
+    /// Read every `tl1:` key and pass them to [`Tracker::refresh`] (other tabs wrote).
+    ReadStorage,
+    /// The `forceSend()` numbered `id` is done: `sent` events acknowledged.
+    Flushed { id: u32, sent: u64 },
+    /// `status()` changed (tell the `onStatus()` listeners).
+    StatusChanged,
+    /// Nothing more to do now: call [`Tracker::timeout`] at this time (ms), if any.
+    Wake(Option<u64>),
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub struct Transmit {
+    pub kind: TransmitKind,
+    pub url: String,
+    pub body: Vec<u8>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TransmitKind {
+    /// A batch (`fetch` with `keepalive`); the number to pass back to
+    /// [`Tracker::response`].
+    Batch(u64),
+    /// The page is going away: `sendBeacon`, no answer expected.
+    Beacon,
+    /// The question which unconfirmed batches arrived (`fetch`); the answer goes to
+    /// [`Tracker::confirmation`].
+    Confirm,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Lock {
+    Free,
+    Requested { wait: bool },
+    Held,
+}
+
+/// A `forceSend()` in progress: send batch after batch, skipping the backoff wait (never
+/// a `Retry-After`), until nothing is left or a send fails.
+#[derive(Debug, Default)]
+struct Drain {
+    /// The `forceSend()` calls waiting: (id, `sent` when they joined).
+    waiters: Vec<(u32, u64)>,
+    /// Events acknowledged since the drain started.
+    sent: u64,
+    /// While another tab's lease shows: until when to wait for its release.
+    lease_wait_until: Option<u64>,
+    /// While waiting so: when to look again.
+    look_again_at: Option<u64>,
+}
+
+pub struct Tracker {
+    core: Core,
+    settings: Settings,
+    /// Tracking is off for good on this page (no endpoint or key, or a privacy signal).
+    inert: bool,
+    out: VecDeque<Output>,
+    lock: Lock,
+    /// Another tab wrote a `tl1:` key since this one last read storage.
+    others_wrote: bool,
+    /// Waiting for [`Tracker::refresh`] before sending.
+    awaiting_storage: bool,
+    /// A batch is on the wire (its number).
+    sending: Option<u64>,
+    drain: Option<Drain>,
+    next_flush: u32,
+    retry_soon_at: Option<u64>,
+    /// The batch ids asked about by the question on the wire.
+    confirming: Option<Vec<String>>,
+    unloading: bool,
+    status: Option<Status>,
+}
+
+impl Tracker {
+    /// A tracker with these settings. `seed` must differ between tabs (the driver draws it
+    /// from `crypto.getRandomValues`); `privacy_signal`: the browser sends Do Not Track or
+    /// Global Privacy Control. Call [`Tracker::start`] next.
+    pub fn new(settings: Settings, seed: u64, privacy_signal: bool) -> Self {
+        let inert =
+            !settings.usable() || (privacy_signal && settings.respect_privacy_signals);
+        Tracker {
+            core: Core::new(settings.config.clone(), seed),
+            settings,
+            inert,
+            out: VecDeque::new(),
+            lock: Lock::Free,
+            others_wrote: false,
+            awaiting_storage: false,
+            sending: None,
+            drain: None,
+            next_flush: 1,
+            retry_soon_at: None,
+            confirming: None,
+            unloading: false,
+            status: None,
+        }
+    }
+
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    /// Whether this tracker does nothing (see [`Tracker::new`]).
+    pub fn is_inert(&self) -> bool {
+        self.inert
+    }
+
+    /// Loads what storage holds (every `tl1:` key with its value). Returns the calls the
+    /// page made before the wasm was ready (`tl1:p:` keys, kept by the JavaScript entry),
+    /// oldest first, for the driver to replay; their keys are removed.
+    pub fn start<'a, I>(&mut self, entries: I, online: bool, now: u64) -> Vec<(String, String)>
+    where
+        I: IntoIterator<Item = (&'a str, &'a str)>,
+        I::IntoIter: Clone,
+    {
+        let entries = entries.into_iter();
+        let mut early: Vec<(String, String)> = entries
+            .clone()
+            .filter(|(k, _)| k.starts_with(storage::PRE_READY))
+            .map(|(k, v)| (k.into(), v.into()))
+            .collect();
+        early.sort();
+        for (k, _) in &early {
+            self.out.push_back(Output::Persist(Action::Remove(k.clone())));
+        }
+        if self.inert {
+            return Vec::new();
+        }
+        self.core.restore(entries);
+        self.core.set_online(online);
+        self.end_task(now);
+        early
+    }
+
+    /// Page context (a JSON object) added to every later event.
+    pub fn set_context(&mut self, context_json: Option<String>) {
+        self.core.set_context(context_json);
+    }
+
+    /// Queues one event (`props_json`: a JSON object, from `JSON.stringify`). Call
+    /// [`Tracker::end_task`] before the task ends: the events of one task are written
+    /// to storage together, in one write.
+    pub fn track(&mut self, name: &str, props_json: Option<&str>, now: u64) -> Result<String, Skipped> {
+        if self.inert {
+            return Err(Skipped::OptedOut);
+        }
+        self.core.track(name, props_json, now)
+    }
+
+    /// The end of a task that tracked or changed something: its storage writes, the
+    /// queue's bounds, and a send if one is due.
+    pub fn end_task(&mut self, now: u64) {
+        self.take_actions();
+        self.pump(now);
+    }
+
+    pub fn identify(&mut self, user_id: &str, now: u64) {
+        if !self.inert {
+            self.core.identify(user_id);
+            self.end_task(now);
+        }
+    }
+
+    pub fn reset(&mut self, now: u64) {
+        if !self.inert {
+            self.core.reset(now);
+            self.end_task(now);
+        }
+    }
+
+    /// Stops tracking (persisted) and discards the queue; returns how many events went.
+    pub fn opt_out(&mut self, now: u64) -> usize {
+        if self.inert {
+            return 0;
+        }
+        let n = self.core.opt_out();
+        self.end_task(now);
+        n
+    }
+
+    pub fn opt_in(&mut self, now: u64) {
+        if !self.inert {
+            self.core.opt_in();
+            self.end_task(now);
+        }
+    }
+
+    /// Whether [`Tracker::clear`] wants a fresh read of storage (other tabs wrote).
+    pub fn wants_storage(&self) -> bool {
+        self.others_wrote
+    }
+
+    /// Discards the queued events (not those in flight); returns how many.
+    /// `entries`: storage, when [`Tracker::wants_storage`] said so.
+    pub fn clear<'a, I>(&mut self, entries: Option<I>, now: u64) -> usize
+    where
+        I: IntoIterator<Item = (&'a str, &'a str)>,
+        I::IntoIter: Clone,
+    {
+        if self.inert {
+            return 0;
+        }
+        if let Some(e) = entries {
+            self.others_wrote = false;
+            self.core.refresh(e);
+        }
+        let n = self.core.clear();
+        self.end_task(now);
+        n
+    }
+
+    pub fn pending(&self) -> usize {
+        self.core.pending()
+    }
+
+    pub fn status(&self) -> Status {
+        self.core.status()
+    }
+
+    pub fn core(&self) -> &Core {
+        &self.core
+    }
+
+    /// `forceSend()`: sends everything now (after the batch in flight), skipping the
+    /// backoff wait but never a server's `Retry-After`. Returns the id that the
+    /// [`Output::Flushed`] answering it carries.
+    pub fn force_send(&mut self, now: u64) -> u32 {
+        let id = self.next_flush;
+        self.next_flush = self.next_flush.wrapping_add(1);
+        if self.inert {
+            self.out.push_back(Output::Flushed { id, sent: 0 });
+            return id;
+        }
+        let drain = self.drain.get_or_insert_with(Drain::default);
+        drain.waiters.push((id, drain.sent));
+        if self.lock == Lock::Held && self.sending.is_none() && !self.awaiting_storage {
+            self.continue_send(now);
+        } else {
+            self.pump(now);
+        }
+        id
+    }
+
+    /// The wake-up time asked for by the last [`Output::Wake`] has come.
+    pub fn timeout(&mut self, now: u64) {
+        if self.inert {
+            return;
+        }
+        if self.retry_soon_at.is_some_and(|t| t <= now) {
+            self.retry_soon_at = None;
+        }
+        let looking = self.drain.as_mut().and_then(|d| d.look_again_at.take());
+        if self.lock == Lock::Held && looking.is_some() && self.sending.is_none() {
+            self.continue_send(now);
+        } else {
+            self.pump(now);
+        }
+    }
+
+    /// The send lock is this tab's: send what is due.
+    pub fn lock_acquired(&mut self, now: u64) {
+        if self.lock != Lock::Held {
+            self.lock = Lock::Held;
+            self.continue_send(now);
+        }
+    }
+
+    /// Another tab holds the send lock (or waiting for it failed).
+    pub fn lock_unavailable(&mut self, now: u64) {
+        let Lock::Requested { wait: waited } = self.lock else {
+            return;
+        };
+        self.lock = Lock::Free;
+        match &self.drain {
+            // A forceSend() came while asking without waiting: ask again, waiting.
+            Some(_) if !waited => self.pump(now),
+            Some(_) => self.finish_drain(),
+            None => self.retry_soon_at = Some(now + RETRY_SOON_MS),
+        }
+    }
+
+    /// What storage holds now, after an [`Output::ReadStorage`].
+    pub fn refresh<'a, I>(&mut self, entries: I, now: u64)
+    where
+        I: IntoIterator<Item = (&'a str, &'a str)>,
+        I::IntoIter: Clone,
+    {
+        self.others_wrote = false;
+        self.core.refresh(entries);
+        if self.awaiting_storage {
+            self.awaiting_storage = false;
+            self.continue_send(now);
+        }
+    }
+
+    /// A `storage` event: another tab wrote `key` (`None`: it cleared storage).
+    pub fn storage_changed(&mut self, key: Option<&str>, new_value: Option<&str>, now: u64) {
+        if self.inert || !key.is_none_or(|k| k.starts_with(storage::PREFIX)) {
+            return;
+        }
+        self.others_wrote = true;
+        match (key, new_value) {
+            (Some(storage::SESSION), Some(v)) => self.core.adopt_session(v),
+            // The sending tab let go: what waited for it may go now.
+            (Some(storage::LEASE), None) => {
+                if self.lock == Lock::Held && self.sending.is_none() {
+                    self.continue_send(now);
+                } else {
+                    self.pump(now);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// The browser's `online`/`offline` events.
+    pub fn set_online(&mut self, online: bool, now: u64) {
+        self.core.set_online(online);
+        if online {
+            self.pump(now);
+        }
+    }
+
+    /// A storage write failed (quota exceeded, storage disabled): its events live on in
+    /// memory only.
+    pub fn persist_failed(&mut self, key: &str) {
+        self.core.persist_failed(key);
+    }
+
+    /// The page was hidden (`visibilitychange`): send now, while it can still hear the
+    /// answer, unless it is unloading (then the beacon has done the job).
+    pub fn page_hidden(&mut self, now: u64) {
+        if !self.inert && !self.unloading && self.drain.is_none() {
+            self.drain = Some(Drain::default());
+            self.pump(now);
+        }
+    }
+
+    /// `pagehide`: the page may be going away. Hands the queued events (as many as one
+    /// request under 60 KB holds) to a beacon, which outlives the page; they stay stored,
+    /// as unconfirmed, until the next page learns whether they arrived.
+    pub fn page_hide(&mut self, now: u64) {
+        if self.inert {
+            return;
+        }
+        self.unloading = true;
+        self.take_actions();
+        if let Some(body) = self.core.unload_body(now) {
+            self.out.push_back(Output::Transmit(Transmit {
+                kind: TransmitKind::Beacon,
+                url: self.settings.batch_url(),
+                body,
+            }));
+        }
+        self.take_actions();
+    }
+
+    /// `pageshow`: back from the back-forward cache, the page lives again.
+    pub fn page_show(&mut self, now: u64) {
+        self.unloading = false;
+        self.pump(now);
+    }
+
+    /// The collector's answer to batch `batch`: the HTTP status (0 for a network error),
+    /// its `Retry-After` header, and for a 2xx the indices its `rejected` list names.
+    /// Returns how many events it took.
+    pub fn response(
+        &mut self,
+        batch: u64,
+        status: u16,
+        retry_after: Option<&str>,
+        rejected: Vec<usize>,
+        now: u64,
+    ) -> usize {
+        if self.sending != Some(batch) {
+            return 0;
+        }
+        self.sending = None;
+        let in_flight = self.core.status().in_flight;
+        let online = self.core.status().online;
+        let outcome = match status {
+            200..=299 => Outcome::Accepted { rejected },
+            // A network error while the browser says it is offline costs no attempt.
+            0 if !online => Outcome::Offline,
+            400 => Outcome::BadRequest,
+            401 | 403 => Outcome::Unauthorized { status },
+            413 => Outcome::TooLarge,
+            // Network errors, 408, 429, 5xx and anything unexpected: keep and back off.
+            _ => Outcome::Retry {
+                status,
+                retry_after_ms: retry_after.and_then(|v| retry_after_ms(v, now)),
+            },
+        };
+        let taken = if matches!(outcome, Outcome::Accepted { .. }) {
+            in_flight
+        } else {
+            0
+        };
+        self.core.on_result(batch, outcome, now);
+        self.take_actions();
+        match &mut self.drain {
+            Some(d) if taken > 0 => {
+                d.sent += taken as u64;
+                self.continue_send(now);
+            }
+            Some(_) => {
+                self.finish_drain();
+                self.unlock();
+            }
+            None => {
+                self.unlock();
+                self.pump(now);
+            }
+        }
+        taken
+    }
+
+    /// The collector's answer to the question which unconfirmed batches arrived: the
+    /// ids it lists, or `None` when there was no usable answer (then their events are sent
+    /// again; the collector drops duplicates).
+    pub fn confirmation(&mut self, arrived: Option<Vec<String>>, now: u64) {
+        let Some(asked) = self.confirming.take() else {
+            return;
+        };
+        let acknowledged = self.core.confirm(&asked, arrived.as_deref());
+        if let Some(d) = &mut self.drain {
+            d.sent += acknowledged as u64;
+        }
+        self.take_actions();
+        self.pump(now);
+    }
+
+    /// The next thing for the driver to do; [`Output::Wake`] when there is nothing more.
+    pub fn poll_output(&mut self) -> Output {
+        if let Some(o) = self.out.pop_front() {
+            return o;
+        }
+        if let Some(status) = &self.status {
+            let now = self.core.status();
+            if *status != now {
+                self.status = Some(now);
+                return Output::StatusChanged;
+            }
+        }
+        Output::Wake(self.next_wake())
+    }
+
+    /// Tell [`Output::StatusChanged`] from now on (someone listens).
+    pub fn watch_status(&mut self) {
+        if self.status.is_none() {
+            self.status = Some(self.core.status());
+        }
+    }
+
+    fn take_actions(&mut self) {
+        for a in self.core.take_actions() {
+            self.out.push_back(Output::Persist(a));
+        }
+    }
+
+    fn next_wake(&self) -> Option<u64> {
+        if self.inert || self.unloading {
+            return None;
+        }
+        let mut wake: Option<u64> = None;
+        let mut at = |t: Option<u64>| {
+            if let Some(t) = t {
+                wake = Some(wake.map_or(t, |w| w.min(t)));
+            }
+        };
+        if let Some(t) = self.drain.as_ref().and_then(|d| d.look_again_at) {
+            return Some(t);
+        }
+        if self.confirming.is_none() {
+            at(self.core.unconfirmed_at(CONFIRM_DELAY_MS));
+        }
+        if self.lock == Lock::Free {
+            match self.retry_soon_at {
+                Some(t) => at(Some(t)),
+                None => at(self.core.next_wake()),
+            }
+        }
+        wake
+    }
+
+    /// Starts what is due: the question about unconfirmed batches, or taking the lock to
+    /// send (which [`Tracker::lock_acquired`] continues).
+    fn pump(&mut self, now: u64) {
+        if self.inert || self.unloading {
+            return;
+        }
+        // Unconfirmed batches are asked about first (a forceSend() asks at once): their
+        // events are held back until then.
+        if self.confirming.is_none() {
+            let delay = if self.drain.is_some() { 0 } else { CONFIRM_DELAY_MS };
+            if let Some(asked) = self.core.unconfirmed_due(now, delay) {
+                self.ask_confirmation(asked);
+            }
+        }
+        if self.lock != Lock::Free || self.retry_soon_at.is_some_and(|t| now < t) {
+            return;
+        }
+        let draining = self.drain.is_some();
+        if draining && self.confirming.is_some() {
+            // The drain starts once the collector has answered.
+            return;
+        }
+        if draining || self.core.poll_due(now) {
+            self.lock = Lock::Requested { wait: draining };
+            self.out.push_back(Output::Lock { wait: draining });
+        }
+    }
+
+    fn ask_confirmation(&mut self, asked: Vec<String>) {
+        let mut body = String::from("{\"");
+        body.push_str(tracklet_wire::field::BATCH_IDS);
+        body.push_str("\":[");
+        for (i, id) in asked.iter().enumerate() {
+            if i > 0 {
+                body.push(',');
+            }
+            tracklet_wire::json::push_str_literal(&mut body, id);
+        }
+        body.push_str("]}");
+        self.out.push_back(Output::Transmit(Transmit {
+            kind: TransmitKind::Confirm,
+            url: self.settings.batch_status_url(),
+            body: body.into_bytes(),
+        }));
+        self.confirming = Some(asked);
+    }
+
+    /// With the lock held: the next batch, or the end of this turn.
+    fn continue_send(&mut self, now: u64) {
+        if self.sending.is_some() {
+            return;
+        }
+        if self.others_wrote {
+            // Other tabs' events and acknowledgements first.
+            self.awaiting_storage = true;
+            self.out.push_back(Output::ReadStorage);
+            return;
+        }
+        let force = self.drain.is_some();
+        if let Some(out) = self.core.poll_send(now, force) {
+            if let Some(d) = &mut self.drain {
+                d.lease_wait_until = None;
+                d.look_again_at = None;
+            }
+            self.take_actions();
+            self.sending = Some(out.batch);
+            self.out.push_back(Output::Transmit(Transmit {
+                kind: TransmitKind::Batch(out.batch),
+                url: self.settings.batch_url(),
+                body: out.body,
+            }));
+                return;
+        }
+        self.take_actions();
+        if let Some(d) = &mut self.drain {
+            // Another tab's lease still shows: its last answer (and the removals before
+            // its release) may not have reached this tab yet. Wait for it rather than
+            // resend what it sent.
+            if self.core.lease_held_elsewhere(now).is_some() {
+                let until = *d.lease_wait_until.get_or_insert(now + LEASE_WAIT_MS);
+                if now < until {
+                    self.others_wrote = true;
+                    d.look_again_at = Some(now + LEASE_POLL_MS);
+                    return;
+                }
+            }
+            self.finish_drain();
+        }
+        self.unlock();
+    }
+
+    fn finish_drain(&mut self) {
+        if let Some(d) = self.drain.take() {
+            for (id, joined) in d.waiters {
+                self.out.push_back(Output::Flushed {
+                    id,
+                    sent: d.sent - joined,
+                });
+            }
+        }
+    }
+
+    fn unlock(&mut self) {
+        if self.lock == Lock::Held {
+            self.out.push_back(Output::Unlock);
+        }
+        self.lock = Lock::Free;
+    }
+}
+
+/// `Retry-After` as a delay in ms from `now`: delta-seconds or an HTTP date.
+pub fn retry_after_ms(value: &str, now: u64) -> Option<u64> {
+    let v = value.trim();
+    if let Some(secs) = crate::text::number(v) {
+        return Some(secs.saturating_mul(1000));
+    }
+    let at = httpdate::parse_http_date(v).ok()?;
+    let at_ms = at.duration_since(std::time::UNIX_EPOCH).ok()?.as_millis() as u64;
+    Some(at_ms.saturating_sub(now))
+}

@@ -1,0 +1,154 @@
+//! What the driver reads from the page: the clock, randomness, localStorage, privacy
+//! signals and the context sent with every event.
+
+use js_sys::Reflect;
+use tracklet_wire::json::push_str_literal;
+use wasm_bindgen::{JsCast, JsValue};
+use web_sys::{Storage, Window};
+
+pub const SDK: &str = concat!("tracklet/", env!("CARGO_PKG_VERSION"));
+
+pub fn window() -> Option<Window> {
+    web_sys::window()
+}
+
+/// ms since the Unix epoch.
+pub fn now() -> u64 {
+    js_sys::Date::now() as u64
+}
+
+/// 64 random bits from `crypto.getRandomValues` (`Math.random` where it is missing).
+pub fn seed() -> u64 {
+    let mut bytes = [0u8; 8];
+    let crypto = window().and_then(|w| w.crypto().ok());
+    match crypto.map(|c| c.get_random_values_with_u8_array(&mut bytes)) {
+        Some(Ok(_)) => u64::from_le_bytes(bytes),
+        _ => (js_sys::Math::random() * 9007199254740991.0) as u64 ^ now(),
+    }
+}
+
+/// localStorage, if it can be written (it throws in sandboxed iframes and some private
+/// modes; a probe write catches the rest).
+pub fn storage() -> Option<Storage> {
+    let s = window()?.local_storage().ok()??;
+    s.set_item("tl1:probe", "1").ok()?;
+    s.remove_item("tl1:probe").ok()?;
+    Some(s)
+}
+
+/// Every `tl1:` key with its value.
+pub fn snapshot(s: &Storage) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let n = s.length().unwrap_or(0);
+    for i in 0..n {
+        if let Ok(Some(k)) = s.key(i) {
+            if k.starts_with(tracklet_core::storage::PREFIX) {
+                if let Ok(Some(v)) = s.get_item(&k) {
+                    out.push((k, v));
+                }
+            }
+        }
+    }
+    out
+}
+
+pub fn pairs(snapshot: &[(String, String)]) -> impl Iterator<Item = (&str, &str)> + Clone {
+    snapshot.iter().map(|(k, v)| (k.as_str(), v.as_str()))
+}
+
+fn get(target: &JsValue, key: &str) -> JsValue {
+    Reflect::get(target, &JsValue::from_str(key)).unwrap_or(JsValue::UNDEFINED)
+}
+
+/// Do Not Track or Global Privacy Control is on.
+pub fn privacy_signal() -> bool {
+    let Some(w) = window() else { return false };
+    let nav: JsValue = w.navigator().into();
+    let one = JsValue::from_str("1");
+    get(&nav, "doNotTrack") == one
+        || get(&w, "doNotTrack") == one
+        || get(&nav, "globalPrivacyControl") == JsValue::TRUE
+}
+
+/// `JSON.stringify(props)` as an object, or `None` (nothing, or not serialisable: cycles,
+/// BigInt). A value that is not an object goes in as `{"value": ...}`.
+pub fn props_json(props: &JsValue) -> Option<String> {
+    if props.is_undefined() || props.is_null() {
+        return None;
+    }
+    let object = if props.is_object() && !js_sys::Array::is_array(props) {
+        props.clone()
+    } else {
+        let o = js_sys::Object::new();
+        Reflect::set(&o, &JsValue::from_str("value"), props).ok()?;
+        o.into()
+    };
+    let s: String = js_sys::JSON::stringify(&object).ok()?.into();
+    s.starts_with('{').then_some(s)
+}
+
+/// Appends `,"key":"value"` (or nothing for an empty value).
+pub fn push_field(out: &mut String, key: &str, value: &str) {
+    if value.is_empty() {
+        return;
+    }
+    if out.len() > 1 {
+        out.push(',');
+    }
+    push_str_literal(out, key);
+    out.push(':');
+    push_str_literal(out, value);
+}
+
+fn timezone() -> String {
+    let format = js_sys::Intl::DateTimeFormat::new(&js_sys::Array::new(), &js_sys::Object::new());
+    get(&format.resolved_options(), "timeZone")
+        .as_string()
+        .unwrap_or_default()
+}
+
+fn size(w: &JsValue, h: &JsValue) -> String {
+    format!(
+        "{}x{}",
+        w.as_f64().unwrap_or(0.0) as i64,
+        h.as_f64().unwrap_or(0.0) as i64
+    )
+}
+
+/// The page context sent with every event, as a JSON object.
+pub fn context_json() -> Option<String> {
+    let w = window()?;
+    let doc = w.document()?;
+    let loc = w.location();
+    let nav = w.navigator();
+    let mut out = String::from("{");
+    push_field(&mut out, "url", &loc.href().unwrap_or_default());
+    push_field(&mut out, "path", &loc.pathname().unwrap_or_default());
+    push_field(&mut out, "referrer", &doc.referrer());
+    push_field(&mut out, "title", &doc.title());
+    if let Ok(screen) = w.screen() {
+        let (sw, sh) = (screen.width().unwrap_or(0), screen.height().unwrap_or(0));
+        push_field(&mut out, "screen", &format!("{sw}x{sh}"));
+    }
+    let viewport = size(
+        &w.inner_width().unwrap_or(JsValue::UNDEFINED),
+        &w.inner_height().unwrap_or(JsValue::UNDEFINED),
+    );
+    push_field(&mut out, "viewport", &viewport);
+    push_field(&mut out, "language", &nav.language().unwrap_or_default());
+    push_field(&mut out, "timezone", &timezone());
+    if get(&nav, "webdriver") == JsValue::TRUE {
+        out.push_str(",\"webdriver\":true");
+    }
+    push_field(&mut out, "sdk", SDK);
+    out.push('}');
+    Some(out)
+}
+
+/// `console.warn('[tracklet]', ...)`.
+pub fn warn(message: &str, detail: &JsValue) {
+    let console = get(&js_sys::global(), "console");
+    if let Ok(f) = get(&console, "warn").dyn_into::<js_sys::Function>() {
+        let _ = f.call2(&console, &JsValue::from_str(&format!("[tracklet] {message}")), detail);
+    }
+}
