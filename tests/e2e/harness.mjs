@@ -3,9 +3,12 @@
 //
 // Nothing here skips: a missing browser, collector binary or Postgres fails the test with
 // a message saying what to install.
+import assert from 'node:assert/strict';
 import { spawn, execFileSync } from 'node:child_process';
 import { cpSync, existsSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { createServer as createHttpServer, request as httpRequest } from 'node:http';
 import { createServer } from 'node:net';
+import { gunzipSync } from 'node:zlib';
 import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -74,9 +77,13 @@ export async function freshDatabase() {
   };
 }
 
+/** The previous release's script-tag build (tracklet.js and tracklet.wasm), served as /old/. */
+export const OLD_BUILD = join(root, 'tests/e2e/fixtures/tracklet-0.1.0');
+
 /**
- * Starts the real collector on a fresh database, serving the examples and the SDK build
- * (npm/dist as /dist/) from the same origin. Returns {origin, key, db, stop()}.
+ * Starts the real collector on a fresh database, serving the examples, the SDK build
+ * (npm/dist as /dist/) and the previous release's build (as /old/) from the same origin.
+ * Returns {origin, key, db, site, stop()}.
  */
 export async function startCollector({ extraOrigins = [] } = {}) {
   need(existsSync(BIN), `the collector binary is missing at ${BIN}: run cargo xtask test (it builds it)`);
@@ -87,6 +94,7 @@ export async function startCollector({ extraOrigins = [] } = {}) {
   const site = mkdtempSync(join(tmpdir(), 'tracklet-site-'));
   cpSync(join(root, 'examples'), site, { recursive: true, filter: (p) => !p.includes('node_modules') });
   cpSync(join(root, 'npm/dist'), join(site, 'dist'), { recursive: true });
+  cpSync(OLD_BUILD, join(site, 'old'), { recursive: true });
   const dbArgs = ['--database-url', db.url];
   const originArgs = [origin, `http://localhost:${port}`, ...extraOrigins].flatMap((o) => ['--origin', o]);
   const project = JSON.parse(
@@ -116,6 +124,7 @@ export async function startCollector({ extraOrigins = [] } = {}) {
     key,
     project,
     db,
+    site,
     log: () => log,
     async stop() {
       proc.kill('SIGTERM');
@@ -124,6 +133,101 @@ export async function startCollector({ extraOrigins = [] } = {}) {
       rmSync(site, { recursive: true, force: true });
     },
   };
+}
+
+function parseBody(buf) {
+  try {
+    const text = buf[0] === 0x1f && buf[1] === 0x8b ? gunzipSync(buf).toString('utf8') : buf.toString('utf8');
+    return JSON.parse(text);
+  } catch (e) {
+    return null;
+  }
+}
+
+/**
+ * A small HTTP proxy in front of the collector (point the SDK's endpoint at `origin`). It
+ * sees every request the pages make, unload beacons included, and records them:
+ * - `requests`: {method, path, status, body, answer} in arrival order (`status` 'reset' when
+ *   the connection was cut);
+ * - `answers`: the collector's 200 answers to POST /v1/batch, {accepted, duplicates} summed;
+ * - `sent`: how many times each event id was sent in a POST /v1/batch (`sentTwice()` lists
+ *   the ids sent more than once), whatever the answer;
+ * - `statusQueries()`: the POST /v1/batch/status requests that were made.
+ * `decide(request)` (settable) injects failures: 'forward' (default), a status number to
+ * answer with instead of the collector (with the CORS headers the collector sends), or
+ * 'reset' to cut the connection without an answer.
+ */
+export async function startProxy(target, decide = () => 'forward') {
+  const t = new URL(target);
+  const proxy = {
+    decide,
+    requests: [],
+    answers: { accepted: 0, duplicates: 0 },
+    sent: new Map(),
+    sentTwice: () => [...proxy.sent].filter(([, n]) => n > 1).map(([id]) => id),
+    statusQueries: () => proxy.requests.filter((r) => r.method === 'POST' && r.path === '/v1/batch/status'),
+  };
+  const server = createHttpServer(async (req, res) => {
+    const chunks = [];
+    for await (const chunk of req) chunks.push(chunk);
+    const raw = Buffer.concat(chunks);
+    const seen = { method: req.method, path: new URL(req.url, target).pathname, status: 0, body: null, answer: null };
+    seen.body = raw.length ? parseBody(raw) : null;
+    proxy.requests.push(seen);
+    if (seen.method === 'POST' && seen.path === '/v1/batch') {
+      for (const e of seen.body?.events || []) proxy.sent.set(e.id, (proxy.sent.get(e.id) || 0) + 1);
+    }
+    const d = proxy.decide(seen);
+    if (d === 'reset') {
+      seen.status = 'reset';
+      req.socket.destroy();
+      return;
+    }
+    if (typeof d === 'number') {
+      seen.status = d;
+      const headers = { 'Content-Type': 'application/json', 'Retry-After': '1' };
+      if (req.headers.origin) {
+        Object.assign(headers, {
+          'Access-Control-Allow-Origin': req.headers.origin,
+          'Access-Control-Expose-Headers': 'Retry-After',
+          Vary: 'Origin',
+        });
+      }
+      res.writeHead(d, headers);
+      res.end('{"error":"unavailable","message":"injected by the test proxy"}');
+      return;
+    }
+    const headers = { ...req.headers, host: t.host };
+    delete headers['accept-encoding']; // answers in plain text, so they can be read here
+    const up = httpRequest({ host: t.hostname, port: t.port, method: req.method, path: req.url, headers }, (r) => {
+      const back = [];
+      r.on('data', (c) => back.push(c));
+      r.on('end', () => {
+        const body = Buffer.concat(back);
+        seen.status = r.statusCode;
+        seen.answer = parseBody(body);
+        if (seen.method === 'POST' && seen.path === '/v1/batch' && r.statusCode === 200 && seen.answer) {
+          proxy.answers.accepted += seen.answer.accepted;
+          proxy.answers.duplicates += seen.answer.duplicates;
+        }
+        res.writeHead(r.statusCode, r.headers);
+        res.end(body);
+      });
+    });
+    up.on('error', () => {
+      seen.status = 'upstream error';
+      req.socket.destroy();
+    });
+    up.end(raw);
+  });
+  await new Promise((r) => server.listen(0, '127.0.0.1', r));
+  proxy.origin = `http://127.0.0.1:${server.address().port}`;
+  proxy.close = () =>
+    new Promise((r) => {
+      server.closeAllConnections();
+      server.close(r);
+    });
+  return proxy;
 }
 
 /** Headless Chromium with a fresh profile (kept across pages of one test). */
@@ -164,6 +268,49 @@ export async function eventually(fn, ms = 15000, what = 'condition') {
 export async function sdkReady(page) {
   await page.waitForFunction(() => window.tracker);
   await page.evaluate(() => window.tracker.ready());
+}
+
+/**
+ * Tracks `n` events ('Song Played', props {seq}) with the page's `window.tracker` and leaves
+ * for `origin`/index.html in the same task, like a click handler that follows a link; waits
+ * until the proxy saw the unload beacon answered. `run(fn, arg)` runs `fn(arg)` in the page
+ * (Playwright's page.evaluate, or the Selenium equivalent). Returns the beacon's
+ * {batch_id, events}.
+ */
+export async function leaveWithQueuedEvents(run, proxy, origin, n) {
+  assert.equal(await run(() => window.tracker.pendingCount()), 0, 'an empty queue to start with');
+  await run(
+    ({ n, origin }) => {
+      for (let i = 0; i < n; i++) window.tracker.track('Song Played', { seq: i });
+      location.assign(origin + '/index.html');
+    },
+    { n, origin },
+  );
+  const beacon = await eventually(
+    () => proxy.requests.find((r) => r.path === '/v1/batch' && r.status === 200),
+    15000,
+    'the unload beacon to be answered',
+  );
+  assert.ok(beacon.body.batch_id, 'the beacon names its batch');
+  return { batch_id: beacon.body.batch_id, events: beacon.body.events.length };
+}
+
+/** Asserts that the events table holds exactly the events with props.seq 0..n-1, each once. */
+export async function assertEachSeqOnce(db, n) {
+  const rows = await db.query("SELECT (props->>'seq')::int AS seq, count(*)::int AS n FROM events GROUP BY 1 ORDER BY 1");
+  assert.deepEqual(
+    rows.map((r) => r.seq),
+    [...Array(n).keys()],
+    'every event arrived',
+  );
+  assert.deepEqual(rows.filter((r) => r.n !== 1), [], 'no event stored twice');
+  const [{ all, ids }] = await db.query('SELECT count(*)::int AS all, count(DISTINCT id)::int AS ids FROM events');
+  assert.deepEqual({ all, ids }, { all: n, ids: n });
+}
+
+/** The page's localStorage keys that start with `prefix`, sorted. */
+export function storedKeys(page, prefix) {
+  return page.evaluate((prefix) => Object.keys(localStorage).filter((k) => k.startsWith(prefix)).sort(), prefix);
 }
 
 /** The music page with the SDK pointed at the collector. */
