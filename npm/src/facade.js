@@ -13,7 +13,7 @@
 //
 // Importing this module touches no browser global, so server-side rendering works.
 
-export const VERSION = '0.2.0';
+export const VERSION = '0.1.0';
 const PRE = 'tl1:p:';
 // The calls kept until the wasm is ready, and how many arguments each keeps.
 export const METHODS = ['track', 'page', 'identify', 'reset', 'optOut', 'optIn'];

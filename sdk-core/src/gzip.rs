@@ -84,7 +84,12 @@ mod tests {
 
     #[test]
     fn output_is_a_gzip_member_that_inflates_back() {
-        for text in [Vec::new(), b"x".to_vec(), batch(1).into_bytes(), batch(50).into_bytes()] {
+        for text in [
+            Vec::new(),
+            b"x".to_vec(),
+            batch(1).into_bytes(),
+            batch(50).into_bytes(),
+        ] {
             assert_eq!(gunzip(&gzip(&text)), text);
         }
     }

@@ -28,7 +28,7 @@ pub mod text;
 pub mod tracker;
 
 pub use options::{Autocapture, Options, Settings};
-pub use tracker::{Output, Transmit, TransmitKind, Tracker};
+pub use tracker::{HttpDateParser, Output, Tracker, Transmit, TransmitKind};
 
 use alloc::string::{String, ToString};
 use alloc::vec::Vec;
@@ -124,6 +124,18 @@ pub enum Skipped {
     Sampled,
     TooLarge,
     InvalidName,
+}
+
+impl Skipped {
+    /// Why, in words (for the debug log).
+    pub fn reason(self) -> &'static str {
+        match self {
+            Skipped::OptedOut => "tracking is off",
+            Skipped::Sampled => "sampled out",
+            Skipped::TooLarge => "larger than 32 KB",
+            Skipped::InvalidName => "the name must be 1 to 200 characters",
+        }
+    }
 }
 
 /// What `status()` reports, to the page as an object with these names in camelCase
@@ -997,8 +1009,7 @@ impl Core {
             return None;
         }
         let batch_id = ids::uuid_v4(&mut self.rng);
-        let (events, body) =
-            self.build_body(now, tracklet_wire::MAX_EVENTS_PER_BATCH, &batch_id);
+        let (events, body) = self.build_body(now, tracklet_wire::MAX_EVENTS_PER_BATCH, &batch_id);
         if events == 0 {
             return None;
         }
@@ -1109,7 +1120,11 @@ impl Core {
     pub fn confirm(&mut self, asked: &[String], arrived: Option<&[String]>) -> usize {
         let mut acknowledged = 0;
         for batch_id in asked {
-            let Some(at) = self.unconfirmed.iter().position(|u| &u.batch_id == batch_id) else {
+            let Some(at) = self
+                .unconfirmed
+                .iter()
+                .position(|u| &u.batch_id == batch_id)
+            else {
                 continue;
             };
             let u = self.unconfirmed.remove(at);

@@ -3,12 +3,14 @@
 //!
 //! The page's object arrives through serde (serde-wasm-bindgen in the browser). Reading
 //! is lenient: a field of the wrong type is as good as missing, so a typo in one option
-//! never costs the page its tracker; `init()` must never throw.
+//! never costs the page its tracker; `init()` must never throw. Each field is read as a
+//! [`Loose`] value (one small visitor for every field, rather than an untagged enum per
+//! field type: serde's buffering for those cost several KB of wasm) and interpreted here.
 
-use alloc::collections::BTreeMap;
 use alloc::string::String;
 use alloc::vec::Vec;
-use serde::de::{Deserialize, Deserializer, IgnoredAny};
+use core::fmt;
+use serde::de::{Deserialize, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 
 use crate::Config;
 
@@ -16,64 +18,131 @@ use crate::Config;
 #[derive(Clone, Debug, Default, serde::Deserialize)]
 #[serde(rename_all = "camelCase", default)]
 pub struct Options {
-    pub endpoint: Lenient<String>,
-    pub api_key: Lenient<String>,
-    pub max_batch_size: Lenient<f64>,
-    pub max_wait_time: Lenient<f64>,
-    pub max_queue_size: Lenient<f64>,
-    pub autocapture: Lenient<AutocaptureOption>,
-    pub sampling: Lenient<BTreeMap<String, Lenient<f64>>>,
-    pub always_keep: Lenient<OneOrMany>,
-    pub respect_privacy_signals: Lenient<bool>,
-    pub debug: Lenient<bool>,
+    pub endpoint: Loose,
+    pub api_key: Loose,
+    pub max_batch_size: Loose,
+    pub max_wait_time: Loose,
+    pub max_queue_size: Loose,
+    /// `true`/`false` for all or nothing, or `{pageView, click, scroll}`.
+    pub autocapture: Loose,
+    /// `{eventName: rate}`.
+    pub sampling: Loose,
+    /// A list of names, or one name.
+    pub always_keep: Loose,
+    pub respect_privacy_signals: Loose,
+    pub debug: Loose,
 }
 
-/// A value of the expected type, or `None` for anything else (or nothing).
-#[derive(Clone, Debug, PartialEq)]
-pub struct Lenient<T>(pub Option<T>);
-
-impl<T> Default for Lenient<T> {
-    fn default() -> Self {
-        Lenient(None)
-    }
+/// Any value, read without failing: what an option field holds.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub enum Loose {
+    #[default]
+    Missing,
+    Bool(bool),
+    Number(f64),
+    Text(String),
+    List(Vec<Loose>),
+    Object(Vec<(String, Loose)>),
+    /// Anything else (bytes, a nested object beyond what options use).
+    Other,
 }
 
-impl<'de, T: Deserialize<'de>> Deserialize<'de> for Lenient<T> {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(serde::Deserialize)]
-        #[serde(untagged)]
-        enum Either<T> {
-            Ok(T),
-            Other(IgnoredAny),
+impl Loose {
+    fn number(&self) -> Option<f64> {
+        match self {
+            Loose::Number(n) if !n.is_nan() => Some(*n),
+            _ => None,
         }
-        Ok(Lenient(match Either::deserialize(d)? {
-            Either::Ok(v) => Some(v),
-            Either::Other(_) => None,
-        }))
+    }
+
+    fn text(&self) -> Option<&str> {
+        match self {
+            Loose::Text(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    fn flag(&self) -> Option<bool> {
+        match self {
+            Loose::Bool(b) => Some(*b),
+            _ => None,
+        }
+    }
+
+    fn field(&self, name: &str) -> &Loose {
+        match self {
+            Loose::Object(fields) => fields
+                .iter()
+                .find(|(k, _)| k == name)
+                .map_or(&Loose::Missing, |(_, v)| v),
+            _ => &Loose::Missing,
+        }
     }
 }
 
-/// `autocapture`: `true`/`false` for all or nothing, or `{pageView, click, scroll}`.
-#[derive(Clone, Debug, PartialEq, serde::Deserialize)]
-#[serde(untagged)]
-pub enum AutocaptureOption {
-    All(bool),
-    Some {
-        #[serde(default, rename = "pageView")]
-        page_view: Lenient<bool>,
-        #[serde(default)]
-        click: Lenient<bool>,
-        #[serde(default)]
-        scroll: Lenient<bool>,
-    },
+impl<'de> Deserialize<'de> for Loose {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(LooseVisitor)
+    }
 }
 
-/// `alwaysKeep`: a list of names, or one name.
-#[derive(Clone, Debug, PartialEq, serde::Deserialize)]
-#[serde(untagged)]
-pub enum OneOrMany {
-    One(String),
-    Many(Vec<Lenient<String>>),
+struct LooseVisitor;
+
+impl<'de> Visitor<'de> for LooseVisitor {
+    type Value = Loose;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("any value")
+    }
+    fn visit_bool<E>(self, v: bool) -> Result<Loose, E> {
+        Ok(Loose::Bool(v))
+    }
+    fn visit_i64<E>(self, v: i64) -> Result<Loose, E> {
+        Ok(Loose::Number(v as f64))
+    }
+    fn visit_u64<E>(self, v: u64) -> Result<Loose, E> {
+        Ok(Loose::Number(v as f64))
+    }
+    fn visit_f64<E>(self, v: f64) -> Result<Loose, E> {
+        Ok(Loose::Number(v))
+    }
+    fn visit_str<E>(self, v: &str) -> Result<Loose, E> {
+        Ok(Loose::Text(v.into()))
+    }
+    fn visit_string<E>(self, v: String) -> Result<Loose, E> {
+        Ok(Loose::Text(v))
+    }
+    fn visit_bytes<E>(self, _: &[u8]) -> Result<Loose, E> {
+        Ok(Loose::Other)
+    }
+    fn visit_unit<E>(self) -> Result<Loose, E> {
+        Ok(Loose::Missing)
+    }
+    fn visit_none<E>(self) -> Result<Loose, E> {
+        Ok(Loose::Missing)
+    }
+    fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Loose, D::Error> {
+        Loose::deserialize(d)
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Loose, A::Error> {
+        let mut items = Vec::new();
+        while let Some(v) = seq.next_element()? {
+            items.push(v);
+        }
+        Ok(Loose::List(items))
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Loose, A::Error> {
+        let mut fields = Vec::new();
+        while let Some(k) = map.next_key::<Loose>()? {
+            match k {
+                Loose::Text(k) => fields.push((k, map.next_value()?)),
+                _ => {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+        }
+        Ok(Loose::Object(fields))
+    }
 }
 
 /// What autocapture records.
@@ -98,68 +167,53 @@ pub struct Settings {
 
 impl Options {
     pub fn settings(&self) -> Settings {
-        let positive = |v: &Lenient<f64>, default: usize| match v.0 {
+        let positive = |v: &Loose, default: usize| match v.number() {
             Some(n) if n >= 1.0 => n.min(1e9) as usize,
             _ => default,
         };
         let defaults = Config::default();
         let mut config = Config {
             max_batch_size: positive(&self.max_batch_size, defaults.max_batch_size),
-            max_wait_ms: match self.max_wait_time.0 {
+            max_wait_ms: match self.max_wait_time.number() {
                 Some(n) if n >= 0.0 => n.min(1e12) as u64,
                 _ => defaults.max_wait_ms,
             },
             max_queue_events: positive(&self.max_queue_size, defaults.max_queue_events),
             ..defaults
         };
-        if let Some(rates) = &self.sampling.0 {
+        if let Loose::Object(rates) = &self.sampling {
             for (name, rate) in rates {
-                let rate = rate.0.filter(|r| !r.is_nan()).unwrap_or(0.0);
+                let rate = rate.number().unwrap_or(0.0);
                 config.sampling.push((name.clone(), rate.clamp(0.0, 1.0)));
             }
         }
-        match &self.always_keep.0 {
-            Some(OneOrMany::One(name)) => config.always_keep.push(name.clone()),
-            Some(OneOrMany::Many(names)) => {
-                config
-                    .always_keep
-                    .extend(names.iter().filter_map(|n| n.0.clone()));
+        match &self.always_keep {
+            Loose::Text(name) => config.always_keep.push(name.clone()),
+            Loose::List(names) => {
+                for name in names.iter().filter_map(Loose::text) {
+                    config.always_keep.push(name.into());
+                }
             }
-            None => {}
+            _ => {}
         }
-        let autocapture = match &self.autocapture.0 {
-            None => Autocapture {
-                page_view: true,
-                click: true,
-                scroll: true,
-            },
-            Some(AutocaptureOption::All(on)) => Autocapture {
-                page_view: *on,
-                click: *on,
-                scroll: *on,
-            },
-            Some(AutocaptureOption::Some {
-                page_view,
-                click,
-                scroll,
-            }) => Autocapture {
-                page_view: page_view.0 != Some(false),
-                click: click.0 != Some(false),
-                scroll: scroll.0 != Some(false),
-            },
+        let all = self.autocapture.flag() != Some(false);
+        let on = |name| all && self.autocapture.field(name).flag() != Some(false);
+        let autocapture = Autocapture {
+            page_view: on("pageView"),
+            click: on("click"),
+            scroll: on("scroll"),
         };
         Settings {
             endpoint: self
                 .endpoint
-                .0
-                .as_deref()
+                .text()
                 .unwrap_or_default()
                 .trim_end_matches('/')
                 .into(),
-            api_key: self.api_key.0.clone().unwrap_or_default(),
+            api_key: self.api_key.text().unwrap_or_default().into(),
             autocapture,
-            respect_privacy_signals: self.respect_privacy_signals.0 != Some(false),
-            debug: self.debug.0 == Some(true),
+            respect_privacy_signals: self.respect_privacy_signals.flag() != Some(false),
+            debug: self.debug.flag() == Some(true),
             config,
         }
     }
@@ -182,7 +236,8 @@ impl Settings {
     }
 
     fn url(&self, path: &str) -> String {
-        let mut url = String::with_capacity(self.endpoint.len() + path.len() + 8 + self.api_key.len() * 3);
+        let mut url =
+            String::with_capacity(self.endpoint.len() + path.len() + 8 + self.api_key.len() * 3);
         url.push_str(&self.endpoint);
         url.push_str(path);
         url.push('?');

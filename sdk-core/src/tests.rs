@@ -626,7 +626,9 @@ fn the_unload_body_fits_the_beacon_budget_and_covers_the_queue() {
     let mut next = tab(&mut st, Config::default(), 2);
     assert_eq!(next.pending(), 250);
     assert!(next.poll_send(2, true).is_none(), "held until confirmed");
-    let asked = next.unconfirmed_due(2, 0).expect("two batches to ask about");
+    let asked = next
+        .unconfirmed_due(2, 0)
+        .expect("two batches to ask about");
     assert_eq!(asked.len(), 2);
     let beacon_id = beacon_batch_id(&body);
     assert!(asked.contains(&beacon_id));
@@ -652,12 +654,20 @@ fn unconfirmed_batches_are_resent_when_the_collector_cannot_say() {
     assert!(c.unload_body(10).is_some());
     apply(&mut st, &mut c);
     let mut next = tab(&mut st, Config::default(), 2);
-    assert_eq!(next.unconfirmed_due(500, 1_000), None, "a beacon may still be on its way");
+    assert_eq!(
+        next.unconfirmed_due(500, 1_000),
+        None,
+        "a beacon may still be on its way"
+    );
     assert_eq!(next.unconfirmed_at(1_000), Some(1_010));
     let asked = next.unconfirmed_due(1_010, 1_000).unwrap();
     assert_eq!(next.confirm(&asked, None), 0);
     apply(&mut st, &mut next);
-    assert_eq!(next.poll_send(1_011, true).unwrap().events, 20, "nothing lost");
+    assert_eq!(
+        next.poll_send(1_011, true).unwrap().events,
+        20,
+        "nothing lost"
+    );
     // A batch id the collector lists but that was never asked about changes nothing.
     assert_eq!(next.confirm(&["other".into()], Some(&["other".into()])), 0);
 }

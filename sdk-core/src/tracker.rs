@@ -5,7 +5,6 @@
 //! The driver calls an input method, then [`Tracker::poll_output`] until it answers
 //! [`Output::Wake`]. Nothing here blocks or waits: a wait is a wake-up time.
 
-use alloc::collections::VecDeque;
 use alloc::string::String;
 use alloc::vec::Vec;
 
@@ -93,7 +92,8 @@ pub struct Tracker {
     settings: Settings,
     /// Tracking is off for good on this page (no endpoint or key, or a privacy signal).
     inert: bool,
-    out: VecDeque<Output>,
+    /// Outputs not yet polled, in order.
+    out: Vec<Output>,
     lock: Lock,
     /// Another tab wrote a `tl1:` key since this one last read storage.
     others_wrote: bool,
@@ -108,20 +108,30 @@ pub struct Tracker {
     confirming: Option<Vec<String>>,
     unloading: bool,
     status: Option<Status>,
+    http_date: HttpDateParser,
 }
+
+/// Reads an HTTP date (`Retry-After: Wed, 21 Oct 2026 07:28:00 GMT`) as ms since the
+/// epoch. The browser has one (`Date.parse`), so the wasm does not carry a second; host
+/// tests use the httpdate crate.
+pub type HttpDateParser = fn(&str) -> Option<u64>;
 
 impl Tracker {
     /// A tracker with these settings. `seed` must differ between tabs (the driver draws it
     /// from `crypto.getRandomValues`); `privacy_signal`: the browser sends Do Not Track or
     /// Global Privacy Control. Call [`Tracker::start`] next.
-    pub fn new(settings: Settings, seed: u64, privacy_signal: bool) -> Self {
-        let inert =
-            !settings.usable() || (privacy_signal && settings.respect_privacy_signals);
+    pub fn new(
+        settings: Settings,
+        seed: u64,
+        privacy_signal: bool,
+        http_date: HttpDateParser,
+    ) -> Self {
+        let inert = !settings.usable() || (privacy_signal && settings.respect_privacy_signals);
         Tracker {
             core: Core::new(settings.config.clone(), seed),
             settings,
             inert,
-            out: VecDeque::new(),
+            out: Vec::new(),
             lock: Lock::Free,
             others_wrote: false,
             awaiting_storage: false,
@@ -132,6 +142,7 @@ impl Tracker {
             confirming: None,
             unloading: false,
             status: None,
+            http_date,
         }
     }
 
@@ -158,9 +169,9 @@ impl Tracker {
             .filter(|(k, _)| k.starts_with(storage::PRE_READY))
             .map(|(k, v)| (k.into(), v.into()))
             .collect();
-        early.sort();
+        early.sort_unstable();
         for (k, _) in &early {
-            self.out.push_back(Output::Persist(Action::Remove(k.clone())));
+            self.out.push(Output::Persist(Action::Remove(k.clone())));
         }
         if self.inert {
             return Vec::new();
@@ -179,7 +190,12 @@ impl Tracker {
     /// Queues one event (`props_json`: a JSON object, from `JSON.stringify`). Call
     /// [`Tracker::end_task`] before the task ends: the events of one task are written
     /// to storage together, in one write.
-    pub fn track(&mut self, name: &str, props_json: Option<&str>, now: u64) -> Result<String, Skipped> {
+    pub fn track(
+        &mut self,
+        name: &str,
+        props_json: Option<&str>,
+        now: u64,
+    ) -> Result<String, Skipped> {
         if self.inert {
             return Err(Skipped::OptedOut);
         }
@@ -267,7 +283,7 @@ impl Tracker {
         let id = self.next_flush;
         self.next_flush = self.next_flush.wrapping_add(1);
         if self.inert {
-            self.out.push_back(Output::Flushed { id, sent: 0 });
+            self.out.push(Output::Flushed { id, sent: 0 });
             return id;
         }
         let drain = self.drain.get_or_insert_with(Drain::default);
@@ -385,7 +401,7 @@ impl Tracker {
         self.unloading = true;
         self.take_actions();
         if let Some(body) = self.core.unload_body(now) {
-            self.out.push_back(Output::Transmit(Transmit {
+            self.out.push(Output::Transmit(Transmit {
                 kind: TransmitKind::Beacon,
                 url: self.settings.batch_url(),
                 body,
@@ -427,7 +443,7 @@ impl Tracker {
             // Network errors, 408, 429, 5xx and anything unexpected: keep and back off.
             _ => Outcome::Retry {
                 status,
-                retry_after_ms: retry_after.and_then(|v| retry_after_ms(v, now)),
+                retry_after_ms: retry_after.and_then(|v| retry_after_ms(v, now, self.http_date)),
             },
         };
         let taken = if matches!(outcome, Outcome::Accepted { .. }) {
@@ -471,8 +487,8 @@ impl Tracker {
 
     /// The next thing for the driver to do; [`Output::Wake`] when there is nothing more.
     pub fn poll_output(&mut self) -> Output {
-        if let Some(o) = self.out.pop_front() {
-            return o;
+        if !self.out.is_empty() {
+            return self.out.remove(0);
         }
         if let Some(status) = &self.status {
             let now = self.core.status();
@@ -493,7 +509,7 @@ impl Tracker {
 
     fn take_actions(&mut self) {
         for a in self.core.take_actions() {
-            self.out.push_back(Output::Persist(a));
+            self.out.push(Output::Persist(a));
         }
     }
 
@@ -531,7 +547,11 @@ impl Tracker {
         // Unconfirmed batches are asked about first (a forceSend() asks at once): their
         // events are held back until then.
         if self.confirming.is_none() {
-            let delay = if self.drain.is_some() { 0 } else { CONFIRM_DELAY_MS };
+            let delay = if self.drain.is_some() {
+                0
+            } else {
+                CONFIRM_DELAY_MS
+            };
             if let Some(asked) = self.core.unconfirmed_due(now, delay) {
                 self.ask_confirmation(asked);
             }
@@ -546,7 +566,7 @@ impl Tracker {
         }
         if draining || self.core.poll_due(now) {
             self.lock = Lock::Requested { wait: draining };
-            self.out.push_back(Output::Lock { wait: draining });
+            self.out.push(Output::Lock { wait: draining });
         }
     }
 
@@ -561,7 +581,7 @@ impl Tracker {
             tracklet_wire::json::push_str_literal(&mut body, id);
         }
         body.push_str("]}");
-        self.out.push_back(Output::Transmit(Transmit {
+        self.out.push(Output::Transmit(Transmit {
             kind: TransmitKind::Confirm,
             url: self.settings.batch_status_url(),
             body: body.into_bytes(),
@@ -577,7 +597,7 @@ impl Tracker {
         if self.others_wrote {
             // Other tabs' events and acknowledgements first.
             self.awaiting_storage = true;
-            self.out.push_back(Output::ReadStorage);
+            self.out.push(Output::ReadStorage);
             return;
         }
         let force = self.drain.is_some();
@@ -588,12 +608,12 @@ impl Tracker {
             }
             self.take_actions();
             self.sending = Some(out.batch);
-            self.out.push_back(Output::Transmit(Transmit {
+            self.out.push(Output::Transmit(Transmit {
                 kind: TransmitKind::Batch(out.batch),
                 url: self.settings.batch_url(),
                 body: out.body,
             }));
-                return;
+            return;
         }
         self.take_actions();
         if let Some(d) = &mut self.drain {
@@ -616,7 +636,7 @@ impl Tracker {
     fn finish_drain(&mut self) {
         if let Some(d) = self.drain.take() {
             for (id, joined) in d.waiters {
-                self.out.push_back(Output::Flushed {
+                self.out.push(Output::Flushed {
                     id,
                     sent: d.sent - joined,
                 });
@@ -626,19 +646,18 @@ impl Tracker {
 
     fn unlock(&mut self) {
         if self.lock == Lock::Held {
-            self.out.push_back(Output::Unlock);
+            self.out.push(Output::Unlock);
         }
         self.lock = Lock::Free;
     }
 }
 
-/// `Retry-After` as a delay in ms from `now`: delta-seconds or an HTTP date.
-pub fn retry_after_ms(value: &str, now: u64) -> Option<u64> {
+/// `Retry-After` as a delay in ms from `now`: delta-seconds or an HTTP date (read by
+/// `http_date`); `None` for anything else.
+pub fn retry_after_ms(value: &str, now: u64, http_date: HttpDateParser) -> Option<u64> {
     let v = value.trim();
     if let Some(secs) = crate::text::number(v) {
         return Some(secs.saturating_mul(1000));
     }
-    let at = httpdate::parse_http_date(v).ok()?;
-    let at_ms = at.duration_since(std::time::UNIX_EPOCH).ok()?.as_millis() as u64;
-    Some(at_ms.saturating_sub(now))
+    Some(http_date(v)?.saturating_sub(now))
 }

@@ -91,8 +91,16 @@ fn page_view(d: &Driver, views: &PageViews) {
     let mut props = String::from("{");
     push_field(&mut props, "path", &path);
     push_field(&mut props, "url", &loc.href().unwrap_or_default());
-    push_field(&mut props, "title", &doc.as_ref().map(|d| d.title()).unwrap_or_default());
-    push_field(&mut props, "referrer", &doc.map(|d| d.referrer()).unwrap_or_default());
+    push_field(
+        &mut props,
+        "title",
+        &doc.as_ref().map(|d| d.title()).unwrap_or_default(),
+    );
+    push_field(
+        &mut props,
+        "referrer",
+        &doc.map(|d| d.referrer()).unwrap_or_default(),
+    );
     props.push('}');
     d.set_context();
     d.track_json("page_view", Some(&props), None);
@@ -104,7 +112,9 @@ fn wrap_history(driver: &Rc<Driver>, views: &Rc<PageViews>) {
         return;
     };
     for name in ["pushState", "replaceState"] {
-        let Ok(original) = Reflect::get(&history, &name.into()).and_then(|f| f.dyn_into::<Function>()) else {
+        let Ok(original) =
+            Reflect::get(&history, &name.into()).and_then(|f| f.dyn_into::<Function>())
+        else {
             continue;
         };
         let (me, v, h) = (driver.handle(), views.clone(), history.clone());
@@ -143,7 +153,8 @@ fn scroll_depth(d: &Driver, views: &PageViews) {
         let mask = 1u8 << bit;
         if seen >= *depth as f64 - 0.5 && views.depths.get() & mask == 0 {
             views.depths.set(views.depths.get() | mask);
-            let mut props = format!("{{\"depth\":{depth}");
+            let mut props = String::from("{\"depth\":");
+            tracklet_wire::json::push_u64(&mut props, *depth as u64);
             push_field(&mut props, "path", &path);
             props.push('}');
             d.track_json("scroll", Some(&props), None);
@@ -156,10 +167,10 @@ fn css_path(el: &Element) -> String {
     let mut parts: Vec<String> = Vec::new();
     let mut node = Some(el.clone());
     while let Some(n) = node.filter(|_| parts.len() < 5) {
-        let mut part = n.tag_name().to_lowercase();
+        let mut part = n.tag_name().to_ascii_lowercase();
         let id = n.id();
         if !id.is_empty() {
-            parts.push(format!("{part}#{id}"));
+            parts.push([part.as_str(), "#", &id].concat());
             break;
         }
         let parent = n.parent_element();
@@ -177,7 +188,9 @@ fn css_path(el: &Element) -> String {
                 }
             }
             if same > 1 {
-                part.push_str(&format!(":nth-of-type({index})"));
+                part.push_str(":nth-of-type(");
+                tracklet_wire::json::push_u64(&mut part, index);
+                part.push(')');
             }
         }
         parts.push(part);
@@ -199,13 +212,22 @@ fn squeeze(text: &str, max: usize) -> String {
 
 /// The `click` event's props, or `None` inside `[data-tracklet-ignore]`.
 fn describe_click(target: &Element) -> Option<String> {
-    let el = target.closest(CLICKABLE).ok().flatten().unwrap_or_else(|| target.clone());
-    if el.closest("[data-tracklet-ignore]").ok().flatten().is_some() {
+    let el = target
+        .closest(CLICKABLE)
+        .ok()
+        .flatten()
+        .unwrap_or_else(|| target.clone());
+    if el
+        .closest("[data-tracklet-ignore]")
+        .ok()
+        .flatten()
+        .is_some()
+    {
         return None;
     }
     let tag = el.tag_name();
     let mut props = String::from("{");
-    push_field(&mut props, "tag", &tag.to_lowercase());
+    push_field(&mut props, "tag", &tag.to_ascii_lowercase());
     push_field(&mut props, "path", &css_path(&el));
     push_field(&mut props, "id", &el.id());
     let class_name = el.get_attribute("class").unwrap_or_default();
@@ -221,12 +243,18 @@ fn describe_click(target: &Element) -> Option<String> {
         props.push(']');
     }
     if let Some(href) = el.get_attribute("href") {
-        push_field(&mut props, "href", &href.chars().take(500).collect::<String>());
+        push_field(
+            &mut props,
+            "href",
+            &href.chars().take(500).collect::<String>(),
+        );
     }
     // Never the value or typed text of form fields or editable regions.
     let form_field = matches!(tag.as_str(), "INPUT" | "SELECT" | "TEXTAREA" | "OPTION");
     let editable = el.closest("[contenteditable]").ok().flatten().is_some()
-        || el.dyn_ref::<HtmlElement>().is_some_and(|h| h.is_content_editable());
+        || el
+            .dyn_ref::<HtmlElement>()
+            .is_some_and(|h| h.is_content_editable());
     if !form_field && !editable {
         let text = match el.dyn_ref::<HtmlElement>() {
             Some(h) => h.inner_text(),

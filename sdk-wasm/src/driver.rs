@@ -10,7 +10,7 @@ use std::rc::{Rc, Weak};
 
 use gloo_timers::callback::Timeout;
 use js_sys::{Array, Function, Object, Promise, Reflect, Uint8Array};
-use tracklet_core::{Action, Options, Output, Transmit, TransmitKind, Tracker};
+use tracklet_core::{Action, Options, Output, Tracker, Transmit, TransmitKind};
 use wasm_bindgen::prelude::*;
 use wasm_bindgen::JsCast;
 use wasm_bindgen_futures::{spawn_local, JsFuture};
@@ -50,7 +50,12 @@ impl Driver {
         }
         let debug = settings.debug;
         let autocapture = settings.autocapture;
-        let mut tracker = Tracker::new(settings, page::seed(), page::privacy_signal());
+        let mut tracker = Tracker::new(
+            settings,
+            page::seed(),
+            page::privacy_signal(),
+            page::parse_http_date,
+        );
         if tracker.is_inert() && debug {
             page::warn("tracking is off", &JsValue::UNDEFINED);
         }
@@ -71,7 +76,7 @@ impl Driver {
                 }
             }
         }
-        replay.sort();
+        replay.sort_unstable();
         let inert = tracker.is_inert();
         let driver = Rc::new_cyclic(|me: &Weak<Driver>| {
             let weak = me.clone();
@@ -151,7 +156,7 @@ impl Driver {
     pub fn track_json(&self, name: &str, props: Option<&str>, at: Option<u64>) {
         let now = at.unwrap_or_else(page::now);
         if let Err(why) = self.with(|t| t.track(name, props, now)) {
-            self.log(&format!("event {name:?} not queued: {why:?}"));
+            self.log(&["event ", name, " not queued: ", why.reason()].concat());
         }
         self.end_task_soon();
     }
@@ -333,7 +338,7 @@ impl Driver {
                         }
                     };
                     if !(200..300).contains(&status) {
-                        d.log(&format!("send failed ({status}): events stay queued"));
+                        d.log("send failed: events stay queued");
                     }
                     d.with(|t| t.response(batch, status, retry_after.as_deref(), rejected, now));
                 }
@@ -381,11 +386,8 @@ impl Driver {
             d.drive();
             held
         });
-        let request = locks.request_with_options(
-            "tracklet:send",
-            &options,
-            granted.unchecked_ref(),
-        );
+        let request =
+            locks.request_with_options("tracklet:send", &options, granted.unchecked_ref());
         let me = self.me.clone();
         spawn_local(async move {
             if JsFuture::from(request).await.is_err() {
@@ -465,8 +467,12 @@ impl Driver {
     /// The page's events the core hears about.
     fn listen(&self) {
         let Some(w) = page::window() else { return };
-        self.on(&w, "online", |d, _| d.with(|t| t.set_online(true, page::now())));
-        self.on(&w, "offline", |d, _| d.with(|t| t.set_online(false, page::now())));
+        self.on(&w, "online", |d, _| {
+            d.with(|t| t.set_online(true, page::now()))
+        });
+        self.on(&w, "offline", |d, _| {
+            d.with(|t| t.set_online(false, page::now()))
+        });
         self.on(&w, "pagehide", |d, _| d.with(|t| t.page_hide(page::now())));
         self.on(&w, "pageshow", |d, _| d.with(|t| t.page_show(page::now())));
         self.on(&w, "storage", |d, e| {
@@ -489,22 +495,28 @@ impl Driver {
 
     /// Listens (passively) for `event` on `target` for the page's life; `f`, then
     /// [`Driver::drive`].
-    pub fn on(&self, target: &web_sys::EventTarget, event: &str, f: impl Fn(&Driver, web_sys::Event) + 'static) {
-        self.listen_with(target, event, false, f);
-    }
-
-    /// [`Driver::on`] in the capture phase.
-    pub fn on_capture(&self, target: &web_sys::EventTarget, event: &str, f: impl Fn(&Driver, web_sys::Event) + 'static) {
-        self.listen_with(target, event, true, f);
-    }
-
-    fn listen_with(
+    pub fn on(
         &self,
         target: &web_sys::EventTarget,
         event: &str,
-        capture: bool,
         f: impl Fn(&Driver, web_sys::Event) + 'static,
     ) {
+        self.listen_with(target, event, false, Box::new(f));
+    }
+
+    /// [`Driver::on`] in the capture phase.
+    pub fn on_capture(
+        &self,
+        target: &web_sys::EventTarget,
+        event: &str,
+        f: impl Fn(&Driver, web_sys::Event) + 'static,
+    ) {
+        self.listen_with(target, event, true, Box::new(f));
+    }
+
+    /// (One closure type for every listener: a generic one here would be compiled once
+    /// per event, about 4 KB of wasm.)
+    fn listen_with(&self, target: &web_sys::EventTarget, event: &str, capture: bool, f: Listener) {
         let me = self.me.clone();
         let listener = Closure::<dyn Fn(web_sys::Event)>::new(move |e| {
             if let Some(d) = me.upgrade() {
@@ -534,6 +546,8 @@ impl Driver {
     }
 }
 
+type Listener = Box<dyn Fn(&Driver, web_sys::Event)>;
+
 /// What came back from a `fetch`.
 struct Answer {
     status: u16,
@@ -542,18 +556,10 @@ struct Answer {
     arrived: Option<Vec<String>>,
 }
 
-/// The parts of the collector's JSON answers the SDK reads (`docs/protocol.md`).
-#[derive(serde::Deserialize, Default)]
-struct AnswerBody {
-    #[serde(default)]
-    rejected: Vec<RejectedEvent>,
-    #[serde(default)]
-    arrived: Option<Vec<String>>,
-}
-
-#[derive(serde::Deserialize)]
-struct RejectedEvent {
-    index: usize,
+/// `answer[field]` as an array, if it is one.
+fn array_field(answer: &JsValue, field: &str) -> Option<Array> {
+    let v = Reflect::get(answer, &field.into()).ok()?;
+    Array::is_array(&v).then(|| Array::from(&v))
 }
 
 fn blob(body: &[u8]) -> Option<Blob> {
@@ -582,18 +588,26 @@ async fn post(url: &str, body: &[u8], keepalive: bool) -> Result<Answer, ()> {
         .map_err(|_| ())?;
     let status = resp.status();
     let retry_after = resp.headers().get("Retry-After").ok().flatten();
-    let mut body = AnswerBody::default();
+    // The parts of the collector's JSON answer the SDK reads (`docs/protocol.md`):
+    // `rejected[].index` of a batch, `arrived[]` of a question.
+    let mut body = JsValue::UNDEFINED;
     if resp.ok() {
         if let Ok(json) = resp.json() {
-            if let Ok(value) = JsFuture::from(json).await {
-                body = serde_wasm_bindgen::from_value(value).unwrap_or_default();
-            }
+            body = JsFuture::from(json).await.unwrap_or(JsValue::UNDEFINED);
         }
     }
+    let rejected = array_field(&body, "rejected").map_or(Vec::new(), |list| {
+        list.iter()
+            .filter_map(|r| Reflect::get(&r, &"index".into()).ok()?.as_f64())
+            .map(|i| i as usize)
+            .collect()
+    });
+    let arrived = array_field(&body, "arrived")
+        .map(|list| list.iter().filter_map(|id| id.as_string()).collect());
     Ok(Answer {
         status,
         retry_after,
-        rejected: body.rejected.into_iter().map(|r| r.index).collect(),
-        arrived: if resp.ok() { body.arrived } else { None },
+        rejected,
+        arrived,
     })
 }

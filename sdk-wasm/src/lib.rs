@@ -21,6 +21,80 @@ use wasm_bindgen::prelude::*;
 
 use driver::Driver;
 
+#[cfg(target_arch = "wasm32")]
+#[global_allocator]
+// SAFETY: the module runs on one thread (the page's), as TalckWasm requires.
+static ALLOC: talc::TalckWasm = unsafe { talc::TalckWasm::new_global() };
+
+// The types the class's methods take and give, for wasm-bindgen's generated declarations
+// (npm/build.mjs turns them into npm/types/tracker.d.ts). The options' defaults and the
+// status fields are defined in tracklet-core (`options.rs`, `Status`).
+#[wasm_bindgen(typescript_custom_section)]
+const TYPES: &'static str = r#"
+/** What autocapture records. `true` (the default) is all three; `false` is none. */
+export interface AutocaptureOptions {
+  /** `page_view` on load, SPA navigation (once per path) and back-forward-cache restore. Default true. */
+  pageView?: boolean;
+  /** `click` with tag, id, classes, short text, href and a CSS path (never form values). Default true. */
+  click?: boolean;
+  /** `scroll` at 25/50/75/100 % depth, each once per page view. Default true. */
+  scroll?: boolean;
+}
+
+export interface TrackletOptions {
+  /** The collector's base URL; batches go to `endpoint + "/v1/batch"`. Required. */
+  endpoint: string;
+  /** The project's write key. Required. */
+  apiKey: string;
+  /** Send when this many events are queued; a larger backlog goes in bigger requests (up to
+   * 1,000 events and 60 KB). Default 50. */
+  maxBatchSize?: number;
+  /** ... or when the oldest queued event is this many ms old. Default 5000. */
+  maxWaitTime?: number;
+  /** Most events kept; when full the oldest are dropped (and reported). Default 1000. */
+  maxQueueSize?: number;
+  /** Default true. */
+  autocapture?: boolean | AutocaptureOptions;
+  /** `{eventName: rate}` with rate from 0 to 1, for noisy events. Default `{}`. */
+  sampling?: Record<string, number>;
+  /** Event names never sampled out or dropped for space. Default `[]`. */
+  alwaysKeep?: string[];
+  /** Do Not Track and Global Privacy Control turn tracking off. Default true. */
+  respectPrivacySignals?: boolean;
+  /** Log what goes wrong to the console. Default false. */
+  debug?: boolean;
+}
+
+/** Any JSON-serialisable object. */
+export type Properties = Record<string, unknown>;
+
+export interface TrackerStatus {
+  /** Events not yet acknowledged, in flight included. */
+  pending: number;
+  /** Events in the request being sent now. */
+  inFlight: number;
+  /** The last send error, or null after a success. */
+  lastError: string | null;
+  /** When a batch was last acknowledged (ms since the epoch), or null. */
+  lastSentAt: number | null;
+  /** When the next retry is due (ms since the epoch), or null. */
+  nextRetryAt: number | null;
+  online: boolean;
+  /** Events the collector rejected. */
+  rejected: number;
+  /** Events dropped because the queue was full. */
+  dropped: number;
+  optedOut: boolean;
+}
+
+export interface ForceSendResult {
+  /** Events acknowledged by this send. */
+  sent: number;
+  /** Events still pending afterwards. */
+  pending: number;
+}
+"#;
+
 /// The page's tracker. Made by `init()` in the JavaScript entry, once per page (every
 /// tracker of an origin shares one stored queue). No method throws: bad arguments are
 /// ignored (logged with `debug: true`).
@@ -33,24 +107,38 @@ impl Tracker {
     /// the wasm was ready that could not be kept in localStorage, as `[key, json]` pairs
     /// (the others are read from storage); all are replayed in order.
     #[wasm_bindgen(constructor)]
-    pub fn new(options: JsValue, early: Array) -> Tracker {
+    pub fn new(
+        #[wasm_bindgen(unchecked_param_type = "TrackletOptions")] options: JsValue,
+        #[wasm_bindgen(unchecked_param_type = "[string, string][]")] early: Array,
+    ) -> Tracker {
         Tracker(Driver::start(&options, &early))
     }
 
     /// Queues an event: `name` a non-empty string (at most 200 characters), `props` any
     /// JSON-serialisable object. It is in localStorage before the current task ends.
-    pub fn track(&self, name: JsValue, props: JsValue) {
-        self.0.track(&name, &props, None);
+    pub fn track(
+        &self,
+        #[wasm_bindgen(unchecked_param_type = "string")] name: JsValue,
+        #[wasm_bindgen(unchecked_optional_param_type = "Properties")] props: Option<JsValue>,
+    ) {
+        self.0.track(&name, &props.unwrap_or_default(), None);
     }
 
     /// A `page_view` event with fresh page context.
-    pub fn page(&self, props: JsValue) {
-        self.0.page(&props, None);
+    pub fn page(
+        &self,
+        #[wasm_bindgen(unchecked_optional_param_type = "Properties")] props: Option<JsValue>,
+    ) {
+        self.0.page(&props.unwrap_or_default(), None);
     }
 
     /// Sets the user id on later events and tracks an `identify` event with `traits`.
-    pub fn identify(&self, user_id: JsValue, traits: JsValue) {
-        self.0.identify(&user_id, &traits, None);
+    pub fn identify(
+        &self,
+        #[wasm_bindgen(unchecked_param_type = "string")] user_id: JsValue,
+        #[wasm_bindgen(unchecked_optional_param_type = "Properties")] traits: Option<JsValue>,
+    ) {
+        self.0.identify(&user_id, &traits.unwrap_or_default(), None);
     }
 
     /// New anonymous id and session, no user id (for logout).
@@ -97,7 +185,11 @@ impl Tracker {
     /// Calls `listener(status)` after changes, at most once per task. Returns a function
     /// that unsubscribes it.
     #[wasm_bindgen(js_name = onStatus, unchecked_return_type = "() => void")]
-    pub fn on_status(&self, listener: js_sys::Function) -> JsValue {
+    pub fn on_status(
+        &self,
+        #[wasm_bindgen(unchecked_param_type = "(status: TrackerStatus) => void")]
+        listener: js_sys::Function,
+    ) -> JsValue {
         self.0.on_status(listener)
     }
 }

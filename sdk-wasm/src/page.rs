@@ -2,7 +2,7 @@
 //! signals and the context sent with every event.
 
 use js_sys::Reflect;
-use tracklet_wire::json::push_str_literal;
+use tracklet_wire::json::{push_str_literal, push_u64};
 use wasm_bindgen::{JsCast, JsValue};
 use web_sys::{Storage, Window};
 
@@ -107,12 +107,13 @@ fn timezone() -> String {
         .unwrap_or_default()
 }
 
-fn size(w: &JsValue, h: &JsValue) -> String {
-    format!(
-        "{}x{}",
-        w.as_f64().unwrap_or(0.0) as i64,
-        h.as_f64().unwrap_or(0.0) as i64
-    )
+/// `<width>x<height>`.
+fn size(w: f64, h: f64) -> String {
+    let mut s = String::new();
+    push_u64(&mut s, w as u64);
+    s.push('x');
+    push_u64(&mut s, h as u64);
+    s
 }
 
 /// The page context sent with every event, as a JSON object.
@@ -128,12 +129,10 @@ pub fn context_json() -> Option<String> {
     push_field(&mut out, "title", &doc.title());
     if let Ok(screen) = w.screen() {
         let (sw, sh) = (screen.width().unwrap_or(0), screen.height().unwrap_or(0));
-        push_field(&mut out, "screen", &format!("{sw}x{sh}"));
+        push_field(&mut out, "screen", &size(sw as f64, sh as f64));
     }
-    let viewport = size(
-        &w.inner_width().unwrap_or(JsValue::UNDEFINED),
-        &w.inner_height().unwrap_or(JsValue::UNDEFINED),
-    );
+    let number = |v: Result<JsValue, JsValue>| v.ok().and_then(|v| v.as_f64()).unwrap_or(0.0);
+    let viewport = size(number(w.inner_width()), number(w.inner_height()));
     push_field(&mut out, "viewport", &viewport);
     push_field(&mut out, "language", &nav.language().unwrap_or_default());
     push_field(&mut out, "timezone", &timezone());
@@ -145,10 +144,20 @@ pub fn context_json() -> Option<String> {
     Some(out)
 }
 
+/// An HTTP date as ms since the epoch, by `Date.parse`.
+pub fn parse_http_date(value: &str) -> Option<u64> {
+    let at = js_sys::Date::parse(value);
+    (at.is_finite() && at >= 0.0).then_some(at as u64)
+}
+
 /// `console.warn('[tracklet]', ...)`.
 pub fn warn(message: &str, detail: &JsValue) {
     let console = get(&js_sys::global(), "console");
     if let Ok(f) = get(&console, "warn").dyn_into::<js_sys::Function>() {
-        let _ = f.call2(&console, &JsValue::from_str(&format!("[tracklet] {message}")), detail);
+        let _ = f.call2(
+            &console,
+            &JsValue::from_str(&["[tracklet] ", message].concat()),
+            detail,
+        );
     }
 }
