@@ -33,7 +33,7 @@ export const CHROMIUM_ARGS = [
   '--disable-sync',
 ];
 
-function need(cond, msg) {
+export function need(cond, msg) {
   if (!cond) throw new Error(msg);
 }
 
@@ -295,6 +295,46 @@ export async function leaveWithQueuedEvents(run, proxy, origin, n) {
   return { batch_id: beacon.body.batch_id, events: beacon.body.events.length };
 }
 
+/**
+ * An outage and the recovery, in a page whose batches (maxBatchSize 5, maxWaitTime 500) the
+ * collector answers with 503 until `recover()`: 12 events tracked are all kept, sending backs
+ * off (`attempts()` counts the refused requests), and once the collector is back the backoff
+ * timer alone delivers them all (no forceSend()). `run(fn, arg)` runs `fn(arg)` in the page;
+ * `count()` counts rows.
+ */
+export async function outageThenRecovery(run, count, { attempts, recover }) {
+  await run(() => {
+    for (let i = 0; i < 12; i++) window.tracker.track('Song Played', { seq: i });
+  });
+  await eventually(() => run(() => window.tracker.status().lastError === 'HTTP 503'), 10000, 'a 503');
+  const st = await run(() => window.tracker.status());
+  assert.equal(st.pending, 12, 'all events kept');
+  assert.ok(st.nextRetryAt > Date.now() - 1000, 'a retry is scheduled');
+  await new Promise((r) => setTimeout(r, 2500));
+  assert.ok(attempts() >= 2 && attempts() <= 8, `backed off (${attempts()} attempts in about 3 s)`);
+  assert.equal(await count(), 0);
+  recover();
+  await eventually(async () => (await count()) === 12, 20000, 'all 12 rows after recovery');
+  await eventually(() => run(() => window.tracker.status().pending === 0), 5000, 'an empty queue');
+  assert.equal((await run(() => window.tracker.status())).nextRetryAt, null);
+}
+
+/**
+ * After leaveWithQueuedEvents() and a return to a page that emptied its queue: that page
+ * asked which batches arrived, the collector said the beacon's had, and no event of the `n`
+ * was sent twice.
+ */
+export function assertAskedNotResent(proxy, beacon, n) {
+  const asked = proxy.statusQueries();
+  assert.ok(asked.length >= 1, 'the page asked POST /v1/batch/status');
+  assert.ok(
+    asked.some((q) => q.status === 200 && q.answer?.arrived?.includes(beacon.batch_id)),
+    `the collector said the beacon's batch arrived (${JSON.stringify(asked.map((q) => [q.status, q.body, q.answer]))})`,
+  );
+  assert.deepEqual(proxy.answers, { accepted: n, duplicates: 0 }, 'every event accepted once, no duplicate');
+  assert.deepEqual(proxy.sentTwice(), [], 'no event was sent twice');
+}
+
 /** Asserts that the events table holds exactly the events with props.seq 0..n-1, each once. */
 export async function assertEachSeqOnce(db, n) {
   const rows = await db.query("SELECT (props->>'seq')::int AS seq, count(*)::int AS n FROM events GROUP BY 1 ORDER BY 1");
@@ -321,10 +361,10 @@ export function musicUrl(c, params = {}) {
 
 /**
  * The hooks every browser test file uses: one collector (and database) per file, and for
- * each test an empty `events` table and a fresh browser profile. `use(collector, browser)`
- * receives them; `count(where)` counts rows.
+ * each test an empty `events` table and a fresh browser profile (from `launch`, headless
+ * Chromium by default). `use(collector, browser)` receives them; `count(where)` counts rows.
  */
-export function collectorSuite(use) {
+export function collectorSuite(use, launch = launchBrowser) {
   let c;
   let browser;
   before(async () => {
@@ -336,7 +376,7 @@ export function collectorSuite(use) {
   });
   beforeEach(async () => {
     await c.db.query('DELETE FROM events');
-    browser = await launchBrowser();
+    browser = await launch();
     use(c, browser);
   });
   afterEach(async () => {

@@ -2,7 +2,7 @@
 // Retry-After, offline, full storage, autocapture, early calls, privacy signals.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { collectorSuite, eventually, musicUrl, sdkReady } from './harness.mjs';
+import { collectorSuite, eventually, musicUrl, outageThenRecovery, sdkReady } from './harness.mjs';
 
 let c;
 let browser;
@@ -65,21 +65,8 @@ test('a collector answering 503 loses nothing, and the SDK recovers by itself', 
     return route.fulfill({ status: 503, contentType: 'application/json', body: '{"error":"unavailable","message":"down"}' });
   });
   await open({ maxBatchSize: '5', maxWaitTime: '500', autocapture: 'false' }, page);
-  await page.evaluate(() => {
-    for (let i = 0; i < 12; i++) window.tracker.track('Song Played', { seq: i });
-  });
-  await eventually(() => page.evaluate(() => window.tracker.status().lastError === 'HTTP 503'), 10000, 'a 503');
-  const st = await page.evaluate(() => window.tracker.status());
-  assert.equal(st.pending, 12, 'all events kept');
-  assert.ok(st.nextRetryAt > Date.now() - 1000, 'a retry is scheduled');
-  await new Promise((r) => setTimeout(r, 2500));
-  assert.ok(attempts >= 2 && attempts <= 8, `backed off (${attempts} attempts in about 3 s)`);
-  assert.equal(await count(), 0);
-  failing = false;
   // No forceSend(): the backoff timer alone delivers once the collector is back.
-  await eventually(async () => (await count()) === 12, 20000, 'all 12 rows after recovery');
-  await eventually(() => page.evaluate(() => window.tracker.status().pending === 0), 5000, 'an empty queue');
-  assert.equal((await page.evaluate(() => window.tracker.status())).nextRetryAt, null);
+  await outageThenRecovery((fn, arg) => page.evaluate(fn, arg), count, { attempts: () => attempts, recover: () => (failing = false) });
 });
 
 test('Retry-After is honoured, even by forceSend()', async () => {
