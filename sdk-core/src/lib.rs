@@ -727,6 +727,13 @@ impl Core {
         }
     }
 
+    /// Another tab wrote the lease key (`None`: removed it).
+    pub fn adopt_lease(&mut self, value: Option<&str>) {
+        self.lease = value
+            .and_then(storage::split_pair)
+            .map(|(tab, until)| (tab.to_string(), until));
+    }
+
     /// Until when another tab holds the sending lease, if it does.
     pub fn lease_held_elsewhere(&self, now: u64) -> Option<u64> {
         match &self.lease {

@@ -358,6 +358,7 @@ impl Tracker {
             (Some(storage::SESSION), Some(v)) => self.core.adopt_session(v),
             // The sending tab let go: what waited for it may go now.
             (Some(storage::LEASE), None) => {
+                self.core.adopt_lease(None);
                 if self.lock == Lock::Held && self.sending.is_none() {
                     self.continue_send(now);
                 } else {
@@ -660,4 +661,329 @@ pub fn retry_after_ms(value: &str, now: u64, http_date: HttpDateParser) -> Optio
         return Some(secs.saturating_mul(1000));
     }
     Some(http_date(v)?.saturating_sub(now))
+}
+
+#[cfg(test)]
+mod tests {
+    //! The tracker driven as the browser driver does, with a map for localStorage and
+    //! the collector's answers made up by the test.
+
+    use super::*;
+    use crate::memory::Storage;
+    use crate::options::{Loose, Options};
+    use alloc::vec;
+
+    fn http_date(v: &str) -> Option<u64> {
+        let t = httpdate::parse_http_date(v).ok()?;
+        Some(t.duration_since(std::time::UNIX_EPOCH).ok()?.as_millis() as u64)
+    }
+
+    fn settings(batch: f64, wait: f64) -> Settings {
+        Options {
+            endpoint: Loose::Text("https://c.example/".into()),
+            api_key: Loose::Text("k".into()),
+            max_batch_size: Loose::Number(batch),
+            max_wait_time: Loose::Number(wait),
+            ..Options::default()
+        }
+        .settings()
+    }
+
+    fn start(
+        st: &mut Storage,
+        s: Settings,
+        seed: u64,
+        now: u64,
+    ) -> (Tracker, Vec<(String, String)>) {
+        let mut t = Tracker::new(s, seed, false, http_date);
+        let snap = st.clone();
+        let early = t.start(crate::memory::entries(&snap), true, now);
+        (t, early)
+    }
+
+    /// Polls until `Wake`, carrying out storage changes; returns the other outputs and
+    /// the wake-up time.
+    fn run(t: &mut Tracker, st: &mut Storage) -> (Vec<Output>, Option<u64>) {
+        let mut out = Vec::new();
+        loop {
+            match t.poll_output() {
+                Output::Persist(Action::Set(k, v)) => {
+                    st.insert(k, v);
+                }
+                Output::Persist(Action::Remove(k)) => {
+                    st.remove(&k);
+                }
+                Output::Wake(at) => return (out, at),
+                o => out.push(o),
+            }
+        }
+    }
+
+    fn batch_of(out: &[Output]) -> Option<u64> {
+        out.iter().find_map(|o| match o {
+            Output::Transmit(Transmit {
+                kind: TransmitKind::Batch(b),
+                ..
+            }) => Some(*b),
+            _ => None,
+        })
+    }
+
+    fn flushed(out: &[Output]) -> Option<u64> {
+        out.iter().find_map(|o| match o {
+            Output::Flushed { sent, .. } => Some(*sent),
+            _ => None,
+        })
+    }
+
+    fn track(t: &mut Tracker, st: &mut Storage, n: usize, now: u64) -> (Vec<Output>, Option<u64>) {
+        for i in 0..n {
+            t.track("Song Played", Some(&alloc::format!("{{\"seq\":{i}}}")), now)
+                .unwrap();
+        }
+        t.end_task(now);
+        run(t, st)
+    }
+
+    #[test]
+    fn a_batch_goes_when_due_under_the_lock_and_is_forgotten_once_acknowledged() {
+        let mut st = Storage::new();
+        let (mut t, _) = start(&mut st, settings(10.0, 5_000.0), 1, 0);
+        let (out, wake) = track(&mut t, &mut st, 3, 1_000);
+        assert!(out.is_empty(), "nothing due yet: {out:?}");
+        assert_eq!(wake, Some(6_000), "the oldest event's wait");
+        assert_eq!(crate::storage::EVENT, "tl1:e:");
+        assert!(
+            st.keys().any(|k| k.starts_with("tl1:e:")),
+            "stored by the end of the task"
+        );
+        t.timeout(6_000);
+        let (out, _) = run(&mut t, &mut st);
+        assert_eq!(out, vec![Output::Lock { wait: false }]);
+        t.lock_acquired(6_001);
+        let (out, wake) = run(&mut t, &mut st);
+        let batch = batch_of(&out).expect("a batch");
+        match &out[0] {
+            Output::Transmit(tx) => assert_eq!(tx.url, "https://c.example/v1/batch?key=k"),
+            o => panic!("{o:?}"),
+        }
+        assert_eq!(wake, None, "nothing else until the answer");
+        assert_eq!(t.response(batch, 200, None, vec![], 6_050), 3);
+        let (out, _) = run(&mut t, &mut st);
+        assert_eq!(out, vec![Output::Unlock]);
+        assert_eq!(t.pending(), 0);
+        assert!(!st.keys().any(|k| k.starts_with("tl1:e:")));
+    }
+
+    #[test]
+    fn force_send_drains_batch_after_batch_and_reports_what_it_sent() {
+        let mut st = Storage::new();
+        let mut s = settings(2_000.0, 600_000.0);
+        s.config.max_queue_events = 5_000;
+        let (mut t, _) = start(&mut st, s, 1, 0);
+        // Batches hold at most 1,000 events: 1,500 take two.
+        track(&mut t, &mut st, 1_500, 10);
+        let (out, _) = run(&mut t, &mut st);
+        assert_eq!(out, vec![]);
+        let id = t.force_send(20);
+        let (out, _) = run(&mut t, &mut st);
+        assert_eq!(out, vec![Output::Lock { wait: true }]);
+        t.lock_acquired(21);
+        let mut sent_batches = 0;
+        let mut flushed_with = None;
+        for now in 22..40 {
+            let (out, _) = run(&mut t, &mut st);
+            if let Some(sent) = flushed(&out) {
+                flushed_with = Some(sent);
+                assert!(out.contains(&Output::Unlock));
+                break;
+            }
+            let b = batch_of(&out).expect("the next batch");
+            sent_batches += 1;
+            t.response(b, 200, None, vec![], now);
+        }
+        assert_eq!(sent_batches, 2);
+        assert_eq!(flushed_with, Some(1_500));
+        assert_eq!(t.pending(), 0);
+        let _ = id;
+    }
+
+    #[test]
+    fn retry_after_holds_even_force_send_and_dates_are_read() {
+        let mut st = Storage::new();
+        let (mut t, _) = start(&mut st, settings(50.0, 600_000.0), 1, 0);
+        track(&mut t, &mut st, 1, 1_000);
+        t.force_send(1_000);
+        run(&mut t, &mut st);
+        t.lock_acquired(1_000);
+        let (out, _) = run(&mut t, &mut st);
+        let b = batch_of(&out).unwrap();
+        // An HTTP date 3 s ahead of "now" (1,000 ms after the epoch here).
+        t.response(b, 429, Some("Thu, 01 Jan 1970 00:00:04 GMT"), vec![], 1_000);
+        let (out, wake) = run(&mut t, &mut st);
+        assert_eq!(flushed(&out), Some(0), "the failed send ends forceSend()");
+        assert_eq!(t.status().next_retry_at, Some(4_000));
+        assert!(wake.unwrap() >= 4_000);
+        // A second forceSend() before then sends nothing.
+        t.force_send(2_000);
+        let (out, _) = run(&mut t, &mut st);
+        assert_eq!(out, vec![Output::Lock { wait: true }]);
+        t.lock_acquired(2_000);
+        let (out, _) = run(&mut t, &mut st);
+        assert_eq!(batch_of(&out), None);
+        assert_eq!(flushed(&out), Some(0));
+        // Seconds work too.
+        assert_eq!(retry_after_ms(" 7 ", 0, http_date), Some(7_000));
+        assert_eq!(retry_after_ms("soon", 0, http_date), None);
+    }
+
+    #[test]
+    fn a_busy_lock_means_look_again_in_a_second_and_offline_costs_no_attempt() {
+        let mut st = Storage::new();
+        let (mut t, _) = start(&mut st, settings(1.0, 600_000.0), 1, 0);
+        let (out, _) = track(&mut t, &mut st, 1, 100);
+        assert_eq!(out, vec![Output::Lock { wait: false }]);
+        t.lock_unavailable(100);
+        let (out, wake) = run(&mut t, &mut st);
+        assert_eq!(out, vec![]);
+        assert_eq!(wake, Some(1_100));
+        t.timeout(1_100);
+        let (out, _) = run(&mut t, &mut st);
+        assert_eq!(out, vec![Output::Lock { wait: false }]);
+        t.lock_acquired(1_100);
+        let b = batch_of(&run(&mut t, &mut st).0).unwrap();
+        // The request failed while the browser says it is offline.
+        t.set_online(false, 1_200);
+        t.response(b, 0, None, vec![], 1_200);
+        let (_, wake) = run(&mut t, &mut st);
+        assert_eq!(wake, None, "waits for the online event");
+        assert_eq!(t.status().next_retry_at, None, "no attempt spent");
+        assert_eq!(t.status().last_error.as_deref(), Some("offline"));
+        t.set_online(true, 5_000);
+        let (out, _) = run(&mut t, &mut st);
+        assert_eq!(out, vec![Output::Lock { wait: false }]);
+    }
+
+    #[test]
+    fn the_next_page_asks_which_unload_batches_arrived_before_resending() {
+        let mut st = Storage::new();
+        let (mut t, _) = start(&mut st, settings(100.0, 600_000.0), 1, 0);
+        track(&mut t, &mut st, 200, 1_000);
+        t.page_hide(1_010);
+        let (out, wake) = run(&mut t, &mut st);
+        assert!(matches!(
+            &out[..],
+            [Output::Transmit(Transmit {
+                kind: TransmitKind::Beacon,
+                ..
+            })]
+        ));
+        assert_eq!(wake, None);
+        assert!(st
+            .keys()
+            .any(|k| k.starts_with(crate::storage::UNCONFIRMED)));
+        // The next page.
+        let (mut next, _) = start(&mut st, settings(100.0, 600_000.0), 2, 1_300);
+        let (out, wake) = run(&mut next, &mut st);
+        assert_eq!(out, vec![], "nothing sent before the question");
+        assert_eq!(wake, Some(2_010), "asks once the beacon is a second old");
+        next.timeout(2_010);
+        let (out, _) = run(&mut next, &mut st);
+        let Output::Transmit(q) = &out[0] else {
+            panic!("{out:?}")
+        };
+        assert_eq!(q.kind, TransmitKind::Confirm);
+        assert_eq!(q.url, "https://c.example/v1/batch/status?key=k");
+        let asked: serde_json::Value = serde_json::from_slice(&q.body).unwrap();
+        let id = asked["batch_ids"][0].as_str().unwrap().to_string();
+        next.confirmation(Some(vec![id]), 2_050);
+        run(&mut next, &mut st);
+        assert_eq!(next.pending(), 0, "the beacon arrived: nothing to resend");
+        assert!(!st
+            .keys()
+            .any(|k| k.starts_with("tl1:e:") || k.starts_with("tl1:b:")));
+    }
+
+    #[test]
+    fn without_an_answer_to_the_question_the_events_are_sent_again() {
+        let mut st = Storage::new();
+        let (mut t, _) = start(&mut st, settings(100.0, 600_000.0), 1, 0);
+        track(&mut t, &mut st, 5, 1_000);
+        t.page_hide(1_000);
+        run(&mut t, &mut st);
+        let (mut next, _) = start(&mut st, settings(100.0, 600_000.0), 2, 1_100);
+        // forceSend() asks at once rather than waiting for the second to pass.
+        next.force_send(1_100);
+        let (out, _) = run(&mut next, &mut st);
+        assert!(matches!(
+            &out[..],
+            [Output::Transmit(Transmit {
+                kind: TransmitKind::Confirm,
+                ..
+            })]
+        ));
+        next.confirmation(None, 1_150);
+        let (out, _) = run(&mut next, &mut st);
+        assert_eq!(out, vec![Output::Lock { wait: true }]);
+        next.lock_acquired(1_151);
+        let (out, _) = run(&mut next, &mut st);
+        let b = batch_of(&out).expect("the events again");
+        next.response(b, 200, None, vec![], 1_200);
+        let (out, _) = run(&mut next, &mut st);
+        assert_eq!(flushed(&out), Some(5));
+    }
+
+    #[test]
+    fn calls_kept_before_the_wasm_was_ready_come_back_in_order_and_leave_storage() {
+        let mut st = Storage::new();
+        st.insert("tl1:p:b.1000001".into(), "[\"track\",[\"B\"],2]".into());
+        st.insert("tl1:p:a.1000000".into(), "[\"track\",[\"A\"],1]".into());
+        let (mut t, early) = start(&mut st, settings(50.0, 5_000.0), 1, 0);
+        let keys: Vec<&str> = early.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(keys, ["tl1:p:a.1000000", "tl1:p:b.1000001"]);
+        run(&mut t, &mut st);
+        assert!(!st.keys().any(|k| k.starts_with("tl1:p:")));
+    }
+
+    #[test]
+    fn a_privacy_signal_or_missing_settings_make_an_inert_tracker() {
+        let mut st = Storage::new();
+        let mut t = Tracker::new(settings(50.0, 5_000.0), 1, true, http_date);
+        st.insert("tl1:p:a".into(), "[\"track\",[\"A\"],1]".into());
+        let snap = st.clone();
+        assert!(t.start(crate::memory::entries(&snap), true, 0).is_empty());
+        assert!(t.is_inert());
+        assert_eq!(t.track("x", None, 1), Err(Skipped::OptedOut));
+        t.force_send(2);
+        let (out, wake) = run(&mut t, &mut st);
+        assert_eq!(out, vec![Output::Flushed { id: 1, sent: 0 }]);
+        assert_eq!(wake, None);
+        assert!(st.is_empty(), "nothing kept, the early call removed");
+        let t = Tracker::new(Options::default().settings(), 1, false, http_date);
+        assert!(t.is_inert(), "no endpoint or key");
+    }
+
+    #[test]
+    fn another_tabs_lease_release_sends_what_waited_for_it() {
+        let mut st = Storage::new();
+        st.insert("tl1:lease".into(), "other-tab 999999".into());
+        let (mut t, _) = start(&mut st, settings(1.0, 600_000.0), 1, 0);
+        let (out, wake) = track(&mut t, &mut st, 1, 10);
+        assert_eq!(out, vec![]);
+        assert_eq!(wake, Some(999_999), "after the other tab's lease");
+        st.remove("tl1:lease");
+        t.storage_changed(Some("tl1:lease"), None, 20);
+        let (out, _) = run(&mut t, &mut st);
+        assert_eq!(out, vec![Output::Lock { wait: false }]);
+        t.lock_acquired(21);
+        let (out, _) = run(&mut t, &mut st);
+        assert_eq!(
+            out,
+            vec![Output::ReadStorage],
+            "other tabs wrote: read first"
+        );
+        let snap = st.clone();
+        t.refresh(crate::memory::entries(&snap), 22);
+        assert!(batch_of(&run(&mut t, &mut st).0).is_some());
+    }
 }
