@@ -36,6 +36,8 @@ struct State {
     listeners: Vec<(u32, Function)>,
     next_listener: u32,
     status_queued: bool,
+    /// The timer that tells the listeners (kept, not leaked: replaced by the next one).
+    status_timer: Option<Timeout>,
     end_task_queued: bool,
     end_task: Option<Closure<dyn FnMut()>>,
 }
@@ -97,6 +99,7 @@ impl Driver {
                     listeners: Vec::new(),
                     next_listener: 1,
                     status_queued: false,
+                    status_timer: None,
                     end_task_queued: false,
                     end_task: Some(end_task),
                 }),
@@ -423,7 +426,7 @@ impl Driver {
         }
         s.status_queued = true;
         let me = self.me.clone();
-        Timeout::new(0, move || {
+        s.status_timer = Some(Timeout::new(0, move || {
             let Some(d) = me.upgrade() else { return };
             let listeners: Vec<Function> = {
                 let mut s = d.state.borrow_mut();
@@ -439,8 +442,7 @@ impl Driver {
                     }
                 }
             }
-        })
-        .forget();
+        }));
     }
 
     fn wake_at(&self, at: Option<u64>) {
