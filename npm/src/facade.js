@@ -153,6 +153,14 @@ function start(o, inert, load) {
   METHODS.forEach((m, i) => {
     tracker[m] = safe((...args) => call(m, args.slice(0, ARITY[i])));
   });
+  // The hot path, without the generic method's array copies once the wasm is ready.
+  const slowTrack = tracker.track;
+  tracker.track = function (name, props) {
+    if (!real) return slowTrack(name, props);
+    try {
+      real.track(name, props);
+    } catch (e) {}
+  };
   ready.then(
     safe(() => {
       for (const entry of listeners) if (real && entry.cb) entry.off = real.onStatus(entry.cb);

@@ -73,12 +73,12 @@ impl Driver {
         for pair in early.iter() {
             let pair = Array::from(&pair);
             if let (Some(k), Some(v)) = (pair.get(0).as_string(), pair.get(1).as_string()) {
-                if !replay.iter().any(|(key, _)| *key == k) {
-                    replay.push((k, v));
+                let at = replay.partition_point(|(key, _)| *key < k);
+                if replay.get(at).is_none_or(|(key, _)| *key != k) {
+                    replay.insert(at, (k, v));
                 }
             }
         }
-        replay.sort_unstable();
         let inert = tracker.is_inert();
         let driver = Rc::new_cyclic(|me: &Weak<Driver>| {
             let weak = me.clone();

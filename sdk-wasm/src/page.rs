@@ -70,21 +70,18 @@ pub fn privacy_signal() -> bool {
         || get(&nav, "globalPrivacyControl") == JsValue::TRUE
 }
 
-/// `JSON.stringify(props)` as an object, or `None` (nothing, or not serialisable: cycles,
-/// BigInt). A value that is not an object goes in as `{"value": ...}`.
+/// `JSON.stringify(props)` as an object, or `None` (nothing, `null`, or not serialisable:
+/// cycles, BigInt). A value that is not an object goes in as `{"value": ...}`. One call
+/// into JavaScript: `track()` is the hot path, and each crossing of the boundary costs.
 pub fn props_json(props: &JsValue) -> Option<String> {
-    if props.is_undefined() || props.is_null() {
+    let json = js_sys::JSON::stringify(props).ok()?.as_string()?;
+    if json.starts_with('{') {
+        return Some(json);
+    }
+    if json == "null" {
         return None;
     }
-    let object = if props.is_object() && !js_sys::Array::is_array(props) {
-        props.clone()
-    } else {
-        let o = js_sys::Object::new();
-        Reflect::set(&o, &JsValue::from_str("value"), props).ok()?;
-        o.into()
-    };
-    let s: String = js_sys::JSON::stringify(&object).ok()?.into();
-    s.starts_with('{').then_some(s)
+    Some(["{\"value\":", &json, "}"].concat())
 }
 
 /// Appends `,"key":"value"` (or nothing for an empty value).
