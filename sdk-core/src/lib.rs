@@ -10,33 +10,44 @@
 //!   It owns the rules around the queue: forceSend's drain, the retry-soon rule, reading
 //!   `Retry-After`, what counts as offline, the storage keys' meaning, the pre-load queue,
 //!   and asking the collector which unload batches arrived.
-//! - [`Core`] (this file) is the queue engine under it: the stored layout and restore,
-//!   batching, the sending lease, retry state and identity.
+//! - [`Core`] (this file) is the queue engine under it, in three parts, each with its own
+//!   state; `Core` makes events and routes each call to the parts it concerns:
+//!   - `store.rs` (`Store`): the queued events as storage holds them (records, gone-lists,
+//!     the dropped count, unconfirmed batches), restore and refresh, the queue's bounds,
+//!     and the storage [`Action`]s pending for the binding, which every part adds to;
+//!   - `sender.rs` (`Sender`): when a batch is due, the batch in flight and its answer,
+//!     the sending lease, retry state and the unload beacon;
+//!   - `identity.rs` (`Identity`): anonymous id, user id, session and opt-out.
 //!
-//! Tests drive both directly, faster than real time.
+//! Tests drive both layers directly, faster than real time.
 
 extern crate alloc;
 
 pub mod backoff;
 pub mod gzip;
+mod identity;
 pub mod ids;
 pub mod memory;
 pub mod options;
 mod queue;
+mod sender;
 pub mod storage;
+mod store;
 pub mod text;
 pub mod tracker;
 
 pub use options::{Autocapture, Options, Settings};
 pub use tracker::{HttpDateParser, Output, Tracker, Transmit, TransmitKind};
 
-use alloc::string::{String, ToString};
+use alloc::string::String;
 use alloc::vec::Vec;
 
 pub use backoff::{BackoffSchedule, RetryState};
+use identity::Identity;
 use ids::{Rng, UuidV7};
-use queue::{EventQueue, Record};
-use tracklet_wire::json::{push_str_literal, push_u64, BatchJson, EventJson};
+use sender::Sender;
+use store::Store;
+use tracklet_wire::json::EventJson;
 
 /// Settings of one tracker, from `tracklet.init(options)`.
 #[derive(Clone, Debug)]
@@ -158,113 +169,19 @@ pub struct Status {
     pub opted_out: bool,
 }
 
-#[derive(Clone, Debug)]
-struct InFlight {
-    batch: u64,
-    batch_id: String,
-    /// How many events it holds: the queued events marked `in_flight`.
-    events: usize,
-    /// The `dropped` count this batch reported.
-    dropped: u64,
-}
-
-#[derive(Clone, Debug, Default)]
-struct Session {
-    id: String,
-    last: u64,
-    persisted_last: u64,
-}
-
+/// The queue engine: a `Store`, a `Sender` and an `Identity` (see the module doc), and
+/// what needs more than one of them: making an event, restore, `status()`, and no sending
+/// while the user is opted out.
 pub struct Core {
     cfg: Config,
+    /// The one source of randomness (ids, sampling, jitter), so a seed fixes every draw.
     rng: Rng,
     uuid: UuidV7,
-    /// This tab's id, for the sending lease.
-    tab: String,
-    /// Unacknowledged events by id; UUIDv7 ids sort by creation time.
-    queue: EventQueue,
-    anon: String,
-    user: Option<String>,
-    session: Session,
+    /// Page-level context added to every event.
     context: Option<String>,
-    retry: RetryState,
-    dropped: u64,
-    lease: Option<(String, u64)>,
-    in_flight: Option<InFlight>,
-    next_batch: u64,
-    /// After a 413, batches are at most this many events until one is accepted.
-    split_limit: Option<usize>,
-    online: bool,
-    blocked: bool,
-    opted_out: bool,
-    rejected: u64,
-    last_error: Option<String>,
-    last_sent_at: Option<u64>,
-    actions: Vec<Action>,
-    /// The storage record (its serial number in the queue's table) this task's events go into,
-    /// written by the next [`Core::take_actions`] (which the binding calls before the task ends).
-    open_chunk: Option<u32>,
-    /// Batches sent without an answer seen (the unload beacon, a request cut off by the
-    /// page going away), by this page or an earlier one: their events are held back until
-    /// the collector says which arrived ([`Core::confirm`]).
-    unconfirmed: Vec<Unconfirmed>,
-}
-
-/// A batch whose fate is unknown (`tl1:b:<batch id>`).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Unconfirmed {
-    pub batch_id: String,
-    /// When it was sent (ms).
-    pub sent_at: u64,
-    pub events: Vec<String>,
-}
-
-const SESSION_PERSIST_EVERY_MS: u64 = 5_000;
-
-fn pair(a: &str, n: u64) -> String {
-    let mut s = String::with_capacity(a.len() + 14);
-    s.push_str(a);
-    s.push(' ');
-    push_u64(&mut s, n);
-    s
-}
-
-/// `tl1:a:<first id>`: the gone-list of record `tl1:e:<first id>`.
-fn gone_key(chunk: &str) -> String {
-    let mut k = String::from(storage::GONE);
-    k.push_str(chunk.get(storage::EVENT.len()..).unwrap_or_default());
-    k
-}
-
-/// Merges a stored gone-list (another tab's view) into ours; returns the merged list as
-/// [`storage::gone_lines`] reads it.
-fn merge_gone(list: &mut String, stored: &str) -> Vec<bool> {
-    if !list.is_empty() {
-        list.push(storage::LINE as char);
-    }
-    list.push_str(stored);
-    let lines = storage::gone_lines(list);
-    list.clear();
-    for (l, &gone) in lines.iter().enumerate() {
-        if gone {
-            queue::append_line(list, l as u32);
-        }
-    }
-    lines
-}
-
-/// `tl1:b:<batch id>`: an unconfirmed batch.
-fn unconfirmed_key(batch_id: &str) -> String {
-    let mut k = String::from(storage::UNCONFIRMED);
-    k.push_str(batch_id);
-    k
-}
-
-fn event_key(id: &str) -> String {
-    let mut k = String::with_capacity(storage::EVENT.len() + id.len());
-    k.push_str(storage::EVENT);
-    k.push_str(id);
-    k
+    store: Store,
+    sender: Sender,
+    identity: Identity,
 }
 
 impl Core {
@@ -277,27 +194,10 @@ impl Core {
             cfg,
             rng,
             uuid: UuidV7::default(),
-            tab,
-            queue: EventQueue::default(),
-            anon: String::new(),
-            user: None,
-            session: Session::default(),
             context: None,
-            retry: RetryState::default(),
-            dropped: 0,
-            lease: None,
-            in_flight: None,
-            next_batch: 1,
-            split_limit: None,
-            online: true,
-            blocked: false,
-            opted_out: false,
-            rejected: 0,
-            last_error: None,
-            last_sent_at: None,
-            actions: Vec::new(),
-            open_chunk: None,
-            unconfirmed: Vec::new(),
+            store: Store::default(),
+            sender: Sender::new(tab),
+            identity: Identity::default(),
         }
     }
 
@@ -310,12 +210,9 @@ impl Core {
         I::IntoIter: Clone,
     {
         self.adopt(entries.into_iter(), true);
-        if self.anon.is_empty() {
-            self.anon = ids::uuid_v4(&mut self.rng);
-            self.actions
-                .push(Action::Set(storage::ANON.into(), self.anon.clone()));
-        }
-        self.enforce_caps();
+        self.identity
+            .ensure_anonymous_id(&mut self.rng, &mut self.store.actions);
+        self.store.enforce_caps(&self.cfg);
     }
 
     /// Re-reads shared state written by other tabs (call before sending and before
@@ -328,149 +225,16 @@ impl Core {
         self.adopt(entries.into_iter(), false);
     }
 
-    /// (`entries` is read more than once, hence `Clone`: no copy of the snapshot is made.)
+    /// Each part reads its own keys. (`entries` is read more than once, hence `Clone`: no
+    /// copy of the snapshot is made.)
     fn adopt<'a>(
         &mut self,
         entries: impl Iterator<Item = (&'a str, &'a str)> + Clone,
         first: bool,
     ) {
-        // Gone-lists first: their lines are not queued, whatever their records say.
-        // (first id, list, whether its record was met).
-        let mut lists: Vec<(&str, &str, bool)> = Vec::new();
-        for (key, value) in entries.clone() {
-            if let Some(first_id) = key.strip_prefix(storage::GONE) {
-                lists.push((first_id, value, false));
-            }
-        }
-        if !first {
-            // Persisted events gone from storage were acknowledged (or cleared) by another
-            // tab: those not seen below go. Ours in flight stay until our own answer comes.
-            self.queue.mark(|r| r.persisted && !r.in_flight);
-        }
-        let mut retry = RetryState::default();
-        let mut lease = None;
-        let mut dropped = 0;
-        let mut opted_out = false;
-        let mut user = None;
-        for (key, value) in entries {
-            if let Some(first_id) = key.strip_prefix(storage::EVENT) {
-                let mut stored = "";
-                for list in lists.iter_mut().filter(|l| l.0 == first_id) {
-                    list.2 = true;
-                    stored = list.1;
-                }
-                // The record's entry in the queue: found through one of its queued events
-                // (a record is read whole, so no other entry has its key), else made anew.
-                let mut chunk = None;
-                for line in text::fields(value, storage::LINE) {
-                    if let Some(r) =
-                        storage::event_line_id(line).and_then(|id| self.queue.get_mut(id))
-                    {
-                        chunk = Some(r.chunk);
-                        break;
-                    }
-                }
-                let chunk = match chunk {
-                    Some(c) => c,
-                    None => self.queue.new_chunk(key.into()),
-                };
-                // Its gone lines: ours and the stored ones.
-                let gone = match self.queue.chunk(chunk) {
-                    Some(c) => merge_gone(&mut c.gone, stored),
-                    None => Vec::new(),
-                };
-                let mut valid = false;
-                for (at, line) in text::fields(value, storage::LINE).enumerate() {
-                    let Some(id) = storage::event_line_id(line) else {
-                        continue;
-                    };
-                    valid = true;
-                    if gone.get(at).is_some_and(|&g| g) {
-                        continue;
-                    }
-                    if let Some(r) = self.queue.get_mut(id) {
-                        r.marked = false;
-                    } else {
-                        let keep = self.is_keep_record(id.len(), line);
-                        let record = Record {
-                            json: line.into(),
-                            keep,
-                            persisted: true,
-                            chunk,
-                            line: at as u32,
-                            in_flight: false,
-                            held: false,
-                            marked: false,
-                        };
-                        self.queue.insert(id.into(), record);
-                    }
-                }
-                if !valid {
-                    self.actions.push(Action::Remove(key.into()));
-                }
-                continue;
-            }
-            match key {
-                storage::ANON => self.anon = value.into(),
-                storage::USER => user = Some(value.to_string()),
-                storage::SESSION => {
-                    if let Some((id, last)) = storage::split_pair(value) {
-                        if last > self.session.last {
-                            self.session = Session {
-                                id: id.into(),
-                                last,
-                                persisted_last: last,
-                            };
-                        }
-                    }
-                }
-                storage::RETRY => retry = RetryState::decode(value).unwrap_or_default(),
-                storage::LEASE => {
-                    lease = storage::split_pair(value).map(|(t, u)| (t.to_string(), u))
-                }
-                storage::DROPPED => dropped = text::number(value).unwrap_or(0),
-                storage::OPT_OUT => opted_out = true,
-                _ => {
-                    if let Some(batch_id) = key.strip_prefix(storage::UNCONFIRMED) {
-                        if first && !self.unconfirmed.iter().any(|u| u.batch_id == batch_id) {
-                            let mut lines = text::fields(value, storage::LINE);
-                            let sent_at = lines.next().and_then(text::number).unwrap_or(0);
-                            self.unconfirmed.push(Unconfirmed {
-                                batch_id: batch_id.into(),
-                                sent_at,
-                                events: lines.filter(|l| !l.is_empty()).map(String::from).collect(),
-                            });
-                        }
-                    }
-                }
-            }
-        }
-        for (first_id, _, met) in lists {
-            if !met {
-                // Its record is gone: so is the list.
-                let mut k = String::from(storage::GONE);
-                k.push_str(first_id);
-                self.actions.push(Action::Remove(k));
-            }
-        }
-        self.queue.remove_marked(true);
-        // (And forgets the records met above with none of their events queued.)
-        self.queue.take_touched(|_, _| {});
-        self.hold_unconfirmed();
-        self.retry = retry;
-        self.lease = lease;
-        self.dropped = dropped;
-        self.opted_out = opted_out;
-        self.user = user;
-    }
-
-    /// Whether a stored event line is of an `always_keep` event.
-    fn is_keep_record(&self, id_len: usize, value: &str) -> bool {
-        self.cfg.always_keep.iter().any(|name| {
-            let mut literal = String::new();
-            push_str_literal(&mut literal, name);
-            storage::event_name_is(value, id_len, &literal)
-        })
+        self.store.adopt(entries.clone(), first, &self.cfg);
+        self.identity.adopt(entries.clone());
+        self.sender.adopt(entries);
     }
 
     /// Page-level context (url, path, title, screen, ...) as a JSON object, added to every
@@ -487,7 +251,7 @@ impl Core {
         props_json: Option<&str>,
         now: u64,
     ) -> Result<String, Skipped> {
-        if self.opted_out {
+        if self.identity.opted_out() {
             return Err(Skipped::OptedOut);
         }
         // Characters are the bytes that do not continue a UTF-8 sequence.
@@ -503,7 +267,8 @@ impl Core {
                 }
             }
         }
-        self.touch_session(now);
+        self.identity
+            .touch_session(now, &self.cfg, &mut self.rng, &mut self.store.actions);
         let id = self.uuid.next(now, &mut self.rng);
         let mut json = String::with_capacity(
             200 + props_json.map_or(0, str::len) + self.context.as_ref().map_or(0, String::len),
@@ -512,9 +277,9 @@ impl Core {
             id: &id,
             name,
             ts: now,
-            anonymous_id: &self.anon,
-            session_id: &self.session.id,
-            user_id: self.user.as_deref(),
+            anonymous_id: self.identity.anonymous_id(),
+            session_id: self.identity.session_id(),
+            user_id: self.identity.user_id(),
             props: props_json,
             context: self.context.as_deref(),
         }
@@ -522,154 +287,63 @@ impl Core {
         if json.len() > tracklet_wire::MAX_EVENT_BYTES {
             return Err(Skipped::TooLarge);
         }
-        let chunk = match self.open_chunk {
-            Some(c) => c,
-            None => {
-                let c = self.queue.new_chunk(event_key(&id));
-                self.open_chunk = Some(c);
-                c
-            }
-        };
         // Persisted by the next `take_actions()`, which the binding calls before the task
         // ends: one storage write for all the events of a task.
-        self.queue.insert(
-            id.clone(),
-            Record {
-                json,
-                keep,
-                persisted: false,
-                chunk,
-                line: 0,
-                in_flight: false,
-                held: false,
-                marked: false,
-            },
-        );
+        self.store.push_tracked(id.clone(), json, keep);
         Ok(id)
     }
 
     /// Sets the user id for this and later events (persisted, shared by tabs).
     pub fn identify(&mut self, user_id: &str) {
-        self.user = Some(user_id.into());
-        self.actions
-            .push(Action::Set(storage::USER.into(), user_id.into()));
+        self.identity.identify(user_id, &mut self.store.actions);
     }
 
     /// New anonymous id and session, no user id (for logout).
     pub fn reset(&mut self, now: u64) {
-        self.anon = ids::uuid_v4(&mut self.rng);
-        self.user = None;
-        self.session = Session::default();
-        self.actions
-            .push(Action::Set(storage::ANON.into(), self.anon.clone()));
-        self.actions.push(Action::Remove(storage::USER.into()));
-        self.touch_session(now);
+        self.identity
+            .reset(now, &self.cfg, &mut self.rng, &mut self.store.actions);
     }
 
     /// Stops tracking (persisted) and discards what is queued.
     pub fn opt_out(&mut self) -> usize {
-        self.opted_out = true;
-        self.actions
-            .push(Action::Set(storage::OPT_OUT.into(), "1".into()));
-        self.clear()
+        self.identity.opt_out(&mut self.store.actions);
+        self.store.clear()
     }
 
     pub fn opt_in(&mut self) {
-        self.opted_out = false;
-        self.actions.push(Action::Remove(storage::OPT_OUT.into()));
+        self.identity.opt_in(&mut self.store.actions);
     }
 
     pub fn opted_out(&self) -> bool {
-        self.opted_out
-    }
-
-    fn touch_session(&mut self, now: u64) {
-        let s = &mut self.session;
-        let fresh = s.id.is_empty() || now.saturating_sub(s.last) > self.cfg.session_idle_ms;
-        if fresh {
-            *s = Session {
-                id: ids::uuid_v4(&mut self.rng),
-                last: now,
-                persisted_last: 0,
-            };
-        }
-        s.last = s.last.max(now);
-        if fresh || s.last.saturating_sub(s.persisted_last) >= SESSION_PERSIST_EVERY_MS {
-            s.persisted_last = s.last;
-            self.actions
-                .push(Action::Set(storage::SESSION.into(), pair(&s.id, s.last)));
-        }
+        self.identity.opted_out()
     }
 
     /// Another tab wrote the session key (the binding listens for `storage` events).
     pub fn adopt_session(&mut self, value: &str) {
-        if let Some((id, last)) = storage::split_pair(value) {
-            if last >= self.session.last {
-                self.session = Session {
-                    id: id.into(),
-                    last,
-                    persisted_last: last,
-                };
-            }
-        }
+        self.identity.adopt_session(value);
     }
 
     pub fn anonymous_id(&self) -> &str {
-        &self.anon
+        self.identity.anonymous_id()
     }
 
     pub fn session_id(&self) -> &str {
-        &self.session.id
-    }
-
-    /// Drops the oldest events beyond the count and byte bounds (never `always_keep` ones,
-    /// never those in flight), counting them for the next batch's `dropped`.
-    fn enforce_caps(&mut self) {
-        if self.queue.len() <= self.cfg.max_queue_events
-            && self.queue.bytes() <= self.cfg.max_queue_bytes
-        {
-            return;
-        }
-        let (max_events, max_bytes) = (self.cfg.max_queue_events, self.cfg.max_queue_bytes);
-        let mut count = self.queue.len();
-        let mut bytes = self.queue.bytes();
-        self.queue.mark(|r| {
-            let victim = (count > max_events || bytes > max_bytes) && !r.keep && !r.in_flight;
-            if victim {
-                count -= 1;
-                bytes -= r.json.len();
-            }
-            victim
-        });
-        let dropped = self.remove_events();
-        if dropped == 0 {
-            return;
-        }
-        self.dropped += dropped as u64;
-        let mut d = String::new();
-        push_u64(&mut d, self.dropped);
-        self.actions.push(Action::Set(storage::DROPPED.into(), d));
+        self.identity.session_id()
     }
 
     /// The binding could not write this key (quota exceeded, storage disabled): its events
     /// live on in memory only, and a refresh must not mistake them for acknowledged.
     pub fn persist_failed(&mut self, key: &str) {
-        let chunk = self.queue.serial_of(key);
-        for r in self.queue.iter_mut().filter(|r| Some(r.chunk) == chunk) {
-            r.persisted = false;
-        }
+        self.store.persist_failed(key);
     }
 
     /// Discards every queued event that is not in flight; returns how many.
     pub fn clear(&mut self) -> usize {
-        self.queue.mark(|r| !r.in_flight);
-        let n = self.remove_events();
-        self.hold_unconfirmed();
-        n
+        self.store.clear()
     }
 
     pub fn set_online(&mut self, online: bool) {
-        self.online = online;
+        self.sender.set_online(online);
     }
 
     /// Storage changes to carry out now, in order. The queue's bounds are enforced here,
@@ -677,320 +351,55 @@ impl Core {
     /// task then costs one pass over the queue, not one per event (the queue may exceed its
     /// bounds until the task's end).
     pub fn take_actions(&mut self) -> Vec<Action> {
-        self.enforce_caps();
-        self.write_open_chunk();
-        core::mem::take(&mut self.actions)
-    }
-
-    /// Writes this task's record: the events tracked since the last `take_actions`.
-    fn write_open_chunk(&mut self) {
-        let Some(chunk) = self.open_chunk.take() else {
-            return;
-        };
-        let Some(key) = self.queue.chunk(chunk).map(|c| c.key.clone()) else {
-            return;
-        };
-        // A record's events all come at or after its first event (the key's id).
-        let first = key.get(storage::EVENT.len()..).unwrap_or_default();
-        let mut value = String::new();
-        let records = self.queue.iter_mut_from(first).filter(|r| r.chunk == chunk);
-        for (line, r) in records.enumerate() {
-            if line > 0 {
-                value.push(storage::LINE as char);
-            }
-            value.push_str(&r.json);
-            r.persisted = true;
-            r.line = line as u32;
-        }
-        if !value.is_empty() {
-            self.actions.push(Action::Set(key, value));
-        }
+        self.store.take_actions(&self.cfg)
     }
 
     /// Events not yet acknowledged, in flight included.
     pub fn pending(&self) -> usize {
-        self.queue.len()
+        self.store.len()
     }
 
     pub fn status(&self) -> Status {
-        Status {
-            pending: self.queue.len(),
-            in_flight: self.in_flight.as_ref().map_or(0, |f| f.events),
-            last_error: self.last_error.clone(),
-            last_sent_at: self.last_sent_at,
-            next_retry_at: (self.retry.failures > 0 || self.retry.not_before > 0)
-                .then(|| self.retry.next_at.max(self.retry.not_before)),
-            online: self.online,
-            rejected: self.rejected,
-            dropped: self.dropped,
-            opted_out: self.opted_out,
-        }
+        self.sender.status(&self.store, self.identity.opted_out())
     }
 
     /// Another tab wrote the lease key (`None`: removed it).
     pub fn adopt_lease(&mut self, value: Option<&str>) {
-        self.lease = value
-            .and_then(storage::split_pair)
-            .map(|(tab, until)| (tab.to_string(), until));
+        self.sender.adopt_lease(value);
     }
 
     /// Until when another tab holds the sending lease, if it does.
     pub fn lease_held_elsewhere(&self, now: u64) -> Option<u64> {
-        match &self.lease {
-            Some((owner, until)) if *owner != self.tab && *until > now => Some(*until),
-            _ => None,
-        }
-    }
-
-    fn oldest_ms(&self) -> Option<u64> {
-        let (id, _) = self.queue.iter().find(|(_, r)| !r.in_flight && !r.held)?;
-        Some(ids::uuid_v7_ms(id).unwrap_or(0))
-    }
-
-    /// Whether a batch is due now (for `force`, whenever anything is queued), given the
-    /// batching rules, backoff, `Retry-After`, connectivity and the other tabs' lease.
-    fn may_send(&self, now: u64, force: bool) -> bool {
-        if self.in_flight.is_some()
-            || !self.online
-            || self.blocked
-            || self.opted_out
-            || self.queue.is_empty()
-        {
-            return false;
-        }
-        if now < self.retry.not_before || self.lease_held_elsewhere(now).is_some() {
-            return false;
-        }
-        if force {
-            return true;
-        }
-        if now < self.retry.next_at {
-            return false;
-        }
-        self.retry.failures > 0
-            || self.queue.len() >= self.cfg.max_batch_size
-            || self
-                .oldest_ms()
-                .is_some_and(|t| t.saturating_add(self.cfg.max_wait_ms) <= now)
+        self.sender.lease_held_elsewhere(now)
     }
 
     /// Whether [`Core::poll_send`] would answer a batch now (not forced).
     pub fn poll_due(&self, now: u64) -> bool {
-        self.may_send(now, false) && self.oldest_ms().is_some()
+        !self.identity.opted_out() && self.sender.poll_due(&self.store, &self.cfg, now)
     }
 
-    /// The next batch to send, if one is due. While it is in flight no other batch is
-    /// started; report its fate with [`Core::on_result`].
+    /// The next batch to send, if one is due (for `force`, whenever anything is queued),
+    /// given the batching rules, backoff, `Retry-After`, connectivity and the other tabs'
+    /// lease. While it is in flight no other batch is started; report its fate with
+    /// [`Core::on_result`].
     pub fn poll_send(&mut self, now: u64, force: bool) -> Option<Outgoing> {
-        if !self.may_send(now, force) || self.oldest_ms().is_none() {
+        if self.identity.opted_out() {
             return None;
         }
-        // A backlog (a burst, or what queued up during an outage) goes in bigger requests,
-        // bounded by the collector's cap and the request size: it drains in a few round
-        // trips instead of reaching the queue's bounds.
-        let backlog = self.queue.len() > self.cfg.max_batch_size;
-        let normal = if backlog {
-            tracklet_wire::MAX_EVENTS_PER_BATCH
-        } else {
-            self.cfg.max_batch_size
-        };
-        let limit = self
-            .split_limit
-            .unwrap_or(normal)
-            .clamp(1, tracklet_wire::MAX_EVENTS_PER_BATCH);
-        let batch_id = ids::uuid_v4(&mut self.rng);
-        let (events, body) = self.build_body(now, limit, &batch_id);
-        // The batch holds the first `events` events not in flight nor held.
-        for r in self.queue.iter_mut().filter(|r| !r.held).take(events) {
-            r.in_flight = true;
-        }
-        let batch = self.next_batch;
-        self.next_batch += 1;
-        self.in_flight = Some(InFlight {
-            batch,
-            batch_id: batch_id.clone(),
-            events,
-            dropped: self.dropped,
-        });
-        self.lease = Some((self.tab.clone(), now + self.cfg.lease_ms));
-        self.actions.push(Action::Set(
-            storage::LEASE.into(),
-            pair(&self.tab, now + self.cfg.lease_ms),
-        ));
-        Some(Outgoing {
-            batch,
-            batch_id,
-            body,
-            events,
-        })
-    }
-
-    /// Up to `limit` of the oldest events not in flight, as a gzip body under the
-    /// request cap (halving the count until it fits).
-    fn build_body(&self, now: u64, limit: usize, batch_id: &str) -> (usize, Vec<u8>) {
-        let mut n = limit;
-        loop {
-            let mut batch = BatchJson::with_batch_id(now, self.dropped, batch_id);
-            let mut events = 0;
-            for (_, r) in self.queue.iter() {
-                if events == n {
-                    break;
-                }
-                if !r.in_flight && !r.held {
-                    batch.push_raw_event(&r.json);
-                    events += 1;
-                }
-            }
-            let body = gzip::gzip(batch.finish().as_bytes());
-            if body.len() <= tracklet_wire::SDK_MAX_REQUEST_BYTES || events <= 1 {
-                return (events, body);
-            }
-            n = events / 2;
-        }
+        self.sender
+            .poll_send(&mut self.store, &mut self.rng, &self.cfg, now, force)
     }
 
     /// Reports what became of batch `batch`.
     pub fn on_result(&mut self, batch: u64, outcome: Outcome, now: u64) {
-        let Some(flight) = self.in_flight.take_if(|f| f.batch == batch) else {
-            return;
-        };
-        // Its answer came after all (a page back from the back-forward cache).
-        self.forget_unconfirmed(&flight.batch_id);
-        self.settle(flight, outcome, now);
-        for r in self.queue.iter_mut() {
-            r.in_flight = false;
-        }
-        // Last, after the removals: a tab that sees the lease gone also sees them (one
-        // tab's storage writes reach the others in order), so it never resends them.
-        self.release_lease();
-    }
-
-    fn settle(&mut self, flight: InFlight, outcome: Outcome, now: u64) {
-        let n = flight.events;
-        // `status().lastError`: text, a number, text (the number left out when 0).
-        let error: (&str, u64, &str) = match outcome {
-            Outcome::Accepted { rejected } => {
-                let rejected = rejected.iter().filter(|&&i| i < n).count() as u64;
-                self.rejected += rejected;
-                self.remove_in_flight();
-                self.last_sent_at = Some(now);
-                self.split_limit = None;
-                self.reset_retry();
-                if flight.dropped > 0 {
-                    self.dropped = self.dropped.saturating_sub(flight.dropped);
-                    self.actions.push(if self.dropped == 0 {
-                        Action::Remove(storage::DROPPED.into())
-                    } else {
-                        let mut d = String::new();
-                        push_u64(&mut d, self.dropped);
-                        Action::Set(storage::DROPPED.into(), d)
-                    });
-                }
-                ("", rejected, " events rejected by the collector")
-            }
-            Outcome::BadRequest => {
-                self.rejected += n as u64;
-                self.remove_in_flight();
-                self.reset_retry();
-                ("HTTP ", 400, ": batch rejected by the collector")
-            }
-            Outcome::TooLarge if n > 1 => {
-                self.split_limit = Some(n / 2);
-                ("HTTP ", 413, ": batch too large, splitting it")
-            }
-            Outcome::TooLarge => {
-                self.rejected += 1;
-                self.remove_in_flight();
-                ("HTTP ", 413, ": event too large")
-            }
-            Outcome::Unauthorized { status } => {
-                self.blocked = true;
-                (
-                    "HTTP ",
-                    status as u64,
-                    ": check the apiKey and the project's allowed origins",
-                )
-            }
-            Outcome::Retry {
-                status,
-                retry_after_ms,
-            } => {
-                self.retry.failures += 1;
-                let delay = self
-                    .cfg
-                    .backoff
-                    .delay_ms(self.retry.failures, &mut self.rng);
-                self.retry.not_before = retry_after_ms.map_or(0, |ra| now + ra);
-                self.retry.next_at = (now + delay).max(self.retry.not_before);
-                self.actions
-                    .push(Action::Set(storage::RETRY.into(), self.retry.encode()));
-                match status {
-                    0 => ("network error", 0, ""),
-                    _ => ("HTTP ", status as u64, ""),
-                }
-            }
-            Outcome::Offline => {
-                self.online = false;
-                ("offline", 0, "")
-            }
-        };
-        self.last_error = match error {
-            ("", 0, _) => None,
-            (lead, n, tail) => {
-                let mut s = String::from(lead);
-                if n > 0 {
-                    push_u64(&mut s, n);
-                }
-                s.push_str(tail);
-                Some(s)
-            }
-        };
-    }
-
-    /// Gives up the sending role if this tab holds it.
-    fn release_lease(&mut self) {
-        if self
-            .lease
-            .as_ref()
-            .is_some_and(|(owner, _)| *owner == self.tab)
-        {
-            self.lease = None;
-            self.actions.push(Action::Remove(storage::LEASE.into()));
-        }
-    }
-
-    /// Removes the batch in flight from the queue and from storage.
-    fn remove_in_flight(&mut self) {
-        self.queue.mark(|r| r.in_flight);
-        self.remove_events();
-    }
-
-    /// Removes the marked events from the queue and from storage: a record with none of
-    /// its events left is removed, otherwise their lines join the record's gone-list.
-    /// Records are never rewritten (see [`storage::EVENT`]). Returns how many went.
-    fn remove_events(&mut self) -> usize {
-        let removed = self.queue.remove_marked(false);
-        let (actions, open) = (&mut self.actions, &mut self.open_chunk);
-        self.queue.take_touched(|c, emptied| {
-            if !emptied {
-                actions.push(Action::Set(gone_key(&c.key), c.gone.clone()));
-            } else if *open == Some(c.serial) {
-                // Never written: nothing to remove, and this task's next events start a
-                // new record.
-                *open = None;
-            } else {
-                actions.push(Action::Remove(gone_key(&c.key)));
-                actions.push(Action::Remove(c.key.clone()));
-            }
-        });
-        removed
-    }
-
-    fn reset_retry(&mut self) {
-        if self.retry != RetryState::default() {
-            self.retry = RetryState::default();
-            self.actions.push(Action::Remove(storage::RETRY.into()));
-        }
+        self.sender.on_result(
+            &mut self.store,
+            &mut self.rng,
+            &self.cfg,
+            batch,
+            outcome,
+            now,
+        );
     }
 
     /// The body for `sendBeacon` when the page goes away: what is queued and not in
@@ -1006,117 +415,26 @@ impl Core {
     /// (`tl1:b:<batch id>`): the next page asks the collector which arrived before sending
     /// their events again (see [`Core::unconfirmed_due`]).
     pub fn unload_body(&mut self, now: u64) -> Option<Vec<u8>> {
-        self.release_lease();
-        if let Some(flight) = &self.in_flight {
-            let ids = self.ids_where(|r| r.in_flight);
-            let batch_id = flight.batch_id.clone();
-            self.remember_unconfirmed(batch_id, now, ids);
-        }
-        if !self.online || self.blocked || self.opted_out || now < self.retry.not_before {
+        self.sender.hand_over(&mut self.store, now);
+        if self.identity.opted_out() {
             return None;
         }
-        let batch_id = ids::uuid_v4(&mut self.rng);
-        let (events, body) = self.build_body(now, tracklet_wire::MAX_EVENTS_PER_BATCH, &batch_id);
-        if events == 0 {
-            return None;
-        }
-        let mut ids = Vec::with_capacity(events);
-        for (id, r) in self.queue.iter() {
-            if ids.len() == events {
-                break;
-            }
-            if !r.in_flight && !r.held {
-                ids.push(id.clone());
-            }
-        }
-        self.remember_unconfirmed(batch_id, now, ids);
-        Some(body)
-    }
-
-    fn ids_where(&self, f: impl Fn(&queue::Record) -> bool) -> Vec<String> {
-        let mut ids = Vec::new();
-        for (id, r) in self.queue.iter() {
-            if f(r) {
-                ids.push(id.clone());
-            }
-        }
-        ids
-    }
-
-    /// Writes `tl1:b:<batch id>` (`<sent at>` then the event ids, one per line) and holds
-    /// the events back.
-    fn remember_unconfirmed(&mut self, batch_id: String, sent_at: u64, events: Vec<String>) {
-        let mut value = String::new();
-        push_u64(&mut value, sent_at);
-        for id in &events {
-            value.push(storage::LINE as char);
-            value.push_str(id);
-        }
-        self.actions
-            .push(Action::Set(unconfirmed_key(&batch_id), value));
-        self.unconfirmed.retain(|u| u.batch_id != batch_id);
-        self.unconfirmed.push(Unconfirmed {
-            batch_id,
-            sent_at,
-            events,
-        });
-        self.hold_unconfirmed();
-    }
-
-    fn forget_unconfirmed(&mut self, batch_id: &str) {
-        let before = self.unconfirmed.len();
-        self.unconfirmed.retain(|u| u.batch_id != batch_id);
-        if self.unconfirmed.len() != before {
-            self.actions.push(Action::Remove(unconfirmed_key(batch_id)));
-        }
-    }
-
-    /// Marks the queued events of unconfirmed batches as held (not sent until confirmed);
-    /// forgets unconfirmed batches none of whose events is queued any more.
-    fn hold_unconfirmed(&mut self) {
-        let mut gone = Vec::new();
-        for u in &self.unconfirmed {
-            let mut any = false;
-            for id in &u.events {
-                if let Some(r) = self.queue.get_mut(id) {
-                    if !r.in_flight {
-                        r.held = true;
-                    }
-                    any = true;
-                }
-            }
-            if !any {
-                gone.push(u.batch_id.clone());
-            }
-        }
-        for id in gone {
-            self.forget_unconfirmed(&id);
-        }
+        self.sender.beacon_body(&mut self.store, &mut self.rng, now)
     }
 
     /// The unconfirmed batches to ask the collector about now, if any: those sent at
     /// least `delay_ms` ago (a beacon may still be on its way to the database).
     pub fn unconfirmed_due(&self, now: u64, delay_ms: u64) -> Option<Vec<String>> {
-        let due: Vec<String> = self
-            .unconfirmed
-            .iter()
-            .filter(|u| u.sent_at.saturating_add(delay_ms) <= now)
-            .map(|u| u.batch_id.clone())
-            .take(tracklet_wire::MAX_BATCH_IDS_PER_QUERY)
-            .collect();
-        (!due.is_empty()).then_some(due)
+        self.store.unconfirmed_due(now, delay_ms)
     }
 
     /// When the oldest unconfirmed batch becomes due for the question, if any.
     pub fn unconfirmed_at(&self, delay_ms: u64) -> Option<u64> {
-        self.unconfirmed
-            .iter()
-            .map(|u| u.sent_at.saturating_add(delay_ms))
-            .min()
+        self.store.unconfirmed_at(delay_ms)
     }
 
     pub fn has_unconfirmed(&self) -> bool {
-        !self.unconfirmed.is_empty()
+        self.store.has_unconfirmed()
     }
 
     /// The collector's answer about the unconfirmed batches `asked`: `arrived` lists those
@@ -1125,56 +443,16 @@ impl Core {
     /// are released and sent again (the collector drops duplicates by event id).
     /// Returns how many events were acknowledged.
     pub fn confirm(&mut self, asked: &[String], arrived: Option<&[String]>) -> usize {
-        let mut acknowledged = 0;
-        for batch_id in asked {
-            let Some(at) = self
-                .unconfirmed
-                .iter()
-                .position(|u| &u.batch_id == batch_id)
-            else {
-                continue;
-            };
-            let u = self.unconfirmed.remove(at);
-            self.actions.push(Action::Remove(unconfirmed_key(batch_id)));
-            let came = arrived.is_some_and(|a| a.contains(batch_id));
-            for id in &u.events {
-                if let Some(r) = self.queue.get_mut(id) {
-                    if !r.in_flight {
-                        r.held = false;
-                        r.marked = came;
-                    }
-                }
-            }
-            if came {
-                acknowledged += self.remove_events();
-            }
-        }
-        // An event in two unconfirmed batches stays held by the other.
-        self.hold_unconfirmed();
-        acknowledged
+        self.store.confirm(asked, arrived)
     }
 
     /// When the binding should call [`Core::poll_send`] next, if ever (an `online` event,
     /// a new `track()` or an answer may bring it forward).
     pub fn next_wake(&self) -> Option<u64> {
-        if self.in_flight.is_some() || !self.online || self.blocked || self.opted_out {
+        if self.identity.opted_out() {
             return None;
         }
-        let oldest = self.oldest_ms()?;
-        let due = if self.retry.failures > 0 {
-            self.retry.next_at
-        } else if self.queue.len() >= self.cfg.max_batch_size {
-            0
-        } else {
-            oldest.saturating_add(self.cfg.max_wait_ms)
-        };
-        let mut t = due.max(self.retry.not_before);
-        if let Some((owner, until)) = &self.lease {
-            if *owner != self.tab {
-                t = t.max(*until);
-            }
-        }
-        Some(t)
+        self.sender.next_wake(&self.store, &self.cfg)
     }
 }
 

@@ -66,6 +66,15 @@ pub fn split_pair(value: &str) -> Option<(&str, u64)> {
     Some((a, crate::text::number(b)?))
 }
 
+/// Writes `<text> <number>`, the shape of [`SESSION`] and [`LEASE`].
+pub(crate) fn join_pair(a: &str, n: u64) -> alloc::string::String {
+    let mut s = alloc::string::String::with_capacity(a.len() + 14);
+    s.push_str(a);
+    s.push(' ');
+    tracklet_wire::json::push_u64(&mut s, n);
+    s
+}
+
 /// The id of one event line of a record, if the line looks like an event written by this
 /// version: an object starting with its `id`, then its `name`. Cheap: records are checked
 /// at start-up, before anything is sent.
@@ -97,6 +106,7 @@ mod tests {
     #[test]
     fn pairs() {
         assert_eq!(split_pair("abc 12"), Some(("abc", 12)));
+        assert_eq!(split_pair(&join_pair("abc", 12)), Some(("abc", 12)));
         assert_eq!(split_pair(" 12"), None);
         assert_eq!(split_pair("abc x"), None);
         assert_eq!(split_pair("abc"), None);

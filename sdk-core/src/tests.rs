@@ -833,17 +833,3 @@ fn a_backlog_drains_in_few_requests_under_the_size_cap() {
     assert_eq!(c.pending(), 0);
     assert!(requests <= 3, "{requests} requests for 1,000 queued events");
 }
-
-#[test]
-fn gone_lists_of_two_tabs_merge_to_their_union() {
-    let mut gone = "1\n4".to_string();
-    let lines = merge_gone(&mut gone, "0\n4\n2");
-    assert_eq!(gone, "0\n1\n2\n4");
-    assert_eq!(lines, [true, true, true, false, true]);
-    let mut gone = String::new();
-    merge_gone(&mut gone, "3\nx");
-    queue::append_line(&mut gone, 5);
-    assert_eq!(gone, "3\n5");
-    merge_gone(&mut gone, "");
-    assert_eq!(gone, "3\n5");
-}
