@@ -54,12 +54,12 @@ impl RetryState {
     }
 
     pub fn decode(s: &str) -> Option<Self> {
-        let (failures, rest) = crate::text::split_once(s, b' ')?;
-        let (next_at, not_before) = crate::text::split_once(rest, b' ')?;
+        let (failures, rest) = s.split_once(' ')?;
+        let (next_at, not_before) = rest.split_once(' ')?;
         Some(RetryState {
-            failures: crate::text::number(failures)?.try_into().ok()?,
-            next_at: crate::text::number(next_at)?,
-            not_before: crate::text::number(not_before)?,
+            failures: failures.parse().ok()?,
+            next_at: next_at.parse().ok()?,
+            not_before: not_before.parse().ok()?,
         })
     }
 }

@@ -33,7 +33,6 @@ mod queue;
 mod sender;
 pub mod storage;
 mod store;
-pub mod text;
 pub mod tracker;
 
 pub use options::{Autocapture, Options, Settings};

@@ -25,8 +25,8 @@ pub const MAX_RECORD_LINES: u64 = 1 << 20;
 /// The lines a gone-list names, as flags by line number.
 pub fn gone_lines(list: &str) -> alloc::vec::Vec<bool> {
     let mut lines = alloc::vec::Vec::new();
-    for n in crate::text::fields(list, LINE) {
-        let n = crate::text::number(n).unwrap_or(MAX_RECORD_LINES);
+    for n in list.split(LINE as char) {
+        let n = n.parse::<u64>().ok().unwrap_or(MAX_RECORD_LINES);
         if n < MAX_RECORD_LINES {
             while lines.len() <= n as usize {
                 lines.push(false);
@@ -59,11 +59,11 @@ pub const PRE_READY: &str = "tl1:p:";
 
 /// Parses `<text> <number>`, the shape of [`SESSION`] and [`LEASE`].
 pub fn split_pair(value: &str) -> Option<(&str, u64)> {
-    let (a, b) = crate::text::split_once(value, b' ')?;
+    let (a, b) = value.split_once(' ')?;
     if a.is_empty() {
         return None;
     }
-    Some((a, crate::text::number(b)?))
+    Some((a, b.parse::<u64>().ok()?))
 }
 
 /// Writes `<text> <number>`, the shape of [`SESSION`] and [`LEASE`].

@@ -11,7 +11,7 @@ use alloc::vec::Vec;
 
 use crate::ids;
 use crate::queue::{self, EventQueue, Record};
-use crate::{storage, text, Action, Config};
+use crate::{storage, Action, Config};
 use tracklet_wire::json::{push_str_literal, push_u64};
 
 #[derive(Default)]
@@ -123,7 +123,7 @@ impl Store {
                 // The record's entry in the queue: found through one of its queued events
                 // (a record is read whole, so no other entry has its key), else made anew.
                 let mut chunk = None;
-                for line in text::fields(value, storage::LINE) {
+                for line in value.split(storage::LINE as char) {
                     if let Some(r) =
                         storage::event_line_id(line).and_then(|id| self.queue.get_mut(id))
                     {
@@ -141,7 +141,7 @@ impl Store {
                     None => Vec::new(),
                 };
                 let mut valid = false;
-                for (at, line) in text::fields(value, storage::LINE).enumerate() {
+                for (at, line) in value.split(storage::LINE as char).enumerate() {
                     let Some(id) = storage::event_line_id(line) else {
                         continue;
                     };
@@ -170,11 +170,14 @@ impl Store {
                     self.actions.push(Action::Remove(key.into()));
                 }
             } else if key == storage::DROPPED {
-                dropped = text::number(value).unwrap_or(0);
+                dropped = value.parse().unwrap_or(0);
             } else if let Some(batch_id) = key.strip_prefix(storage::UNCONFIRMED) {
                 if first && !self.unconfirmed.iter().any(|u| u.batch_id == batch_id) {
-                    let mut lines = text::fields(value, storage::LINE);
-                    let sent_at = lines.next().and_then(text::number).unwrap_or(0);
+                    let mut lines = value.split(storage::LINE as char);
+                    let sent_at = lines
+                        .next()
+                        .and_then(|n| n.parse::<u64>().ok())
+                        .unwrap_or(0);
                     self.unconfirmed.push(Unconfirmed {
                         batch_id: batch_id.into(),
                         sent_at,

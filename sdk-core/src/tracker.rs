@@ -660,7 +660,7 @@ impl Tracker {
 /// `http_date`); `None` for anything else.
 pub fn retry_after_ms(value: &str, now: u64, http_date: HttpDateParser) -> Option<u64> {
     let v = value.trim();
-    if let Some(secs) = crate::text::number(v) {
+    if let Ok(secs) = v.parse::<u64>() {
         return Some(secs.saturating_mul(1000));
     }
     Some(http_date(v)?.saturating_sub(now))
