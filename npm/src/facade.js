@@ -20,6 +20,15 @@ export const METHODS = ['track', 'page', 'identify', 'reset', 'optOut', 'optIn']
 const ARITY = [2, 1, 2, 0, 0, 0];
 
 const noop = () => {};
+// Wraps the callbacks the wasm hands the browser (page events, its microtask, the Web Lock
+// callback): a trap in the wasm is a JavaScript exception that Rust cannot catch, and it
+// must not reach the page's error handlers.
+const guard = (f) =>
+  function () {
+    try {
+      return f.apply(this, arguments);
+    } catch (e) {}
+  };
 const warn = (...a) => console.warn('[tracklet]', ...a);
 const safe = (fn, fallback) =>
   function () {
@@ -104,6 +113,7 @@ function start(o, inert, load) {
           real = new m.Tracker(
             o,
             early.filter((e) => !e[2]).map((e) => [e[0], e[1]]),
+            guard,
           );
           early.length = 0;
         })

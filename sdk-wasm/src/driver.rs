@@ -20,6 +20,8 @@ use crate::page;
 
 pub struct Driver {
     me: Weak<Driver>,
+    /// Wraps a callback in a JavaScript `try`/`catch` (from the facade; see `Tracker::new`).
+    guard: Function,
     state: RefCell<State>,
 }
 
@@ -39,11 +41,12 @@ struct State {
     /// The timer that tells the listeners (kept, not leaked: replaced by the next one).
     status_timer: Option<Timeout>,
     end_task_queued: bool,
-    end_task: Option<Closure<dyn FnMut()>>,
+    /// The microtask that ends a task (kept alive here), and its guarded function.
+    end_task: Option<(Closure<dyn FnMut()>, JsValue)>,
 }
 
 impl Driver {
-    pub fn start(options: &JsValue, early: &Array) -> Rc<Driver> {
+    pub fn start(options: &JsValue, early: &Array, guard: Function) -> Rc<Driver> {
         let settings = serde_wasm_bindgen::from_value::<Options>(options.clone())
             .unwrap_or_default()
             .settings();
@@ -87,8 +90,10 @@ impl Driver {
                     d.end_task();
                 }
             });
+            let end_task_fn = guarded(&guard, end_task.as_ref());
             Driver {
                 me: me.clone(),
+                guard,
                 state: RefCell::new(State {
                     tracker,
                     store,
@@ -101,7 +106,7 @@ impl Driver {
                     status_queued: false,
                     status_timer: None,
                     end_task_queued: false,
-                    end_task: Some(end_task),
+                    end_task: Some((end_task, end_task_fn)),
                 }),
             }
         });
@@ -250,8 +255,8 @@ impl Driver {
             return;
         }
         s.end_task_queued = true;
-        if let (Some(w), Some(f)) = (page::window(), &s.end_task) {
-            w.queue_microtask(f.as_ref().unchecked_ref());
+        if let (Some(w), Some((_, f))) = (page::window(), &s.end_task) {
+            w.queue_microtask(f.unchecked_ref());
         }
     }
 
@@ -389,6 +394,7 @@ impl Driver {
             d.drive();
             held
         });
+        let granted = guarded(&self.guard, &granted);
         let request =
             locks.request_with_options("tracklet:send", &options, granted.unchecked_ref());
         let me = self.me.clone();
@@ -531,7 +537,7 @@ impl Driver {
         options.set_capture(capture);
         let _ = target.add_event_listener_with_callback_and_add_event_listener_options(
             event,
-            listener.as_ref().unchecked_ref(),
+            guarded(&self.guard, listener.as_ref()).unchecked_ref(),
             &options,
         );
         listener.forget();
@@ -546,6 +552,13 @@ impl Driver {
     pub fn set_context(&self) {
         self.with(|t| t.set_context(page::context_json()));
     }
+}
+
+/// `f` as the facade's guard returns it (or `f` itself if the guard failed).
+fn guarded(guard: &Function, f: &JsValue) -> JsValue {
+    guard
+        .call1(&JsValue::UNDEFINED, f)
+        .unwrap_or_else(|_| f.clone())
 }
 
 type Listener = Box<dyn Fn(&Driver, web_sys::Event)>;

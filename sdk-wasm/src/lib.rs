@@ -105,13 +105,17 @@ pub struct Tracker(std::rc::Rc<Driver>);
 impl Tracker {
     /// Starts a tracker with the `init()` options. `early` lists the calls made before
     /// the wasm was ready that could not be kept in localStorage, as `[key, json]` pairs
-    /// (the others are read from storage); all are replayed in order.
+    /// (the others are read from storage); all are replayed in order. `guard(f)` returns
+    /// `f` wrapped in a `try`/`catch`: the driver hands the browser only guarded callbacks,
+    /// so that a trap in the wasm (a JavaScript exception, which Rust cannot catch) never
+    /// reaches the page's error handlers.
     #[wasm_bindgen(constructor)]
     pub fn new(
         #[wasm_bindgen(unchecked_param_type = "TrackletOptions")] options: JsValue,
         #[wasm_bindgen(unchecked_param_type = "[string, string][]")] early: Array,
+        #[wasm_bindgen(unchecked_param_type = "(f: Function) => Function")] guard: js_sys::Function,
     ) -> Tracker {
-        Tracker(Driver::start(&options, &early))
+        Tracker(Driver::start(&options, &early, guard))
     }
 
     /// Queues an event: `name` a non-empty string (at most 200 characters), `props` any
