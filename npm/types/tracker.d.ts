@@ -86,11 +86,6 @@ declare class WasmTracker {
      */
     identify(user_id: string, traits?: Properties): void;
     /**
-     * Starts a tracker with the `init()` options. `early` lists the calls made before
-     * the wasm was ready that could not be kept in localStorage, as `[key, json]` pairs
-     * (the others are read from storage); all are replayed in order.
-     */
-    /**
      * Calls `listener(status)` after changes, at most once per task. Returns a function
      * that unsubscribes it.
      */
