@@ -340,3 +340,28 @@ test('sampling, alwaysKeep, and events the collector rejects are dropped and cou
   assert.equal(r.status.rejected, 1);
   assert.match(r.status.lastError, /1 events rejected/);
 });
+
+test('a failure inside a callback the browser calls into the wasm never reaches the page', async () => {
+  const page = await browser.context.newPage();
+  await page.addInitScript(() => {
+    window.pageErrors = [];
+    addEventListener('error', (e) => window.pageErrors.push(String(e.message)));
+    addEventListener('unhandledrejection', (e) => window.pageErrors.push(String(e.reason)));
+    // A broken Web Locks: it calls the SDK's callback twice, the second time from a timer
+    // of its own, where whatever the callback throws would reach the page's handlers.
+    LockManager.prototype.request = function (name, options, cb) {
+      return new Promise((resolve) => {
+        setTimeout(() => Promise.resolve(cb({ name, mode: 'exclusive' })).then(resolve), 0);
+        setTimeout(() => cb({ name, mode: 'exclusive' }), 5);
+      });
+    };
+  });
+  await open(QUIET, page);
+  await page.evaluate(() => {
+    for (let i = 0; i < 3; i++) window.tracker.track('Song Played', { seq: i });
+  });
+  assert.deepEqual(await page.evaluate(() => window.tracker.forceSend()), { sent: 3, pending: 0 });
+  await new Promise((r) => setTimeout(r, 300));
+  assert.deepEqual(await page.evaluate(() => window.pageErrors), [], "nothing reached the page's error handlers");
+  assert.equal(await count("name = 'Song Played'"), 3);
+});
