@@ -10,7 +10,7 @@ use std::rc::{Rc, Weak};
 
 use gloo_timers::callback::Timeout;
 use js_sys::{Array, Function, Object, Promise, Reflect, Uint8Array};
-use tracklet_core::{Action, Options, Output, Tracker, Transmit, TransmitKind};
+use tracklet_core::{Action, Autocapture, Options, Output, Tracker, Transmit, TransmitKind};
 use wasm_bindgen::prelude::*;
 use wasm_bindgen::JsCast;
 use wasm_bindgen_futures::{spawn_local, JsFuture};
@@ -54,7 +54,6 @@ impl Driver {
             page::warn("init() needs endpoint and apiKey", &JsValue::UNDEFINED);
         }
         let debug = settings.debug;
-        let autocapture = settings.autocapture;
         let mut tracker = Tracker::new(
             settings,
             page::seed(),
@@ -118,11 +117,14 @@ impl Driver {
         for (_, call) in replay {
             driver.replay(&call);
         }
-        if !inert {
-            crate::autocapture::install(&driver, autocapture);
-        }
         driver.drive();
         driver
+    }
+
+    /// What autocapture should record, if anything (`None` for an inert tracker).
+    pub fn autocapture(&self) -> Option<Autocapture> {
+        let s = self.state.borrow();
+        (!s.tracker.is_inert()).then(|| s.tracker.settings().autocapture)
     }
 
     fn with<R>(&self, f: impl FnOnce(&mut Tracker) -> R) -> R {

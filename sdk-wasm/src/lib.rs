@@ -115,7 +115,12 @@ impl Tracker {
         #[wasm_bindgen(unchecked_param_type = "[string, string][]")] early: Array,
         #[wasm_bindgen(unchecked_param_type = "(f: Function) => Function")] guard: js_sys::Function,
     ) -> Tracker {
-        Tracker(Driver::start(&options, &early, guard))
+        let driver = Driver::start(&options, &early, guard);
+        if let Some(on) = driver.autocapture() {
+            autocapture::install(&driver, on);
+            driver.drive();
+        }
+        Tracker(driver)
     }
 
     /// Queues an event: `name` a non-empty string (at most 200 characters), `props` any
