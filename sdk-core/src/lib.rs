@@ -432,10 +432,6 @@ impl Core {
         self.store.unconfirmed_at(delay_ms)
     }
 
-    pub fn has_unconfirmed(&self) -> bool {
-        self.store.has_unconfirmed()
-    }
-
     /// The collector's answer about the unconfirmed batches `asked`: `arrived` lists those
     /// it committed (their events are acknowledged and leave the queue), `None` when it
     /// could not say (no answer, an error): then, as for those not listed, their events

@@ -473,10 +473,6 @@ impl Store {
             .min()
     }
 
-    pub fn has_unconfirmed(&self) -> bool {
-        !self.unconfirmed.is_empty()
-    }
-
     /// The collector's answer about the unconfirmed batches `asked`: `arrived` lists those
     /// it committed (their events are acknowledged and leave the queue), `None` when it
     /// could not say (no answer, an error): then, as for those not listed, their events

@@ -275,10 +275,6 @@ impl Tracker {
         self.core.status()
     }
 
-    pub fn core(&self) -> &Core {
-        &self.core
-    }
-
     /// `forceSend()`: sends everything now (after the batch in flight), skipping the
     /// backoff wait but never a server's `Retry-After`. Returns the id that the
     /// [`Output::Flushed`] answering it carries.
