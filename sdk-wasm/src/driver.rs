@@ -109,7 +109,7 @@ impl Driver {
                 }),
             }
         });
-        driver.with(|t| t.set_context(page::context_json()));
+        driver.set_context();
         if !inert {
             driver.listen();
         }
@@ -172,7 +172,7 @@ impl Driver {
     }
 
     pub fn page(&self, props: &JsValue, at: Option<u64>) {
-        self.with(|t| t.set_context(page::context_json()));
+        self.set_context();
         self.track_json("page_view", page::props_json(props).as_deref(), at);
     }
 
