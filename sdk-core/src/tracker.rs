@@ -287,11 +287,7 @@ impl Tracker {
         }
         let drain = self.drain.get_or_insert_with(Drain::default);
         drain.waiters.push((id, drain.sent));
-        if self.lock == Lock::Held && self.sending.is_none() && !self.awaiting_storage {
-            self.continue_send(now);
-        } else {
-            self.pump(now);
-        }
+        self.resume(now);
         id
     }
 
@@ -303,12 +299,10 @@ impl Tracker {
         if self.retry_soon_at.is_some_and(|t| t <= now) {
             self.retry_soon_at = None;
         }
-        let looking = self.drain.as_mut().and_then(|d| d.look_again_at.take());
-        if self.lock == Lock::Held && looking.is_some() && self.sending.is_none() {
-            self.continue_send(now);
-        } else {
-            self.pump(now);
+        if let Some(d) = &mut self.drain {
+            d.look_again_at = None;
         }
+        self.resume(now);
     }
 
     /// The send lock is this tab's: send what is due.
@@ -358,11 +352,7 @@ impl Tracker {
             // The sending tab let go: what waited for it may go now.
             (Some(storage::LEASE), None) => {
                 self.core.adopt_lease(None);
-                if self.lock == Lock::Held && self.sending.is_none() {
-                    self.continue_send(now);
-                } else {
-                    self.pump(now);
-                }
+                self.resume(now);
             }
             _ => {}
         }
@@ -431,8 +421,9 @@ impl Tracker {
             return 0;
         }
         self.sending = None;
-        let in_flight = self.core.status().in_flight;
-        let online = self.core.status().online;
+        let Status {
+            in_flight, online, ..
+        } = self.core.status();
         let outcome = match status {
             200..=299 => Outcome::Accepted { rejected },
             // A network error while the browser says it is offline costs no attempt.
@@ -641,6 +632,16 @@ impl Tracker {
                     sent: d.sent - joined,
                 });
             }
+        }
+    }
+
+    /// With the lock held and nothing awaited (no answer, no storage read): the next
+    /// step of this turn; otherwise, whatever is due.
+    fn resume(&mut self, now: u64) {
+        if self.lock == Lock::Held && self.sending.is_none() && !self.awaiting_storage {
+            self.continue_send(now);
+        } else {
+            self.pump(now);
         }
     }
 
