@@ -120,9 +120,17 @@ pub struct ServeArgs {
     /// Rows the commit queue holds before answering 503.
     #[arg(long, env = "TRACKLET_QUEUE_CAPACITY_ROWS", default_value_t = 50_000)]
     pub queue_capacity_rows: usize,
+    /// Mebibytes of rows (their strings and props) the commit queue holds before answering
+    /// 503: bounds memory when rows are large.
+    #[arg(long, env = "TRACKLET_QUEUE_CAPACITY_MB", default_value_t = 64)]
+    pub queue_capacity_mb: usize,
     /// Batches decoded at the same time before answering 503 (bounds memory).
     #[arg(long, env = "TRACKLET_MAX_INFLIGHT_BATCHES", default_value_t = 128)]
     pub max_inflight_batches: usize,
+    /// Mebibytes all request bodies may hold at once, compressed and inflated, before
+    /// answering 503 (bounds memory against large and compressed bodies).
+    #[arg(long, env = "TRACKLET_BODY_MEMORY_MB", default_value_t = 64)]
+    pub body_memory_mb: usize,
     /// Seconds allowed to receive a request body (408 after).
     #[arg(long, env = "TRACKLET_BODY_TIMEOUT_SECS", default_value_t = 10)]
     pub body_timeout_secs: u64,
@@ -192,10 +200,13 @@ impl ServeArgs {
                 max_delay: Duration::from_millis(self.commit_max_delay_ms),
                 concurrency: self.commit_concurrency.max(1),
                 queue_capacity_rows: queue,
+                queue_capacity_bytes: self.queue_capacity_mb.max(1).saturating_mul(1024 * 1024),
                 high_water_rows: queue / 5 * 4,
                 ..CommitConfig::default()
             },
             max_inflight_batches: self.max_inflight_batches,
+            // At least one largest body (1 MiB compressed + 10 MiB inflated) must fit.
+            body_memory_bytes: self.body_memory_mb.max(12).saturating_mul(1024 * 1024),
             body_read_timeout: Duration::from_secs(self.body_timeout_secs.max(1)),
             shutdown_timeout: Duration::from_secs(self.shutdown_timeout_secs),
             batch_receipt_ttl: config::days(self.batch_receipt_ttl_days),
@@ -270,6 +281,10 @@ pub async fn serve(db: &DbConfig, config: ServeConfig) -> anyhow::Result<()> {
     let store = open_migrated(db).await?;
     let shutdown = Shutdown::new();
     shutdown.on_os_signals();
+    // The partitions of this month and the next are in place before the first request: a
+    // batch is never routed to the default partition while its month's partition is being
+    // attached (that insert would fail; it is retried and at worst answered 503).
+    maintain_partitions(store.as_ref(), &config).await;
     let maintenance = tokio::spawn(keep_partitions(
         store.clone(),
         config.clone(),
@@ -313,26 +328,32 @@ pub async fn serve(db: &DbConfig, config: ServeConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Creates upcoming partitions and drops expired ones now and every `partition_interval`.
+/// Creates upcoming partitions and drops expired ones every `partition_interval` (the first
+/// run is [`serve`]'s, before listening).
 async fn keep_partitions(store: Arc<dyn EventStore>, config: ServeConfig, shutdown: Shutdown) {
     loop {
-        match store
-            .maintain_partitions(
-                Utc::now(),
-                config.partition_months_ahead,
-                config.retention_months,
-            )
-            .await
-        {
-            Ok(report) if report.created.is_empty() && report.dropped.is_empty() => {}
-            Ok(report) => {
-                tracing::info!(created = ?report.created, dropped = ?report.dropped, "partitions maintained")
-            }
-            Err(e) => tracing::warn!(error = %e, "partition maintenance failed; will retry"),
-        }
         tokio::select! {
             _ = tokio::time::sleep(config.partition_interval) => {}
             _ = shutdown.wait() => return,
         }
+        maintain_partitions(store.as_ref(), &config).await;
+    }
+}
+
+/// One round of partition upkeep; a failure is logged and retried at the next round.
+async fn maintain_partitions(store: &dyn EventStore, config: &ServeConfig) {
+    match store
+        .maintain_partitions(
+            Utc::now(),
+            config.partition_months_ahead,
+            config.retention_months,
+        )
+        .await
+    {
+        Ok(report) if report.created.is_empty() && report.dropped.is_empty() => {}
+        Ok(report) => {
+            tracing::info!(created = ?report.created, dropped = ?report.dropped, "partitions maintained")
+        }
+        Err(e) => tracing::warn!(error = %e, "partition maintenance failed; will retry"),
     }
 }

@@ -3,7 +3,8 @@
 //! Requests hand their rows to the [`GroupCommitter`] and wait on a oneshot channel; the
 //! committer task gathers whatever is queued (up to N rows, waiting at most T), inserts it in
 //! one transaction and only then answers each request, so a 200 always means "committed".
-//! The queue is bounded in rows: when full, requests get 503 instead of growing memory.
+//! The queue is bounded in rows and in bytes (a row may carry up to 32 KiB of props): when
+//! either is full, requests get 503 instead of growing memory.
 //!
 //! A request may also hand over its batch's receipt ([`BatchReceipt`]); it is written in the
 //! same transaction as the rows (one row of queue capacity), so "the batch arrived" is
@@ -24,9 +25,11 @@ use crate::store::{BatchReceipt, EventRow, EventStore, StoreError};
 pub enum CommitError {
     #[error("commit queue is full")]
     QueueFull,
-    #[error("database unavailable: {0}")]
+    /// The database could not store the rows (an outage or a server-side failure): 503.
+    #[error("{0}")]
     Unavailable(String),
-    #[error("the database refused these events: {0}")]
+    /// The database refused the rows' data (see `StoreError::Refused`).
+    #[error("{0}")]
     Refused(String),
     #[error("the collector is shutting down")]
     Stopped,
@@ -37,8 +40,8 @@ struct Job {
     rows: Vec<EventRow>,
     receipt: Option<BatchReceipt>,
     reply: oneshot::Sender<Result<Vec<bool>, CommitError>>,
-    /// Queue capacity held by these rows until they are committed (or failed).
-    _capacity: OwnedSemaphorePermit,
+    /// Queue capacity (rows, bytes) held by these rows until they are committed (or failed).
+    _capacity: (OwnedSemaphorePermit, OwnedSemaphorePermit),
 }
 
 impl Job {
@@ -54,6 +57,8 @@ impl Job {
 pub struct GroupCommitter {
     jobs: mpsc::UnboundedSender<Job>,
     capacity: Arc<Semaphore>,
+    capacity_bytes: Arc<Semaphore>,
+    byte_capacity: usize,
     queued_rows: Arc<AtomicUsize>,
     config: CommitConfig,
 }
@@ -73,9 +78,14 @@ impl GroupCommitter {
             config.clone(),
             queued_rows.clone(),
         ));
+        let byte_capacity = config
+            .queue_capacity_bytes
+            .clamp(1, Semaphore::MAX_PERMITS.min(u32::MAX as usize));
         let committer = GroupCommitter {
             jobs,
             capacity: Arc::new(Semaphore::new(config.queue_capacity_rows)),
+            capacity_bytes: Arc::new(Semaphore::new(byte_capacity)),
+            byte_capacity,
             queued_rows,
             config,
         };
@@ -94,12 +104,21 @@ impl GroupCommitter {
         if n == 0 {
             return Ok(Vec::new());
         }
+        let bytes: usize = rows.iter().map(EventRow::approx_bytes).sum();
         let permits = u32::try_from(n).map_err(|_| CommitError::QueueFull)?;
-        let capacity = self
-            .capacity
-            .clone()
-            .try_acquire_many_owned(permits)
-            .map_err(|_| CommitError::QueueFull)?;
+        // A batch larger than the whole byte capacity still passes through an empty queue.
+        let byte_permits =
+            u32::try_from(bytes.min(self.byte_capacity)).map_err(|_| CommitError::QueueFull)?;
+        let capacity = (
+            self.capacity
+                .clone()
+                .try_acquire_many_owned(permits)
+                .map_err(|_| CommitError::QueueFull)?,
+            self.capacity_bytes
+                .clone()
+                .try_acquire_many_owned(byte_permits)
+                .map_err(|_| CommitError::QueueFull)?,
+        );
         let (reply, answer) = oneshot::channel();
         self.queued_rows.fetch_add(n, Ordering::Relaxed);
         metrics::queue_depth(self.queued_rows());
@@ -185,9 +204,9 @@ async fn run_committer(
     tracing::debug!("commit queue drained; committer stopped");
 }
 
-/// Commits the rows of `jobs` in one transaction and answers each job. If the database
-/// refuses the transaction (not an outage), each job is retried alone so that one bad request
-/// cannot fail the others.
+/// Commits the rows of `jobs` in one transaction and answers each job. If the transaction
+/// fails for any reason but an outage, each job is retried alone so that one request whose
+/// rows the database will not take cannot fail the others.
 async fn commit_jobs(store: &dyn EventStore, jobs: Vec<Job>, config: &CommitConfig) {
     // Move (not copy) every job's rows and receipt into one slice each; each job keeps its
     // ranges.
@@ -211,7 +230,7 @@ async fn commit_jobs(store: &dyn EventStore, jobs: Vec<Job>, config: &CommitConf
                 let _ = reply.send(Ok(inserted.get(range).unwrap_or_default().to_vec()));
             }
         }
-        Err(e) if !e.is_transient() && answers.len() > 1 => {
+        Err(e) if !e.is_outage() && answers.len() > 1 => {
             tracing::warn!(error = %e, jobs = answers.len(), "group commit refused; committing requests one by one");
             for (range, receipt_range, reply, _capacity) in answers {
                 let result =
@@ -243,7 +262,8 @@ fn commit_error(transient: bool, message: String) -> CommitError {
     }
 }
 
-/// Inserts, retrying with backoff while the database is unreachable (up to `max_attempts`).
+/// Inserts, retrying with backoff (up to `max_attempts`) unless the database refused the
+/// data itself: an outage may end, a partition being attached is attached a moment later.
 async fn insert_with_retry(
     store: &dyn EventStore,
     rows: &[EventRow],
@@ -258,7 +278,7 @@ async fn insert_with_retry(
         metrics::commit_finished(started.elapsed(), rows.len(), result.is_ok());
         match result {
             Err(e) if e.is_transient() && attempt < config.max_attempts => {
-                tracing::warn!(error = %e, attempt, "database unavailable; retrying commit");
+                tracing::warn!(error = %e, attempt, "commit failed; retrying");
                 tokio::time::sleep(backoff).await;
                 backoff *= 3;
                 attempt += 1;

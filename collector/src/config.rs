@@ -29,6 +29,9 @@ pub struct CommitConfig {
     pub max_delay: Duration,
     /// Rows accepted into the queue before requests get 503 (bounds memory).
     pub queue_capacity_rows: usize,
+    /// Bytes of rows (strings and raw props/context, see `EventRow::approx_bytes`) accepted
+    /// into the queue before requests get 503: rows alone would allow 50,000 x 32 KiB.
+    pub queue_capacity_bytes: usize,
     /// `/readyz` reports not ready above this many queued rows.
     pub high_water_rows: usize,
     /// Attempts per transaction while the database is unreachable, before answering 503.
@@ -44,6 +47,7 @@ impl Default for CommitConfig {
             max_rows: 2000,
             max_delay: Duration::ZERO,
             queue_capacity_rows: 50_000,
+            queue_capacity_bytes: 64 * 1024 * 1024,
             high_water_rows: 40_000,
             max_attempts: 3,
             concurrency: 4,
@@ -71,6 +75,9 @@ pub struct ServeConfig {
     /// Batches decoded at the same time; more get 503 (bounds memory: each may hold up to
     /// 1 MiB compressed + 10 MiB decompressed).
     pub max_inflight_batches: usize,
+    /// Bytes all request bodies may hold at once, compressed and inflated; a request that
+    /// would go past it gets 503 (bounds memory against large and compressed bodies).
+    pub body_memory_bytes: usize,
     /// Time allowed to receive a request body (408 after).
     pub body_read_timeout: Duration,
     /// Longest wait for in-flight requests and the commit queue on shutdown.
@@ -95,6 +102,7 @@ impl Default for ServeConfig {
             partition_interval: Duration::from_secs(3600),
             commit: CommitConfig::default(),
             max_inflight_batches: 128,
+            body_memory_bytes: 64 * 1024 * 1024,
             body_read_timeout: crate::limits::BODY_READ_TIMEOUT,
             shutdown_timeout: Duration::from_secs(30),
             batch_receipt_ttl: days(DEFAULT_BATCH_RECEIPT_TTL_DAYS),

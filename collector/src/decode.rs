@@ -6,11 +6,13 @@
 //! A batch status query goes through the same steps under much smaller caps.
 
 use std::io::Read;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
 use bytes::{Bytes, BytesMut};
 use http_body_util::BodyExt;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tracklet_wire::types::{BatchEnvelope, BatchStatusRequest};
 
 use crate::limits::{
@@ -44,6 +46,78 @@ pub enum DecodeError {
     MalformedQuery(String),
     #[error("could not read request body: {0}")]
     BodyRead(String),
+    /// The collector's memory for request bodies is taken by other requests (a server-side
+    /// condition: 503, retry later).
+    #[error("too many large batches in progress; retry later")]
+    MemoryBusy,
+}
+
+/// The memory all requests' bodies may hold at once, compressed and inflated, in bytes.
+///
+/// A request takes its share as its body arrives and as it inflates ([`Held`]), and gives it
+/// back when its body is dropped, so the collector's memory is bounded by bytes actually
+/// held, whatever mix of slow, large or compressed-bomb bodies arrives; a request that would
+/// go past the budget gets 503.
+#[derive(Clone, Debug)]
+pub struct BodyMemory {
+    budget: Arc<Semaphore>,
+    total: usize,
+}
+
+impl BodyMemory {
+    pub fn new(bytes: usize) -> BodyMemory {
+        let total = bytes.clamp(1, Semaphore::MAX_PERMITS.min(u32::MAX as usize));
+        BodyMemory {
+            budget: Arc::new(Semaphore::new(total)),
+            total,
+        }
+    }
+
+    /// A share of nothing yet, to grow as the body arrives.
+    pub fn hold(&self) -> Held {
+        Held {
+            budget: self.budget.clone(),
+            permit: None,
+        }
+    }
+
+    /// Bytes currently held by requests.
+    pub fn in_use(&self) -> usize {
+        self.total - self.budget.available_permits()
+    }
+}
+
+/// One request's share of [`BodyMemory`]; returned when dropped.
+#[derive(Debug)]
+pub struct Held {
+    budget: Arc<Semaphore>,
+    permit: Option<OwnedSemaphorePermit>,
+}
+
+impl Held {
+    /// A share with no limit (tools and tests that decode outside a server).
+    pub fn unbounded() -> Held {
+        BodyMemory::new(usize::MAX).hold()
+    }
+
+    /// Grows the share to `bytes` in total, or fails without waiting.
+    fn grow_to(&mut self, bytes: usize) -> Result<(), DecodeError> {
+        let have = self.permit.as_ref().map_or(0, |p| p.num_permits());
+        if bytes <= have {
+            return Ok(());
+        }
+        let more = u32::try_from(bytes - have).map_err(|_| DecodeError::MemoryBusy)?;
+        let permit = self
+            .budget
+            .clone()
+            .try_acquire_many_owned(more)
+            .map_err(|_| DecodeError::MemoryBusy)?;
+        match &mut self.permit {
+            Some(held) => held.merge(permit),
+            None => self.permit = Some(permit),
+        }
+        Ok(())
+    }
 }
 
 /// How the body is compressed, from the `Content-Encoding` header.
@@ -67,12 +141,14 @@ impl Encoding {
 
 /// Reads the whole body, refusing more than `limit` bytes
 /// ([`crate::limits::MAX_BODY_BYTES`] for a batch) or taking longer than `timeout`. A
-/// `Content-Length` above the cap is refused before reading anything.
+/// `Content-Length` above the cap is refused before reading anything. The buffer is counted
+/// in `held` as it grows.
 pub async fn read_body(
     body: Body,
     content_length: Option<u64>,
     limit: usize,
     timeout: Duration,
+    held: &mut Held,
 ) -> Result<Bytes, DecodeError> {
     if content_length.is_some_and(|len| len > limit as u64) {
         return Err(DecodeError::BodyTooLarge { limit });
@@ -80,11 +156,21 @@ pub async fn read_body(
     let read = async move {
         let mut body = body;
         let mut buf = BytesMut::new();
+        if let Some(len) = content_length {
+            held.grow_to(len as usize)?;
+            buf.reserve(len as usize);
+        }
         while let Some(frame) = body.frame().await {
             let frame = frame.map_err(|e| DecodeError::BodyRead(e.to_string()))?;
             if let Ok(data) = frame.into_data() {
-                if buf.len() + data.len() > limit {
+                let needed = buf.len() + data.len();
+                if needed > limit {
                     return Err(DecodeError::BodyTooLarge { limit });
+                }
+                if needed > buf.capacity() {
+                    let grown = needed.max(buf.capacity() * 2).min(limit);
+                    held.grow_to(grown)?;
+                    buf.reserve(grown - buf.len());
                 }
                 buf.extend_from_slice(&data);
             }
@@ -104,33 +190,46 @@ pub fn decompressed_limit(compressed_len: usize) -> usize {
 }
 
 /// The JSON text of a batch body: inflated when gzip (by header or magic bytes), else as is;
-/// inflated output is capped by [`decompressed_limit`].
+/// inflated output is capped by [`decompressed_limit`]. Not counted in any budget.
 pub fn decompress(raw: Bytes, encoding: Encoding) -> Result<Bytes, DecodeError> {
     let limit = decompressed_limit(raw.len());
-    decompress_capped(raw, encoding, limit)
+    decompress_capped(raw, encoding, limit, &mut Held::unbounded())
 }
 
-/// [`decompress`] with the inflated output capped at `limit` bytes.
+/// [`decompress`] with the inflated output capped at `limit` bytes, its buffer counted in
+/// `held` (on top of the compressed body's bytes) as it grows.
 pub fn decompress_capped(
     raw: Bytes,
     encoding: Encoding,
     limit: usize,
+    held: &mut Held,
 ) -> Result<Bytes, DecodeError> {
     let is_gzip = encoding == Encoding::Gzip || raw.starts_with(&GZIP_MAGIC);
     if !is_gzip {
         return Ok(raw);
     }
-    // Inflate straight into the output, never more than one byte past the cap (a gzip bomb
-    // costs at most the cap).
-    let mut decoder = flate2::bufread::MultiGzDecoder::new(&raw[..]).take(limit as u64 + 1);
-    let mut out = Vec::with_capacity((raw.len() * 8).min(limit + 1));
-    decoder
-        .read_to_end(&mut out)
-        .map_err(|e| DecodeError::InvalidGzip(e.to_string()))?;
-    if out.len() > limit {
-        return Err(DecodeError::DecompressedTooLarge { limit });
+    // Inflate straight into the output, growing it (and the share of memory) step by step,
+    // never more than one byte past the cap: a gzip bomb costs at most the cap, and a large
+    // body costs only what it really inflates to.
+    let mut decoder = flate2::bufread::MultiGzDecoder::new(&raw[..]);
+    let mut out = Vec::new();
+    let mut goal = (64 * 1024).min(limit + 1);
+    loop {
+        held.grow_to(raw.len() + goal)?;
+        out.reserve_exact(goal - out.len());
+        let room = (goal - out.len()) as u64;
+        (&mut decoder)
+            .take(room)
+            .read_to_end(&mut out)
+            .map_err(|e| DecodeError::InvalidGzip(e.to_string()))?;
+        if out.len() > limit {
+            return Err(DecodeError::DecompressedTooLarge { limit });
+        }
+        if out.len() < goal {
+            return Ok(Bytes::from(out));
+        }
+        goal = (goal * 2).min(limit + 1);
     }
-    Ok(Bytes::from(out))
 }
 
 /// Parses UTF-8 JSON text; a parse error becomes `malformed(message)`.
@@ -145,9 +244,11 @@ fn parse_json<'a, T: serde::Deserialize<'a>>(
 /// Parses the envelope, keeping each event as raw JSON (decoded one by one later).
 pub fn parse_envelope(json: &[u8]) -> Result<BatchEnvelope<'_>, DecodeError> {
     let envelope: BatchEnvelope = parse_json(json, DecodeError::Malformed)?;
-    if envelope.events.len() > MAX_EVENTS_PER_BATCH {
+    // The event list keeps at most the cap while parsing and counts the rest (see
+    // `tracklet_wire::types::Events`): an oversized list costs no memory before this refusal.
+    if envelope.events.total() > MAX_EVENTS_PER_BATCH {
         return Err(DecodeError::TooManyEvents {
-            count: envelope.events.len(),
+            count: envelope.events.total(),
         });
     }
     Ok(envelope)
@@ -289,14 +390,42 @@ mod tests {
     fn capped_decompression_refuses_more_than_the_cap() {
         let body = gzip(&vec![b' '; 20_000]);
         assert!(matches!(
-            decompress_capped(body.clone(), Encoding::Sniff, 16 * 1024),
+            decompress_capped(
+                body.clone(),
+                Encoding::Sniff,
+                16 * 1024,
+                &mut Held::unbounded()
+            ),
             Err(DecodeError::DecompressedTooLarge { limit: 16384 })
         ));
         assert_eq!(
-            decompress_capped(body, Encoding::Sniff, 20_000)
+            decompress_capped(body, Encoding::Sniff, 20_000, &mut Held::unbounded())
                 .unwrap()
                 .len(),
             20_000
         );
+    }
+
+    #[test]
+    fn inflating_counts_against_the_shared_body_memory() {
+        let body = gzip(&vec![b' '; 1024 * 1024]);
+        let memory = BodyMemory::new(512 * 1024);
+        let mut held = memory.hold();
+        assert!(matches!(
+            decompress_capped(body.clone(), Encoding::Sniff, 2 << 20, &mut held),
+            Err(DecodeError::MemoryBusy)
+        ));
+        assert!(memory.in_use() > 0);
+        drop(held);
+        assert_eq!(
+            memory.in_use(),
+            0,
+            "a request's share is returned when it ends"
+        );
+        let memory = BodyMemory::new(4 << 20);
+        let mut held = memory.hold();
+        let out = decompress_capped(body, Encoding::Sniff, 2 << 20, &mut held).unwrap();
+        assert_eq!(out.len(), 1024 * 1024);
+        assert!(memory.in_use() >= out.len() && memory.in_use() <= 2 * out.len() + 64 * 1024);
     }
 }

@@ -57,6 +57,7 @@ impl ApiError {
                     (S::PAYLOAD_TOO_LARGE, error_code::TOO_LARGE, None)
                 }
                 DecodeError::Timeout => (S::REQUEST_TIMEOUT, error_code::TIMEOUT, None),
+                DecodeError::MemoryBusy => unavailable,
                 DecodeError::UnsupportedEncoding(_) => (
                     S::UNSUPPORTED_MEDIA_TYPE,
                     error_code::UNSUPPORTED_ENCODING,
@@ -86,6 +87,8 @@ impl ApiError {
                 CommitError::QueueFull | CommitError::Unavailable(_) | CommitError::Stopped => {
                     unavailable
                 }
+                // Only a database error proven to blame the data (see `StoreError::Refused`);
+                // every other failure is the server's and answered 503 above.
                 CommitError::Refused(_) => (S::BAD_REQUEST, error_code::MALFORMED, None),
             },
             ApiError::Store(_) | ApiError::Overloaded => unavailable,

@@ -29,7 +29,7 @@ use tracklet_wire::types::{BatchResponse, BatchStatusResponse};
 use crate::auth::{self, AuthError, ProjectCache};
 use crate::commit::GroupCommitter;
 use crate::config::ServeConfig;
-use crate::decode::{self, DecodeError, Encoding};
+use crate::decode::{self, BodyMemory, DecodeError, Encoding, Held};
 use crate::enrich::{self, EnrichError, Enricher};
 use crate::error::{ApiError, UNAVAILABLE_RETRY_AFTER_SECS};
 use crate::limits::{MAX_BATCH_STATUS_BODY_BYTES, MAX_BODY_BYTES};
@@ -49,8 +49,10 @@ pub struct AppState {
     projects: Arc<ProjectCache>,
     limiter: Arc<RateLimiter>,
     enricher: Arc<Enricher>,
-    /// Permits for batches being decoded and processed (bounds memory under load).
+    /// Permits for batches being decoded and processed (bounds the work in progress).
     inflight: Arc<tokio::sync::Semaphore>,
+    /// Bytes all request bodies may hold at once, compressed and inflated (bounds memory).
+    body_memory: BodyMemory,
     metrics: PrometheusHandle,
 }
 
@@ -66,6 +68,7 @@ impl AppState {
         let state = AppState {
             projects: Arc::new(ProjectCache::new(store.clone())),
             inflight: Arc::new(tokio::sync::Semaphore::new(config.max_inflight_batches)),
+            body_memory: BodyMemory::new(config.body_memory_bytes),
             config: Arc::new(config),
             store,
             committer,
@@ -175,21 +178,25 @@ async fn writing_project(
     Ok(project)
 }
 
-/// The body's JSON text: read under `limit` bytes and the body deadline, then inflated when
-/// gzip (by header or magic bytes) under `inflated_limit(compressed size)` bytes.
-async fn read_json_body(
+/// The (still compressed) body: read under `limit` bytes and the body deadline.
+async fn read_raw_body(
     state: &AppState,
     headers: &HeaderMap,
     body: Body,
     limit: usize,
-    inflated_limit: impl FnOnce(usize) -> usize,
-) -> Result<Bytes, DecodeError> {
+    held: &mut Held,
+) -> Result<(Bytes, Encoding), DecodeError> {
     let encoding = Encoding::from_header(header_str(headers, &header::CONTENT_ENCODING))?;
     let content_length = header_str(headers, &header::CONTENT_LENGTH).and_then(|v| v.parse().ok());
-    let raw =
-        decode::read_body(body, content_length, limit, state.config.body_read_timeout).await?;
-    let inflated = inflated_limit(raw.len());
-    decode::decompress_capped(raw, encoding, inflated)
+    let raw = decode::read_body(
+        body,
+        content_length,
+        limit,
+        state.config.body_read_timeout,
+        held,
+    )
+    .await?;
+    Ok((raw, encoding))
 }
 
 /// The batch pipeline.
@@ -201,23 +208,26 @@ async fn receive_batch(state: &AppState, request: Request) -> Result<BatchRespon
     // Authenticate first: the cheapest refusal, before reading a byte of body.
     let project = writing_project(state, &parts.uri, headers).await?;
 
+    // Read the body first (at most 1 MiB, within the body deadline), holding no shared
+    // permit: a client trickling its body slowly holds only its own connection, never a
+    // permit every project needs.
+    // Every byte of body held, compressed or inflated, counts against the collector's body
+    // memory until the body is dropped (503 when it is all taken).
+    let mut held = state.body_memory.hold();
+    let (raw, encoding) = read_raw_body(state, headers, body, MAX_BODY_BYTES, &mut held).await?;
+
     // Bounded work in progress: shed load rather than buffer without limit. The permit covers
-    // reading, inflating and decoding (the memory-hungry part); once the rows are built it is
-    // returned, and rows waiting for their commit are bounded by the commit queue instead.
+    // inflating and decoding (the memory-hungry part, up to 10 MiB per batch); once the rows
+    // are built it is returned, and rows waiting for their commit are bounded by the commit
+    // queue instead.
     let inflight = state
         .inflight
         .try_acquire()
         .map_err(|_| ApiError::Overloaded)?;
 
     // Decode.
-    let json = read_json_body(
-        state,
-        headers,
-        body,
-        MAX_BODY_BYTES,
-        decode::decompressed_limit,
-    )
-    .await?;
+    let inflated_limit = decode::decompressed_limit(raw.len());
+    let json = decode::decompress_capped(raw, encoding, inflated_limit, &mut held)?;
     let mut envelope = decode::parse_envelope(&json)?;
     let sent_at = i64::try_from(envelope.sent_at)
         .ok()
@@ -285,6 +295,7 @@ async fn receive_batch(state: &AppState, request: Request) -> Result<BatchRespon
     // The body is no longer needed while waiting for the commit.
     drop(envelope);
     drop(json);
+    drop(held);
     drop(inflight);
 
     // Group commit: returns only once the rows are committed.
@@ -317,10 +328,10 @@ async fn receive_status_query(
     let headers = &parts.headers;
     let project = writing_project(state, &parts.uri, headers).await?;
     state.limiter.check(&project, 1)?;
-    let json = read_json_body(state, headers, body, MAX_BATCH_STATUS_BODY_BYTES, |_| {
-        MAX_BATCH_STATUS_BODY_BYTES
-    })
-    .await?;
+    let mut held = state.body_memory.hold();
+    let (raw, encoding) =
+        read_raw_body(state, headers, body, MAX_BATCH_STATUS_BODY_BYTES, &mut held).await?;
+    let json = decode::decompress_capped(raw, encoding, MAX_BATCH_STATUS_BODY_BYTES, &mut held)?;
     let query = decode::parse_status_request(&json)?;
     let arrived = receipts::arrived(state.store.as_ref(), project.id, query.batch_ids).await?;
     Ok(BatchStatusResponse { arrived })

@@ -12,7 +12,6 @@ use std::borrow::Cow;
 
 use serde::Deserialize;
 use serde_json::value::RawValue;
-use serde_json::Value;
 use tracklet_wire::types::Rejected;
 use uuid::Uuid;
 
@@ -235,26 +234,55 @@ fn scan_string(b: &[u8], mut i: usize) -> Result<usize, EventRejection> {
     }
 }
 
-/// A JSON number the JSON parser would have refused to turn into a value (beyond `f64`).
+/// Largest display scale (digits after the decimal point) Postgres' `numeric`, and so
+/// `jsonb`, accepts: `1e-16383` is stored, `1e-16384` and `1.0e-16383` are refused.
+const MAX_NUMERIC_SCALE: i64 = 16383;
+
+/// A JSON number `jsonb` would refuse: beyond `f64` range (the JSON parser would have refused
+/// it as a value too), or with more digits after the decimal point than Postgres' `numeric`
+/// keeps. `1e-20000` is a finite `f64` (0.0) but fails the insert; it is refused here so it
+/// rejects only its own event instead of failing a group commit.
 fn check_number(token: &str) -> Result<(), EventRejection> {
+    let out_of_range = || Err(EventRejection::Malformed("number out of range".into()));
     let plain_integer = token.len() <= 18 && !token.contains(['.', 'e', 'E']);
-    if plain_integer || token.parse::<f64>().is_ok_and(f64::is_finite) {
-        Ok(())
-    } else {
-        Err(EventRejection::Malformed("number out of range".into()))
+    if plain_integer {
+        return Ok(());
     }
+    if !token.parse::<f64>().is_ok_and(f64::is_finite) {
+        return out_of_range();
+    }
+    let (mantissa, exponent) = match token.find(['e', 'E']) {
+        Some(at) => (&token[..at], &token[at + 1..]),
+        None => (token, "0"),
+    };
+    let fraction_digits = mantissa.split_once('.').map_or(0, |(_, f)| f.len()) as i64;
+    // An exponent too long for i64 is far beyond any scale Postgres keeps either way.
+    let Ok(exponent) = exponent.parse::<i64>() else {
+        return out_of_range();
+    };
+    if fraction_digits.saturating_sub(exponent) > MAX_NUMERIC_SCALE {
+        return out_of_range();
+    }
+    Ok(())
 }
 
-/// The event's `id` for the rejection report, when it is a (reasonably short) string.
+/// The event's `id` for the rejection report, when it is a (reasonably short) string. The id
+/// is cut out as raw text (no allocation, whatever its size) and decoded only when it is a
+/// string of plausible length: an `id` of five million zeros costs a scan, not a tree.
 fn probe_id(raw: &RawValue) -> Option<String> {
     #[derive(serde::Deserialize)]
-    struct IdOnly {
-        id: Value,
+    struct IdOnly<'a> {
+        #[serde(borrow)]
+        id: &'a RawValue,
     }
-    match serde_json::from_str::<IdOnly>(raw.get()).ok()?.id {
-        Value::String(s) if s.chars().count() <= MAX_ID_LEN => Some(s),
-        _ => None,
+    let id = serde_json::from_str::<IdOnly>(raw.get()).ok()?.id.get();
+    // Each character is at most 6 bytes of JSON (`\uXXXX`), plus the quotes.
+    if !id.starts_with('"') || id.len() > MAX_ID_LEN * 6 + 2 {
+        return None;
     }
+    serde_json::from_str::<String>(id)
+        .ok()
+        .filter(|s| s.chars().count() <= MAX_ID_LEN)
 }
 
 #[cfg(test)]
@@ -334,6 +362,13 @@ mod tests {
             (event(r#","props":{"k":"\udc00x"}"#), "malformed"),
             (event(r#","props":{"k":"\ud83d\u0041"}"#), "malformed"),
             (event(r#","props":{"k":1e400}"#), "malformed"),
+            (event(r#","props":{"k":1e-20000}"#), "malformed"),
+            (event(r#","props":{"k":[1e-16384]}"#), "malformed"),
+            (event(r#","context":{"k":1.0e-16383}"#), "malformed"),
+            (
+                event(r#","props":{"k":0.5e-99999999999999999999999}"#),
+                "malformed",
+            ),
             (event(r#","props":[1]"#), "malformed"),
             (event(r#","context":"x""#), "malformed"),
             (
@@ -359,7 +394,7 @@ mod tests {
         // What jsonb accepts passes: escaped backslash before "u0000", surrogate pairs,
         // big but finite numbers, nested strings with brackets, null props.
         check(&event(
-            r#","props":{"a":"\\u0000","b":"\ud83d\ude00","c":[1e300,-0.5,12345678901234567890],"d":"{[\"]}"},"context":null"#,
+            r#","props":{"a":"\\u0000","b":"\ud83d\ude00","c":[1e300,-0.5,12345678901234567890,1e-16383,1.5E-16382,-1e-400],"d":"{[\"]}"},"context":null"#,
         ))
         .unwrap();
         // Whitespace around the value is not part of the raw text.

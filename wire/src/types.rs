@@ -23,7 +23,69 @@ pub struct BatchEnvelope<'a> {
     #[serde(default, deserialize_with = "usable_batch_id")]
     pub batch_id: Option<String>,
     #[serde(borrow)]
-    pub events: Vec<&'a RawValue>,
+    pub events: Events<'a>,
+}
+
+/// A batch's `events`, each kept as raw JSON, read with bounded memory: at most
+/// [`crate::MAX_EVENTS_PER_BATCH`] are kept; further ones are skipped without being stored
+/// (a body of `[0,0,0,...]` costs no memory per element) and only counted, so the collector
+/// can refuse the batch as too large with the count. Derefs to the kept events.
+#[derive(Debug, Default)]
+pub struct Events<'a> {
+    kept: Vec<&'a RawValue>,
+    total: usize,
+}
+
+impl<'a> Events<'a> {
+    /// How many events the batch holds, counting those beyond the cap that were not kept.
+    pub fn total(&self) -> usize {
+        self.total
+    }
+}
+
+impl<'a> std::ops::Deref for Events<'a> {
+    type Target = [&'a RawValue];
+    fn deref(&self) -> &Self::Target {
+        &self.kept
+    }
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for Events<'a> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visit<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> serde::de::Visitor<'de> for Visit<'a> {
+            type Value = Events<'a>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("an array of events")
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<Events<'a>, A::Error> {
+                let mut events = Events {
+                    // The size hint comes from the sender: never trusted beyond the cap.
+                    kept: Vec::with_capacity(
+                        seq.size_hint()
+                            .unwrap_or(0)
+                            .min(crate::MAX_EVENTS_PER_BATCH),
+                    ),
+                    total: 0,
+                };
+                while events.total < crate::MAX_EVENTS_PER_BATCH {
+                    match seq.next_element::<&'de RawValue>()? {
+                        Some(raw) => events.kept.push(raw),
+                        None => return Ok(events),
+                    }
+                    events.total += 1;
+                }
+                while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {
+                    events.total += 1;
+                }
+                Ok(events)
+            }
+        }
+        d.deserialize_seq(Visit(std::marker::PhantomData))
+    }
 }
 
 /// Reads any JSON value without failing; keeps it only when it is a usable batch id.
@@ -177,6 +239,22 @@ mod tests {
         }
         let env: BatchEnvelope = serde_json::from_str(r#"{"sent_at":1,"events":[]}"#).unwrap();
         assert_eq!(env.batch_id, None);
+    }
+
+    #[test]
+    fn events_beyond_the_cap_are_counted_not_kept() {
+        let n = crate::MAX_EVENTS_PER_BATCH + 5000;
+        let body = format!(r#"{{"sent_at":1,"events":[{}0]}}"#, "[0,{}],".repeat(n - 1));
+        let env: BatchEnvelope = serde_json::from_str(&body).unwrap();
+        assert_eq!(env.events.total(), n);
+        assert_eq!(env.events.len(), crate::MAX_EVENTS_PER_BATCH);
+        assert_eq!(env.events[0].get(), "[0,{}]");
+        // Malformed JSON beyond the cap is still an error, not silently skipped.
+        let body = format!(r#"{{"sent_at":1,"events":[{}}}]}}"#, "0,".repeat(n));
+        assert!(serde_json::from_str::<BatchEnvelope>(&body).is_err());
+        let env: BatchEnvelope =
+            serde_json::from_str(r#"{"sent_at":1,"events":[{"a":1},2]}"#).unwrap();
+        assert_eq!((env.events.total(), env.events.len()), (2, 2));
     }
 
     #[test]

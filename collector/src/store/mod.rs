@@ -87,6 +87,21 @@ pub struct EventRow {
     pub enrichment: Arc<Enrichment>,
 }
 
+impl EventRow {
+    /// Bytes this row holds in memory, roughly: its strings and raw JSON plus a fixed part
+    /// for the rest (the commit queue is bounded by this as well as by rows).
+    pub fn approx_bytes(&self) -> usize {
+        const FIXED: usize = std::mem::size_of::<EventRow>();
+        FIXED
+            + self.name.len()
+            + self.anonymous_id.len()
+            + self.session_id.len()
+            + self.user_id.as_ref().map_or(0, String::len)
+            + self.props.as_ref().map_or(0, |r| r.get().len())
+            + self.context.as_ref().map_or(0, |r| r.get().len())
+    }
+}
+
 /// "This batch arrived": committed in the same transaction as the batch's event rows, so a
 /// receipt exists exactly when the batch's rows are committed. Kept for
 /// `--batch-receipt-ttl-days` (see [`crate::receipts`]).
@@ -159,21 +174,41 @@ pub struct PartitionReport {
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    /// The database cannot be reached (down, pool exhausted, connection lost): retry later.
+    /// The database cannot be reached or cannot serve anyone now (down, pool exhausted,
+    /// connection lost, shutting down, out of resources, serialization failure): retry the
+    /// same statement later.
     #[error("database unavailable: {0}")]
     Unavailable(#[source] sqlx::Error),
-    /// The database answered with an error for this statement.
-    #[error("database error: {0}")]
-    Query(#[source] sqlx::Error),
+    /// The database answered this statement with an error that does not blame the data: a
+    /// read-only standby after failover (25006), a statement or lock timeout (57014, 55P03),
+    /// an I/O error (58030), a missing privilege (42501), a constraint added by an operator,
+    /// a row routed to a partition being attached at that moment, an unexpected answer.
+    /// The server's fault, not the client's: answered 503 with `Retry-After`.
+    #[error("database failed: {0}")]
+    Failed(#[source] sqlx::Error),
+    /// The database refused the data itself (Postgres SQLSTATE class 22, "data exception":
+    /// a value the column or `jsonb` cannot hold; SQLite "string or blob too big"). The same
+    /// rows would fail again; validation is meant to catch these first.
+    #[error("the database refused the data: {0}")]
+    Refused(#[source] sqlx::Error),
     #[error("migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("a project named {0:?} already exists")]
     ProjectExists(String),
+    #[error("{0}")]
+    Configuration(String),
 }
 
 impl StoreError {
-    /// True when retrying later may succeed (the database itself is unreachable).
+    /// True unless the failure is proven to be the data's fault: retrying later may succeed,
+    /// and the client must not be told its request was bad (503, never 400).
     pub fn is_transient(&self) -> bool {
+        !matches!(self, StoreError::Refused(_) | StoreError::ProjectExists(_))
+    }
+
+    /// True when the database itself is out of reach: every statement would fail alike, so
+    /// a failed group commit is not retried request by request.
+    pub fn is_outage(&self) -> bool {
         matches!(self, StoreError::Unavailable(_))
     }
 }
@@ -189,14 +224,15 @@ impl From<sqlx::Error> for StoreError {
             sqlx::Error::Database(db) if is_unavailable_sqlstate(db.code().as_deref()) => {
                 StoreError::Unavailable(e)
             }
-            _ => StoreError::Query(e),
+            sqlx::Error::Database(db) if refuses_the_data(db.as_ref()) => StoreError::Refused(e),
+            _ => StoreError::Failed(e),
         }
     }
 }
 
-/// SQLSTATE classes meaning "the server cannot serve you now" rather than "bad statement":
-/// 08 connection exception, 53 insufficient resources, 57P0x shutdown/cannot connect now,
-/// 40001/40P01 serialization failure/deadlock; SQLite busy/locked (5, 6).
+/// SQLSTATE classes meaning "the server cannot serve you now" rather than "this statement
+/// failed": 08 connection exception, 53 insufficient resources, 57P0x shutdown/cannot
+/// connect now, 40001/40P01 serialization failure/deadlock; SQLite busy/locked (5, 6).
 fn is_unavailable_sqlstate(code: Option<&str>) -> bool {
     match code {
         Some(c) => {
@@ -210,6 +246,24 @@ fn is_unavailable_sqlstate(code: Option<&str>) -> bool {
         }
         None => false,
     }
+}
+
+/// Whether a database error blames the data sent rather than the server. Only Postgres'
+/// class 22 (data exception: numeric out of range, invalid text for a type, an unsupported
+/// Unicode escape in `jsonb`, ...) and SQLite's SQLITE_TOOBIG (18) do; everything else is
+/// the server's.
+fn refuses_the_data(db: &dyn sqlx::error::DatabaseError) -> bool {
+    if let Some(pg) = db.try_downcast_ref::<sqlx::postgres::PgDatabaseError>() {
+        return pg.code().starts_with("22");
+    }
+    if db.try_downcast_ref::<sqlx::sqlite::SqliteError>().is_some() {
+        // Extended result codes keep the primary code in the low byte.
+        return db
+            .code()
+            .and_then(|c| c.parse::<u32>().ok())
+            .is_some_and(|c| c & 0xff == 18);
+    }
+    false
 }
 
 #[async_trait]
@@ -273,12 +327,9 @@ pub async fn open(db: &DbConfig) -> Result<Arc<dyn EventStore>, StoreError> {
         Some(url) if url.starts_with("sqlite:") => {
             Ok(Arc::new(sqlite::SqliteStore::open_url(url).await?))
         }
-        Some(other) => Err(StoreError::Query(sqlx::Error::Configuration(
-            format!(
-                "unsupported database URL scheme in {:?} (use postgres:// or sqlite:)",
-                other.split(':').next().unwrap_or_default()
-            )
-            .into(),
+        Some(other) => Err(StoreError::Configuration(format!(
+            "unsupported database URL scheme in {:?} (use postgres:// or sqlite:)",
+            other.split(':').next().unwrap_or_default()
         ))),
         None => Ok(Arc::new(
             sqlite::SqliteStore::open_path(&db.sqlite_path).await?,
