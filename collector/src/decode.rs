@@ -5,8 +5,9 @@
 //! counting so a gzip bomb costs at most the cap, then parses the envelope with raw events.
 //! A batch status query goes through the same steps under much smaller caps.
 
+use std::collections::HashMap;
 use std::io::Read;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::body::Body;
@@ -14,6 +15,7 @@ use bytes::{Bytes, BytesMut};
 use http_body_util::BodyExt;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tracklet_wire::types::{BatchEnvelope, BatchStatusRequest};
+use uuid::Uuid;
 
 use crate::limits::{
     MAX_BATCH_IDS_PER_QUERY, MAX_DECOMPRESSED_BYTES, MAX_DECOMPRESSION_RATIO, MAX_EVENTS_PER_BATCH,
@@ -57,27 +59,39 @@ pub enum DecodeError {
 /// A request takes its share as its body arrives and as it inflates ([`Held`]), and gives it
 /// back when its body is dropped, so the collector's memory is bounded by bytes actually
 /// held, whatever mix of slow, large or compressed-bomb bodies arrives; a request that would
-/// go past the budget gets 503.
+/// go past the budget gets 503. One project may hold at most half of it, so a write key
+/// (which every page carries) cannot take the memory every other project needs.
 #[derive(Clone, Debug)]
 pub struct BodyMemory {
     budget: Arc<Semaphore>,
     total: usize,
+    per_project: Arc<Mutex<HashMap<Uuid, Arc<Semaphore>>>>,
 }
 
 impl BodyMemory {
     pub fn new(bytes: usize) -> BodyMemory {
-        let total = bytes.clamp(1, Semaphore::MAX_PERMITS.min(u32::MAX as usize));
+        let total = bytes.clamp(2, Semaphore::MAX_PERMITS.min(u32::MAX as usize));
         BodyMemory {
             budget: Arc::new(Semaphore::new(total)),
             total,
+            per_project: Arc::default(),
         }
     }
 
-    /// A share of nothing yet, to grow as the body arrives.
-    pub fn hold(&self) -> Held {
+    /// A share of nothing yet for a request of `project`, to grow as its body arrives.
+    pub fn hold(&self, project: Uuid) -> Held {
+        let project_budget = {
+            let mut map = self
+                .per_project
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            map.entry(project)
+                .or_insert_with(|| Arc::new(Semaphore::new(self.total / 2)))
+                .clone()
+        };
         Held {
-            budget: self.budget.clone(),
-            permit: None,
+            budgets: [self.budget.clone(), project_budget],
+            permits: [None, None],
         }
     }
 
@@ -87,34 +101,41 @@ impl BodyMemory {
     }
 }
 
-/// One request's share of [`BodyMemory`]; returned when dropped.
+/// One request's share of [`BodyMemory`] (of the whole and of its project's half); returned
+/// when dropped.
 #[derive(Debug)]
 pub struct Held {
-    budget: Arc<Semaphore>,
-    permit: Option<OwnedSemaphorePermit>,
+    budgets: [Arc<Semaphore>; 2],
+    permits: [Option<OwnedSemaphorePermit>; 2],
 }
 
 impl Held {
     /// A share with no limit (tools and tests that decode outside a server).
     pub fn unbounded() -> Held {
-        BodyMemory::new(usize::MAX).hold()
+        BodyMemory::new(usize::MAX).hold(Uuid::nil())
     }
 
     /// Grows the share to `bytes` in total, or fails without waiting.
     fn grow_to(&mut self, bytes: usize) -> Result<(), DecodeError> {
-        let have = self.permit.as_ref().map_or(0, |p| p.num_permits());
+        let have = self.permits[0].as_ref().map_or(0, |p| p.num_permits());
         if bytes <= have {
             return Ok(());
         }
         let more = u32::try_from(bytes - have).map_err(|_| DecodeError::MemoryBusy)?;
-        let permit = self
-            .budget
-            .clone()
-            .try_acquire_many_owned(more)
-            .map_err(|_| DecodeError::MemoryBusy)?;
-        match &mut self.permit {
-            Some(held) => held.merge(permit),
-            None => self.permit = Some(permit),
+        let mut taken = [None, None];
+        for (budget, slot) in self.budgets.iter().zip(&mut taken) {
+            let permit = budget
+                .clone()
+                .try_acquire_many_owned(more)
+                .map_err(|_| DecodeError::MemoryBusy)?;
+            *slot = Some(permit);
+        }
+        for (held, new) in self.permits.iter_mut().zip(taken) {
+            match (held.as_mut(), new) {
+                (Some(held), Some(new)) => held.merge(new),
+                (None, new) => *held = new,
+                (Some(_), None) => {}
+            }
         }
         Ok(())
     }
@@ -409,8 +430,8 @@ mod tests {
     #[test]
     fn inflating_counts_against_the_shared_body_memory() {
         let body = gzip(&vec![b' '; 1024 * 1024]);
-        let memory = BodyMemory::new(512 * 1024);
-        let mut held = memory.hold();
+        let memory = BodyMemory::new(1024 * 1024);
+        let mut held = memory.hold(Uuid::nil());
         assert!(matches!(
             decompress_capped(body.clone(), Encoding::Sniff, 2 << 20, &mut held),
             Err(DecodeError::MemoryBusy)
@@ -422,10 +443,18 @@ mod tests {
             0,
             "a request's share is returned when it ends"
         );
-        let memory = BodyMemory::new(4 << 20);
-        let mut held = memory.hold();
+        let memory = BodyMemory::new(8 << 20);
+        let mut held = memory.hold(Uuid::nil());
         let out = decompress_capped(body, Encoding::Sniff, 2 << 20, &mut held).unwrap();
         assert_eq!(out.len(), 1024 * 1024);
         assert!(memory.in_use() >= out.len() && memory.in_use() <= 2 * out.len() + 64 * 1024);
+        // Another project still has its half while this one holds its own.
+        let mut other = memory.hold(Uuid::from_u128(7));
+        other.grow_to(2 << 20).unwrap();
+        let mut same = memory.hold(Uuid::nil());
+        assert!(matches!(
+            same.grow_to(2 << 20),
+            Err(DecodeError::MemoryBusy)
+        ));
     }
 }

@@ -37,6 +37,9 @@ pub enum ApiError {
     Overloaded,
     #[error("no such route")]
     NotFound,
+    /// A bug or a crashed task on the server: never the client's fault.
+    #[error("internal error: {0}")]
+    Internal(String),
 }
 
 impl ApiError {
@@ -94,6 +97,7 @@ impl ApiError {
             ApiError::Store(_) | ApiError::Overloaded => unavailable,
             ApiError::BadQuery(_) => (S::BAD_REQUEST, error_code::MALFORMED, None),
             ApiError::NotFound => (S::NOT_FOUND, error_code::MALFORMED, None),
+            ApiError::Internal(_) => (S::INTERNAL_SERVER_ERROR, error_code::UNAVAILABLE, None),
         }
     }
 }

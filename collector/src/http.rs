@@ -213,7 +213,7 @@ async fn receive_batch(state: &AppState, request: Request) -> Result<BatchRespon
     // permit every project needs.
     // Every byte of body held, compressed or inflated, counts against the collector's body
     // memory until the body is dropped (503 when it is all taken).
-    let mut held = state.body_memory.hold();
+    let mut held = state.body_memory.hold(project.id);
     let (raw, encoding) = read_raw_body(state, headers, body, MAX_BODY_BYTES, &mut held).await?;
 
     // Bounded work in progress: shed load rather than buffer without limit. The permit covers
@@ -225,9 +225,80 @@ async fn receive_batch(state: &AppState, request: Request) -> Result<BatchRespon
         .try_acquire()
         .map_err(|_| ApiError::Overloaded)?;
 
-    // Decode.
+    // Enrichment facts of the request (user agent, client address), shared by its events.
+    let peer = parts
+        .extensions
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0);
+    let forwarded_for = header_str(headers, &HeaderName::from_static("x-forwarded-for"));
+    let client_ip = enrich::client_ip(peer, forwarded_for, state.config.trust_forwarded_for);
+    let request_facts = state
+        .enricher
+        .for_request(header_str(headers, &header::USER_AGENT), client_ip);
+
+    // Decode, validate and enrich: CPU work on up to 10 MiB, done on the blocking pool so a
+    // large batch never stalls the tasks that accept connections and answer other requests.
+    let Decoded {
+        rows,
+        receipt,
+        rejected,
+        repeats,
+    } = {
+        let (state, project) = (state.clone(), project.clone());
+        tokio::task::spawn_blocking(move || {
+            let decoded = decode_batch(
+                &state,
+                &project,
+                raw,
+                encoding,
+                &mut held,
+                request_facts,
+                received_at,
+            );
+            // The body is no longer needed while waiting for the commit.
+            drop(held);
+            decoded
+        })
+        .await
+        .map_err(|e| ApiError::Internal(format!("decoding task failed: {e}")))??
+    };
+    drop(inflight);
+
+    // Group commit: returns only once the rows are committed.
+    let inserted = state.committer.commit(rows, receipt).await?;
+    let accepted = inserted.iter().filter(|new| **new).count() as u64;
+    let duplicates = (inserted.len() as u64 - accepted) + repeats;
+    metrics::events_accepted(accepted);
+    metrics::events_duplicate(duplicates);
+    Ok(BatchResponse {
+        accepted,
+        duplicates,
+        rejected,
+    })
+}
+
+/// A batch decoded, validated and enriched: what waits for the commit and what is answered.
+struct Decoded {
+    rows: Vec<EventRow>,
+    receipt: Option<BatchReceipt>,
+    rejected: Vec<tracklet_wire::types::Rejected>,
+    /// Repeats of an id within the batch (stored once, counted as duplicates).
+    repeats: u64,
+}
+
+/// Inflates, parses, rate-limits, validates and enriches one batch (CPU-bound; run on the
+/// blocking pool). `held` counts the inflated body against the collector's body memory.
+fn decode_batch(
+    state: &AppState,
+    project: &Project,
+    raw: Bytes,
+    encoding: Encoding,
+    held: &mut Held,
+    request_facts: Arc<enrich::Enrichment>,
+    received_at: DateTime<Utc>,
+) -> Result<Decoded, ApiError> {
     let inflated_limit = decode::decompressed_limit(raw.len());
-    let json = decode::decompress_capped(raw, encoding, inflated_limit, &mut held)?;
+    let json = decode::decompress_capped(raw, encoding, inflated_limit, held)?;
     let mut envelope = decode::parse_envelope(&json)?;
     let sent_at = i64::try_from(envelope.sent_at)
         .ok()
@@ -239,7 +310,7 @@ async fn receive_batch(state: &AppState, request: Request) -> Result<BatchRespon
     }
 
     // Back-pressure: the project's events per second.
-    state.limiter.check(&project, envelope.events.len())?;
+    state.limiter.check(project, envelope.events.len())?;
 
     // Validate each event on its own; repeats of an id within the batch are stored once.
     let validated = validate::validate_batch(&envelope.events);
@@ -253,15 +324,6 @@ async fn receive_batch(state: &AppState, request: Request) -> Result<BatchRespon
     let rejected: Vec<_> = validated.rejected.into_iter().map(|(r, _)| r).collect();
 
     // Enrich.
-    let peer = parts
-        .extensions
-        .get::<ConnectInfo<SocketAddr>>()
-        .map(|c| c.0);
-    let forwarded_for = header_str(headers, &HeaderName::from_static("x-forwarded-for"));
-    let client_ip = enrich::client_ip(peer, forwarded_for, state.config.trust_forwarded_for);
-    let request_facts = state
-        .enricher
-        .for_request(header_str(headers, &header::USER_AGENT), client_ip);
     let rows: Vec<EventRow> = unique
         .into_iter()
         .filter_map(|v| {
@@ -291,23 +353,11 @@ async fn receive_batch(state: &AppState, request: Request) -> Result<BatchRespon
         batch_id,
         received_at,
     });
-
-    // The body is no longer needed while waiting for the commit.
-    drop(envelope);
-    drop(json);
-    drop(held);
-    drop(inflight);
-
-    // Group commit: returns only once the rows are committed.
-    let inserted = state.committer.commit(rows, receipt).await?;
-    let accepted = inserted.iter().filter(|new| **new).count() as u64;
-    let duplicates = (inserted.len() as u64 - accepted) + repeats;
-    metrics::events_accepted(accepted);
-    metrics::events_duplicate(duplicates);
-    Ok(BatchResponse {
-        accepted,
-        duplicates,
+    Ok(Decoded {
+        rows,
+        receipt,
         rejected,
+        repeats,
     })
 }
 
@@ -328,7 +378,7 @@ async fn receive_status_query(
     let headers = &parts.headers;
     let project = writing_project(state, &parts.uri, headers).await?;
     state.limiter.check(&project, 1)?;
-    let mut held = state.body_memory.hold();
+    let mut held = state.body_memory.hold(project.id);
     let (raw, encoding) =
         read_raw_body(state, headers, body, MAX_BATCH_STATUS_BODY_BYTES, &mut held).await?;
     let json = decode::decompress_capped(raw, encoding, MAX_BATCH_STATUS_BODY_BYTES, &mut held)?;

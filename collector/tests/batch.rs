@@ -88,6 +88,39 @@ on_both_backends!(bad_events_reject_only_themselves, |backend| async move {
 });
 
 on_both_backends!(
+    numbers_jsonb_refuses_reject_only_their_event,
+    |backend| async move {
+        let app = app(backend).await;
+        // `1e-20000` is a finite f64 (0.0) but Postgres' numeric keeps at most 16383 digits
+        // after the point: sent with other batches in one group commit, it must reject only
+        // its own event, not fail the transaction for everyone.
+        let tiny = |n: u64, number: &str| {
+            let mut body = String::from_utf8(batch(SENT, vec![event(n)])).unwrap();
+            body = body.replacen(&format!(r#""n":{n}"#), &format!(r#""n":{number}"#), 1);
+            assert!(body.contains(number), "{body}");
+            body.into_bytes()
+        };
+        let bodies = vec![
+            batch(SENT, vec![event(1), event(2)]),
+            tiny(3, "1e-20000"),
+            tiny(4, "1e-16383"),
+            batch(SENT, vec![event(5)]),
+        ];
+        let answers = app.post_concurrently(bodies).await;
+        for a in &answers {
+            assert_eq!(a.status, StatusCode::OK, "{}", a.text);
+        }
+        assert_eq!(answers[1].json["accepted"], 0, "{}", answers[1].text);
+        assert!(answers[1].json["rejected"][0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("number out of range"));
+        assert_eq!(answers[2].json["accepted"], 1, "{}", answers[2].text);
+        assert_eq!(app.stored().await, 4);
+    }
+);
+
+on_both_backends!(
     sql_looking_strings_are_stored_literally,
     |backend| async move {
         let app = app(backend).await;

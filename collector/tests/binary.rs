@@ -2,33 +2,10 @@
 
 mod common;
 
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use common::*;
-
-const BIN: &str = env!("CARGO_BIN_EXE_tracklet-collector");
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn run(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(BIN)
-        .args(args)
-        .env_remove("DATABASE_URL")
-        .output()
-        .expect("run collector");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
 
 #[test]
 fn projects_add_list_remove_print_json() {
@@ -37,7 +14,7 @@ fn projects_add_list_remove_print_json() {
         uuid::Uuid::new_v4().simple()
     ));
     let db = path.to_str().unwrap();
-    let (ok, stdout, stderr) = run(&[
+    let (ok, stdout, stderr) = run_cli(&[
         "projects",
         "add",
         "--sqlite-path",
@@ -73,7 +50,7 @@ fn projects_add_list_remove_print_json() {
         serde_json::json!(["https://a.example", "https://b.example"])
     );
     assert_eq!(p["rate_limit"], 50);
-    let (ok, _, _) = run(&[
+    let (ok, _, _) = run_cli(&[
         "projects",
         "add",
         "--sqlite-path",
@@ -84,17 +61,17 @@ fn projects_add_list_remove_print_json() {
         "x",
     ]);
     assert!(!ok, "a second project with the same name is refused");
-    let (ok, stdout, _) = run(&["--sqlite-path", db, "projects", "list"]);
+    let (ok, stdout, _) = run_cli(&["--sqlite-path", db, "projects", "list"]);
     assert!(ok);
     let list: Vec<serde_json::Value> = serde_json::from_str(&stdout).unwrap();
     assert_eq!(list, vec![p]);
-    assert!(run(&["projects", "remove", "--sqlite-path", db, "--name", "site"]).0);
+    assert!(run_cli(&["projects", "remove", "--sqlite-path", db, "--name", "site"]).0);
     assert_eq!(
-        run(&["projects", "list", "--sqlite-path", db]).1.trim(),
+        run_cli(&["projects", "list", "--sqlite-path", db]).1.trim(),
         "[]"
     );
-    assert!(!run(&["projects", "remove", "--sqlite-path", db, "--name", "site"]).0);
-    let (ok, help, _) = run(&["serve", "--help"]);
+    assert!(!run_cli(&["projects", "remove", "--sqlite-path", db, "--name", "site"]).0);
+    let (ok, help, _) = run_cli(&["serve", "--help"]);
     assert!(ok && help.contains("--static-dir") && help.contains("TRACKLET_LISTEN"));
     assert!(
         help.contains("--batch-receipt-ttl-days")
@@ -105,37 +82,9 @@ fn projects_add_list_remove_print_json() {
     }
 }
 
-/// Polls `/healthz` until the server answers (5 s at most).
-async fn wait_until_up(client: &reqwest::Client, port: u16) -> bool {
-    for _ in 0..100 {
-        if client
-            .get(format!("http://127.0.0.1:{port}/healthz"))
-            .send()
-            .await
-            .is_ok()
-        {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    false
-}
-
 /// `serve` on 127.0.0.1:`port` against `database_url`, with `env` set, quiet.
 fn serve(database_url: &str, port: u16, env: &[(&str, &str)]) -> std::process::Child {
-    Command::new(BIN)
-        .args([
-            "serve",
-            "--database-url",
-            database_url,
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-        ])
-        .envs(env.iter().copied())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap()
+    serve_binary(database_url, port, &[], env)
 }
 
 fn sigterm(server: &std::process::Child) {
@@ -148,11 +97,11 @@ fn sigterm(server: &std::process::Child) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_deletes_receipts_older_than_the_ttl() {
-    let (ok, _, stderr) = run(&["serve", "--batch-receipt-ttl-days", "0"]);
+    let (ok, _, stderr) = run_cli(&["serve", "--batch-receipt-ttl-days", "0"]);
     assert!(!ok && stderr.contains("batch-receipt-ttl-days"), "{stderr}");
 
     let db = TestDb::create().await;
-    let (ok, _, stderr) = run(&["migrate", "--database-url", &db.url]);
+    let (ok, _, stderr) = run_cli(&["migrate", "--database-url", &db.url]);
     assert!(ok, "{stderr}");
     let pool = sqlx::PgPool::connect(&db.url).await.unwrap();
     sqlx::query(
@@ -194,7 +143,7 @@ async fn serve_deletes_receipts_older_than_the_ttl() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_and_keeps_every_acknowledged_event() {
     let db = TestDb::create().await;
-    let (ok, stdout, stderr) = run(&[
+    let (ok, stdout, stderr) = run_cli(&[
         "projects",
         "add",
         "--database-url",

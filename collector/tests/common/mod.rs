@@ -328,3 +328,128 @@ impl TestApp {
         stats.total_events
     }
 }
+
+/// The real `tracklet-collector` binary, as built for these tests.
+pub const BIN: &str = env!("CARGO_BIN_EXE_tracklet-collector");
+
+/// A port nothing listens on now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Runs the binary with `args` (no `DATABASE_URL` from the environment): success, stdout,
+/// stderr.
+pub fn run_cli(args: &[&str]) -> (bool, String, String) {
+    let out = std::process::Command::new(BIN)
+        .args(args)
+        .env_remove("DATABASE_URL")
+        .output()
+        .expect("run collector");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// `projects add --name NAME --origin ORIGIN` on `database_url`: the project's JSON.
+pub fn add_project_cli(database_url: &str, name: &str) -> serde_json::Value {
+    let (ok, stdout, stderr) = run_cli(&[
+        "projects",
+        "add",
+        "--database-url",
+        database_url,
+        "--name",
+        name,
+        "--origin",
+        ORIGIN,
+    ]);
+    assert!(ok, "projects add: {stderr}");
+    serde_json::from_str(&stdout).expect("projects add prints JSON")
+}
+
+/// Polls `/healthz` until the server answers (5 s at most).
+pub async fn wait_until_up(client: &reqwest::Client, port: u16) -> bool {
+    for _ in 0..100 {
+        if client
+            .get(format!("http://127.0.0.1:{port}/healthz"))
+            .send()
+            .await
+            .is_ok()
+        {
+            return true;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    false
+}
+
+/// `serve` on 127.0.0.1:`port` against `database_url`, with `args` and `env` added, quiet.
+pub fn serve_binary(
+    database_url: &str,
+    port: u16,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> std::process::Child {
+    std::process::Command::new(BIN)
+        .args([
+            "serve",
+            "--database-url",
+            database_url,
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+        ])
+        .args(args)
+        .envs(env.iter().copied())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start the collector binary")
+}
+
+/// A running collector binary, killed when dropped.
+pub struct Server {
+    pub child: std::process::Child,
+    pub port: u16,
+}
+
+impl Server {
+    /// Starts `serve` on a free port and waits until it answers.
+    pub async fn start(database_url: &str, args: &[&str]) -> Server {
+        let port = free_port();
+        let child = serve_binary(database_url, port, args, &[]);
+        let server = Server { child, port };
+        assert!(
+            wait_until_up(&reqwest::Client::new(), port).await,
+            "the collector did not start"
+        );
+        server
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    /// Peak resident memory of the process so far (VmHWM), in bytes.
+    pub fn peak_rss(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .expect("read /proc/PID/status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .expect("VmHWM in /proc/PID/status")
+            * 1024
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
