@@ -15,7 +15,8 @@ use common::*;
 const BIN: &str = env!("CARGO_BIN_EXE_tracklet-collector");
 
 const HEALTHZ_KEEP_ALIVE: &[u8] = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n";
-const HEALTHZ_CLOSE: &[u8] = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n";
+const HEALTHZ_CLOSE: &[u8] =
+    b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n";
 const HEALTHY: &str = r#"{"status":"ok"}"#;
 
 fn free_port() -> u16 {
@@ -123,7 +124,9 @@ async fn served_keep_alive(server: &Server) -> TcpStream {
     stream.write_all(HEALTHZ_KEEP_ALIVE).await.unwrap();
     let answer = read_until(&mut stream, HEALTHY, Duration::from_secs(5)).await;
     assert!(
-        answer.as_deref().is_some_and(|a| a.starts_with("HTTP/1.1 200")),
+        answer
+            .as_deref()
+            .is_some_and(|a| a.starts_with("HTTP/1.1 200")),
         "{answer:?}"
     );
     stream
@@ -167,7 +170,9 @@ async fn slowloris_is_cut_off_at_the_header_read_timeout() {
     while started.elapsed() < Duration::from_secs(8) {
         n += 1;
         // Writes may fail once the server has closed: that is the point.
-        let _ = slow.write_all(format!("X-Slow-{n}: a\r\n").as_bytes()).await;
+        let _ = slow
+            .write_all(format!("X-Slow-{n}: a\r\n").as_bytes())
+            .await;
         if closed_after(&mut slow, Instant::now(), Duration::from_millis(300))
             .await
             .is_some()
@@ -189,7 +194,9 @@ async fn slowloris_is_cut_off_at_the_header_read_timeout() {
 
     // The server still answers.
     let mut fresh = server.connect().await.unwrap();
-    let answer = send_and_read_to_end(&mut fresh, HEALTHZ_CLOSE).await.unwrap();
+    let answer = send_and_read_to_end(&mut fresh, HEALTHZ_CLOSE)
+        .await
+        .unwrap();
     assert!(answer.contains(HEALTHY), "{answer}");
 }
 
@@ -248,7 +255,9 @@ async fn at_the_connection_cap_new_connections_wait_for_a_free_slot() {
     drop(held.pop());
     let answer = read_until(&mut fifth, HEALTHY, Duration::from_secs(5)).await;
     assert!(
-        answer.as_deref().is_some_and(|a| a.starts_with("HTTP/1.1 200")),
+        answer
+            .as_deref()
+            .is_some_and(|a| a.starts_with("HTTP/1.1 200")),
         "not served once a slot freed: {answer:?}"
     );
     drop(fifth);
@@ -284,7 +293,11 @@ async fn made_up_methods_do_not_create_metric_series() {
     for i in 0..50 {
         let name = format!("ZZMADEUP{i}");
         let method = reqwest::Method::from_bytes(name.as_bytes()).unwrap();
-        let path = if i % 2 == 0 { "/healthz" } else { "/no/such/route" };
+        let path = if i % 2 == 0 {
+            "/healthz"
+        } else {
+            "/no/such/route"
+        };
         let status = tokio::time::timeout(
             Duration::from_secs(5),
             client.request(method, server.url(path)).send(),
@@ -308,13 +321,125 @@ async fn made_up_methods_do_not_create_metric_series() {
         "made-up methods in the metrics:\n{metrics}"
     );
     assert!(
-        metrics.lines().any(|l| l.starts_with("tracklet_http_requests_total")
-            && l.contains(r#"method="other""#)
-            && l.contains(r#"route="/healthz""#)),
+        metrics
+            .lines()
+            .any(|l| l.starts_with("tracklet_http_requests_total")
+                && l.contains(r#"method="other""#)
+                && l.contains(r#"route="/healthz""#)),
         "made-up methods not counted as method=\"other\":\n{metrics}"
     );
     assert!(
         !metrics.contains("/no/such/route"),
         "unmatched paths must be route=\"other\":\n{metrics}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_connections_are_served_and_must_start_a_request_in_time() {
+    let server = Server::start(&[
+        "--header-read-timeout-secs",
+        "2",
+        "--idle-timeout-secs",
+        "60",
+    ])
+    .await;
+    // The HTTP/2 preface and an empty SETTINGS frame, then nothing: no request ever starts.
+    let mut h2 = server.connect().await.unwrap();
+    let started = Instant::now();
+    h2.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+        .await
+        .unwrap();
+    // The server speaks HTTP/2 back: its first frame is SETTINGS (type 4).
+    let mut head = [0u8; 9];
+    tokio::time::timeout(Duration::from_secs(2), h2.read_exact(&mut head))
+        .await
+        .expect("an answer to the preface")
+        .expect("an answer to the preface");
+    assert_eq!(head[3], 4, "first frame {head:?}");
+    let closed = closed_after(&mut h2, started, Duration::from_secs(8)).await;
+    assert!(
+        closed.is_some_and(|t| t >= Duration::from_millis(1500) && t <= Duration::from_secs(6)),
+        "an HTTP/2 connection without a request was closed after {closed:?}"
+    );
+
+    // A request over HTTP/2 (prior knowledge) is answered: GET /healthz on stream 1.
+    let mut h2 = server.connect().await.unwrap();
+    let mut request =
+        b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00".to_vec();
+    // HPACK: :method GET, :scheme http, :path "/healthz" (literal, name from the table).
+    let block: Vec<u8> = [&[0x82, 0x86, 0x04, 8][..], b"/healthz"].concat();
+    request.extend_from_slice(&[0, 0, block.len() as u8, 1, 0x05, 0, 0, 0, 1]);
+    request.extend_from_slice(&block);
+    h2.write_all(&request).await.unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            let mut head = [0u8; 9];
+            h2.read_exact(&mut head).await.ok()?;
+            let len = usize::from(head[0]) << 16 | usize::from(head[1]) << 8 | usize::from(head[2]);
+            let mut payload = vec![0u8; len];
+            h2.read_exact(&mut payload).await.ok()?;
+            if head[3] == 1 && head[5..9] == [0, 0, 0, 1] {
+                return payload.first().copied();
+            }
+        }
+    })
+    .await
+    .ok()
+    .flatten();
+    // 0x88: the static table's `:status 200`.
+    assert_eq!(status, Some(0x88), "HTTP/2 answer to GET /healthz");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_closes_idle_connections_at_once() {
+    let mut server = Server::start(&["--idle-timeout-secs", "60"]).await;
+    let mut idle = Vec::new();
+    for _ in 0..3 {
+        idle.push(served_keep_alive(&server).await);
+    }
+    let killed = Command::new("kill")
+        .args(["-TERM", &server.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let started = Instant::now();
+    for stream in &mut idle {
+        let closed = closed_after(stream, started, Duration::from_secs(5)).await;
+        assert!(
+            closed.is_some(),
+            "an idle connection kept open after SIGTERM"
+        );
+    }
+    // It exits well before the 30 s shutdown timeout.
+    let mut status = None;
+    for _ in 0..100 {
+        status = server.child.try_wait().unwrap();
+        if status.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "collector still running or failed 5 s after SIGTERM: {status:?}"
+    );
+}
+
+#[test]
+fn serve_help_lists_the_connection_limits() {
+    let out = Command::new(BIN)
+        .args(["serve", "--help"])
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&out.stdout);
+    for flag in [
+        "--max-connections",
+        "TRACKLET_MAX_CONNECTIONS",
+        "--header-read-timeout-secs",
+        "TRACKLET_HEADER_READ_TIMEOUT_SECS",
+        "--idle-timeout-secs",
+        "TRACKLET_IDLE_TIMEOUT_SECS",
+    ] {
+        assert!(help.contains(flag), "{flag} missing in:\n{help}");
+    }
 }
