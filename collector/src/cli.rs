@@ -14,9 +14,11 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::config::{self, CommitConfig, DbConfig, ServeConfig};
 use crate::http::{self, AppState};
+use crate::metrics;
 use crate::receipts;
 use crate::shutdown::Shutdown;
 use crate::store::{self, EventStore, Project};
+use crate::transport;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -134,6 +136,17 @@ pub struct ServeArgs {
     /// Seconds allowed to receive a request body (408 after).
     #[arg(long, env = "TRACKLET_BODY_TIMEOUT_SECS", default_value_t = 10)]
     pub body_timeout_secs: u64,
+    /// Connections served at once; at the cap new ones wait in the listen backlog until one
+    /// closes (nothing is accepted only to be closed).
+    #[arg(long, env = "TRACKLET_MAX_CONNECTIONS", default_value_t = config::DEFAULT_MAX_CONNECTIONS)]
+    pub max_connections: usize,
+    /// Seconds a client has to send a request's headers (for the first request: from
+    /// connect); the connection is closed after.
+    #[arg(long, env = "TRACKLET_HEADER_READ_TIMEOUT_SECS", default_value_t = config::DEFAULT_HEADER_READ_TIMEOUT_SECS)]
+    pub header_read_timeout_secs: u64,
+    /// Seconds a connection may stay open with no request in progress (keep-alive).
+    #[arg(long, env = "TRACKLET_IDLE_TIMEOUT_SECS", default_value_t = config::DEFAULT_IDLE_TIMEOUT_SECS)]
+    pub idle_timeout_secs: u64,
     /// Seconds allowed for draining on SIGTERM/SIGINT.
     #[arg(long, env = "TRACKLET_SHUTDOWN_TIMEOUT_SECS", default_value_t = 30)]
     pub shutdown_timeout_secs: u64,
@@ -208,6 +221,9 @@ impl ServeArgs {
             // At least one largest body (1 MiB compressed + 10 MiB inflated) must fit.
             body_memory_bytes: self.body_memory_mb.max(12).saturating_mul(1024 * 1024),
             body_read_timeout: Duration::from_secs(self.body_timeout_secs.max(1)),
+            max_connections: self.max_connections.max(1),
+            header_read_timeout: Duration::from_secs(self.header_read_timeout_secs.max(1)),
+            idle_timeout: Duration::from_secs(self.idle_timeout_secs.max(1)),
             shutdown_timeout: Duration::from_secs(self.shutdown_timeout_secs),
             batch_receipt_ttl: config::days(self.batch_receipt_ttl_days),
         }
@@ -300,23 +316,27 @@ pub async fn serve(db: &DbConfig, config: ServeConfig) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
     let shutdown_timeout = config.shutdown_timeout;
+    let limits = transport::Limits {
+        max_connections: config.max_connections,
+        header_read_timeout: config.header_read_timeout,
+        idle_timeout: config.idle_timeout,
+    };
     let (state, committer) = AppState::new(config, store.clone())?;
     tracing::info!(address = %listener.local_addr()?, backend = store.backend(), "listening");
+    let upkeep = tokio::spawn(metrics::keep_histograms(shutdown.clone()));
 
-    let app = http::router(state).into_make_service_with_connect_info::<SocketAddr>();
-    let server = axum::serve(listener, app).with_graceful_shutdown({
-        let shutdown = shutdown.clone();
-        async move { shutdown.wait().await }
-    });
-    // In-flight requests get `shutdown_timeout` to finish once shutdown starts.
+    let server = transport::serve(listener, http::router(state), limits, shutdown.clone());
+    // In-flight requests get `shutdown_timeout` to finish once shutdown starts; then the
+    // remaining connections are dropped with the server future.
     let deadline = async {
         shutdown.wait().await;
         tokio::time::sleep(shutdown_timeout).await;
     };
     tokio::select! {
-        result = server => result.context("server failed")?,
+        _ = server => {}
         _ = deadline => tracing::warn!("in-flight requests did not finish in time"),
     }
+    upkeep.abort();
     // The router (and every handle on the committer) is gone: the committer commits what
     // is queued and stops.
     match tokio::time::timeout(shutdown_timeout, committer).await {

@@ -80,12 +80,26 @@ pub struct ServeConfig {
     pub body_memory_bytes: usize,
     /// Time allowed to receive a request body (408 after).
     pub body_read_timeout: Duration,
+    /// Connections served at once; at the cap new ones wait in the listen backlog (see
+    /// [`crate::transport`]).
+    pub max_connections: usize,
+    /// Time allowed for a request head (for the first request: from accept).
+    pub header_read_timeout: Duration,
+    /// A connection with no request in progress for this long is closed.
+    pub idle_timeout: Duration,
     /// Longest wait for in-flight requests and the commit queue on shutdown.
     pub shutdown_timeout: Duration,
     /// How long batch receipts ("batch X arrived", for `POST /v1/batch/status`) are kept:
     /// the SDK asks when the next page loads, which may be days later.
     pub batch_receipt_ttl: Duration,
 }
+
+/// Default of [`ServeConfig::max_connections`].
+pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+/// Default of [`ServeConfig::header_read_timeout`], in seconds.
+pub const DEFAULT_HEADER_READ_TIMEOUT_SECS: u64 = 5;
+/// Default of [`ServeConfig::idle_timeout`], in seconds.
+pub const DEFAULT_IDLE_TIMEOUT_SECS: u64 = 60;
 
 /// Default of [`ServeConfig::batch_receipt_ttl`], in days.
 pub const DEFAULT_BATCH_RECEIPT_TTL_DAYS: u32 = 30;
@@ -104,6 +118,9 @@ impl Default for ServeConfig {
             max_inflight_batches: 128,
             body_memory_bytes: 64 * 1024 * 1024,
             body_read_timeout: crate::limits::BODY_READ_TIMEOUT,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            header_read_timeout: Duration::from_secs(DEFAULT_HEADER_READ_TIMEOUT_SECS),
+            idle_timeout: Duration::from_secs(DEFAULT_IDLE_TIMEOUT_SECS),
             shutdown_timeout: Duration::from_secs(30),
             batch_receipt_ttl: days(DEFAULT_BATCH_RECEIPT_TTL_DAYS),
         }

@@ -130,7 +130,7 @@ async fn observe(request: Request, next: Next) -> Response {
             "request finished"
         )
     });
-    metrics::request_finished(&route, method.as_str(), status, started.elapsed());
+    metrics::request_finished(&route, &method, status, started.elapsed());
     if let Ok(value) = HeaderValue::from_str(&request_id) {
         response
             .headers_mut()

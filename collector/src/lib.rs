@@ -21,4 +21,5 @@ pub mod receipts;
 pub mod shutdown;
 pub mod stats;
 pub mod store;
+pub mod transport;
 pub mod validate;

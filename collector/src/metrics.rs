@@ -6,7 +6,10 @@
 use std::sync::OnceLock;
 use std::time::Duration;
 
+use axum::http::Method;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+
+use crate::shutdown::Shutdown;
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
@@ -24,10 +27,37 @@ pub fn install() -> PrometheusHandle {
         .clone()
 }
 
-pub fn request_finished(route: &str, method: &str, status: u16, elapsed: Duration) {
+/// How often histogram upkeep runs while serving (see [`keep_histograms`]).
+const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Runs the recorder's upkeep (drains histogram buckets into their summaries, so they do not
+/// grow between scrapes) every few seconds until `shutdown` fires.
+pub async fn keep_histograms(shutdown: Shutdown) {
+    let handle = install();
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(UPKEEP_INTERVAL) => handle.run_upkeep(),
+            _ = shutdown.wait() => return,
+        }
+    }
+}
+
+/// The `method` label: a fixed set, so made-up methods cannot create new series.
+pub fn method_label(method: &Method) -> &'static str {
+    match *method {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::OPTIONS => "OPTIONS",
+        Method::HEAD => "HEAD",
+        _ => "other",
+    }
+}
+
+/// A request answered. `route` is the matched route pattern or "other" (bounded too).
+pub fn request_finished(route: &str, method: &Method, status: u16, elapsed: Duration) {
     let labels = [
         ("route", route.to_owned()),
-        ("method", method.to_owned()),
+        ("method", method_label(method).to_owned()),
         ("status", status.to_string()),
     ];
     metrics::counter!("tracklet_http_requests_total", &labels).increment(1);
@@ -81,4 +111,20 @@ pub fn batch_status_answered(asked: usize, arrived: usize) {
 /// Batch receipts deleted for being older than `--batch-receipt-ttl-days`.
 pub fn receipts_expired(n: u64) {
     metrics::counter!("tracklet_batch_receipts_expired_total").increment(n);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn method_labels_are_a_fixed_set() {
+        assert_eq!(method_label(&Method::GET), "GET");
+        assert_eq!(method_label(&Method::POST), "POST");
+        assert_eq!(method_label(&Method::OPTIONS), "OPTIONS");
+        assert_eq!(method_label(&Method::HEAD), "HEAD");
+        assert_eq!(method_label(&Method::PUT), "other");
+        let made_up = Method::from_bytes(b"BREW").expect("a valid token");
+        assert_eq!(method_label(&made_up), "other");
+    }
 }
