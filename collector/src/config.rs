@@ -7,6 +7,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+pub use crate::ratelimit::RateLimitConfig;
+
 /// Which database to use.
 #[derive(Debug, Clone)]
 pub struct DbConfig {
@@ -78,7 +80,15 @@ pub struct ServeConfig {
     /// How long batch receipts ("batch X arrived", for `POST /v1/batch/status`) are kept:
     /// the SDK asks when the next page loads, which may be days later.
     pub batch_receipt_ttl: Duration,
+    /// How often the projects table is reloaded into memory (a project added or changed with
+    /// `projects add` is seen within this long; keys are never looked up in the database).
+    pub projects_refresh_interval: Duration,
+    /// Per-project default and per-address rate limits (see [`crate::ratelimit`]).
+    pub rate_limit: RateLimitConfig,
 }
+
+/// Default of [`ServeConfig::projects_refresh_interval`], in milliseconds.
+pub const DEFAULT_PROJECTS_REFRESH_MS: u64 = 2000;
 
 /// Default of [`ServeConfig::batch_receipt_ttl`], in days.
 pub const DEFAULT_BATCH_RECEIPT_TTL_DAYS: u32 = 30;
@@ -98,6 +108,8 @@ impl Default for ServeConfig {
             body_read_timeout: crate::limits::BODY_READ_TIMEOUT,
             shutdown_timeout: Duration::from_secs(30),
             batch_receipt_ttl: days(DEFAULT_BATCH_RECEIPT_TTL_DAYS),
+            projects_refresh_interval: Duration::from_millis(DEFAULT_PROJECTS_REFRESH_MS),
+            rate_limit: RateLimitConfig::default(),
         }
     }
 }
