@@ -91,7 +91,8 @@ pub fn check_origin(project: &Project, origin: Option<&str>) -> Result<(), AuthE
 }
 
 /// The projects table, kept in memory: loaded when the server starts, then reloaded every
-/// `--projects-refresh-ms` by a background task (see [`ProjectDirectory::start`]). Lookups
+/// `--projects-refresh-ms` by a background task (see [`ProjectDirectory::start`]), and at once
+/// on a change notice from the database where there is one (Postgres). Lookups
 /// are hash lookups on an immutable snapshot and never touch the database, so a flood of
 /// unknown keys costs nothing but a hash. A failed reload keeps the last snapshot.
 pub struct ProjectDirectory {
@@ -132,6 +133,7 @@ impl ProjectDirectory {
     ) -> Result<Arc<ProjectDirectory>, StoreError> {
         let projects = store.list_projects().await?;
         tracing::debug!(projects = projects.len(), "projects loaded");
+        let changes = store.project_changes().await;
         let directory = Arc::new(ProjectDirectory {
             store,
             snapshot: RwLock::new(Arc::new(Snapshot::of(projects))),
@@ -141,6 +143,7 @@ impl ProjectDirectory {
             Arc::downgrade(&directory),
             directory.stop.subscribe(),
             refresh.max(Duration::from_millis(10)),
+            changes,
         ));
         Ok(directory)
     }
@@ -203,17 +206,29 @@ impl ProjectDirectory {
     }
 }
 
-/// Reloads the projects every `every` until stopped or the directory is gone.
+/// Reloads the projects every `every`, and at once when `changes` signals a change, until
+/// stopped or the directory is gone.
 async fn refresh_loop(
     directory: Weak<ProjectDirectory>,
     mut stop: tokio::sync::watch::Receiver<bool>,
     every: Duration,
+    mut changes: Option<tokio::sync::mpsc::Receiver<()>>,
 ) {
     loop {
-        tokio::select! {
-            _ = tokio::time::sleep(every) => {}
+        let notifier_gone = tokio::select! {
+            _ = tokio::time::sleep(every) => false,
+            changed = async {
+                match changes.as_mut() {
+                    Some(changes) => changes.recv().await,
+                    None => std::future::pending().await,
+                }
+            } => changed.is_none(),
             // Stopped, or the sender (the directory) is gone.
             _ = stop.wait_for(|stopped| *stopped) => return,
+        };
+        if notifier_gone {
+            changes = None;
+            continue;
         }
         let Some(directory) = directory.upgrade() else {
             return;

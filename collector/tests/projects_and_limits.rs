@@ -216,6 +216,44 @@ on_both_backends!(
 );
 
 #[tokio::test]
+async fn postgres_tells_the_collector_of_project_changes_at_once() {
+    // A reload interval far longer than the test: only the NOTIFY can make the change seen.
+    let config = ServeConfig {
+        projects_refresh_interval: Duration::from_secs(600),
+        ..ServeConfig::default()
+    };
+    let app = app_with(Backend::Postgres, config, None).await;
+    let other = Project::new("other", vec![ORIGIN.to_owned()], None);
+    let uri = format!("/v1/batch?key={}", other.write_key);
+    let a = app.post_to(&uri, batch(SENT, vec![event(1)])).await;
+    assert_eq!(a.status, StatusCode::UNAUTHORIZED, "{}", a.text);
+    app.store.add_project(&other).await.unwrap();
+    let started = Instant::now();
+    loop {
+        let a = app.post_to(&uri, batch(SENT, vec![event(1)])).await;
+        if a.status == StatusCode::OK {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "the new project was not seen: {}",
+            a.text
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Removed: refused again.
+    assert!(app.store.remove_project("other").await.unwrap());
+    let started = Instant::now();
+    while app.post_to(&uri, batch(SENT, vec![event(2)])).await.status != StatusCode::UNAUTHORIZED {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "the removed project is still accepted"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
 async fn a_batch_costs_its_full_event_count() {
     // 500 events/s: a bucket of 1,000. 600 pass, another 600 do not (400 left).
     let app = app_with(Backend::Postgres, ServeConfig::default(), Some(500)).await;
