@@ -2,15 +2,16 @@
 //! the `Origin` header must be one the project allows.
 //!
 //! Browsers do not stop `text/plain` POSTs with CORS, so the origin check must happen here.
-//! Projects are cached briefly so a burst of batches costs one database lookup.
+//! Projects are kept in memory ([`ProjectDirectory`]): no request ever looks a key up in the
+//! database, so unknown keys cost nothing but a hash lookup.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::{Arc, RwLock, Weak};
+use std::time::Duration;
 
 use axum::http::{header, HeaderMap, Uri};
 
-use crate::store::{EventStore, KeyKind, Project, StoreError};
+use crate::store::{EventStore, Project, StoreError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AuthError {
@@ -89,68 +90,152 @@ pub fn check_origin(project: &Project, origin: Option<&str>) -> Result<(), AuthE
     }
 }
 
-/// Looks projects up by key, remembering answers for a short while (known keys longer than
-/// unknown ones, so a project added with the CLI is usable within seconds).
-pub struct ProjectCache {
+/// The projects table, kept in memory: loaded when the server starts, then reloaded every
+/// `--projects-refresh-ms` by a background task (see [`ProjectDirectory::start`]), and at once
+/// on a change notice from the database where there is one (Postgres). Lookups
+/// are hash lookups on an immutable snapshot and never touch the database, so a flood of
+/// unknown keys costs nothing but a hash. A failed reload keeps the last snapshot.
+pub struct ProjectDirectory {
     store: Arc<dyn EventStore>,
-    entries: Mutex<CachedProjects>,
+    snapshot: RwLock<Arc<Snapshot>>,
+    /// Stops the refresh task (also stopped when the directory is dropped).
+    stop: tokio::sync::watch::Sender<bool>,
 }
 
-/// Per (key kind, key): when it was looked up, and what was found.
-type CachedProjects = HashMap<(KeyKind, String), (Instant, Option<Project>)>;
+/// Every project, by write key and by read key.
+#[derive(Default)]
+struct Snapshot {
+    by_write_key: HashMap<String, Project>,
+    by_read_key: HashMap<String, Project>,
+}
 
-const KNOWN_TTL: Duration = Duration::from_secs(30);
-const UNKNOWN_TTL: Duration = Duration::from_secs(2);
-/// Bound on cached keys (unknown keys are attacker-chosen).
-const MAX_ENTRIES: usize = 10_000;
-
-impl ProjectCache {
-    pub fn new(store: Arc<dyn EventStore>) -> ProjectCache {
-        ProjectCache {
-            store,
-            entries: Mutex::new(HashMap::new()),
+impl Snapshot {
+    fn of(projects: Vec<Project>) -> Snapshot {
+        let mut snapshot = Snapshot::default();
+        for p in projects {
+            snapshot.by_read_key.insert(p.read_key.clone(), p.clone());
+            snapshot.by_write_key.insert(p.write_key.clone(), p);
         }
+        snapshot
+    }
+}
+
+/// Longest wait for one reload of the projects table.
+const RELOAD_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl ProjectDirectory {
+    /// Loads every project (fails when the database cannot be read: the server must not start
+    /// without them) and starts reloading them every `refresh` in a background task. The task
+    /// ends on [`ProjectDirectory::stop`] or once the directory is dropped.
+    pub async fn start(
+        store: Arc<dyn EventStore>,
+        refresh: Duration,
+    ) -> Result<Arc<ProjectDirectory>, StoreError> {
+        let projects = store.list_projects().await?;
+        tracing::debug!(projects = projects.len(), "projects loaded");
+        let changes = store.project_changes().await;
+        let directory = Arc::new(ProjectDirectory {
+            store,
+            snapshot: RwLock::new(Arc::new(Snapshot::of(projects))),
+            stop: tokio::sync::watch::Sender::new(false),
+        });
+        tokio::spawn(refresh_loop(
+            Arc::downgrade(&directory),
+            directory.stop.subscribe(),
+            refresh.max(Duration::from_millis(10)),
+            changes,
+        ));
+        Ok(directory)
+    }
+
+    /// Reloads the projects table now; on failure the last snapshot stays.
+    pub async fn reload(&self) -> Result<(), StoreError> {
+        let projects = match tokio::time::timeout(RELOAD_TIMEOUT, self.store.list_projects()).await
+        {
+            Ok(result) => result?,
+            Err(_) => {
+                return Err(StoreError::Unavailable(sqlx::Error::PoolTimedOut));
+            }
+        };
+        let snapshot = Arc::new(Snapshot::of(projects));
+        *self
+            .snapshot
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = snapshot;
+        Ok(())
+    }
+
+    /// Stops the refresh task.
+    pub fn stop(&self) {
+        self.stop.send_replace(true);
     }
 
     /// The project whose write key is `key`.
-    pub async fn by_write_key(&self, key: &str) -> Result<Project, AuthError> {
-        self.lookup(KeyKind::Write, key).await
+    pub fn by_write_key(&self, key: &str) -> Result<Project, AuthError> {
+        self.current()
+            .by_write_key
+            .get(key)
+            .cloned()
+            .ok_or(AuthError::UnknownKey)
     }
 
     /// The project whose read key is `key`.
-    pub async fn by_read_key(&self, key: &str) -> Result<Project, AuthError> {
-        self.lookup(KeyKind::Read, key).await
+    pub fn by_read_key(&self, key: &str) -> Result<Project, AuthError> {
+        self.current()
+            .by_read_key
+            .get(key)
+            .cloned()
+            .ok_or(AuthError::UnknownKey)
     }
 
-    async fn lookup(&self, kind: KeyKind, key: &str) -> Result<Project, AuthError> {
-        if key.len() > 200 {
-            return Err(AuthError::UnknownKey);
-        }
-        let cache_key = (kind, key.to_owned());
-        if let Some((at, found)) = self.lock().get(&cache_key) {
-            let ttl = if found.is_some() {
-                KNOWN_TTL
-            } else {
-                UNKNOWN_TTL
-            };
-            if at.elapsed() < ttl {
-                return found.clone().ok_or(AuthError::UnknownKey);
-            }
-        }
-        let found = self.store.project_by_key(kind, key).await?;
-        let mut entries = self.lock();
-        if entries.len() >= MAX_ENTRIES {
-            entries.clear();
-        }
-        entries.insert(cache_key, (Instant::now(), found.clone()));
-        found.ok_or(AuthError::UnknownKey)
+    /// Number of projects in the current snapshot.
+    pub fn len(&self) -> usize {
+        self.current().by_write_key.len()
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, CachedProjects> {
-        // A panic while holding this lock cannot leave the map inconsistent: keep using it.
-        self.entries
-            .lock()
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn current(&self) -> Arc<Snapshot> {
+        // The lock only guards swapping an Arc: a panic cannot leave it inconsistent.
+        self.snapshot
+            .read()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
+}
+
+/// Reloads the projects every `every`, and at once when `changes` signals a change, until
+/// stopped or the directory is gone.
+async fn refresh_loop(
+    directory: Weak<ProjectDirectory>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+    every: Duration,
+    mut changes: Option<tokio::sync::mpsc::Receiver<()>>,
+) {
+    loop {
+        let notifier_gone = tokio::select! {
+            _ = tokio::time::sleep(every) => false,
+            changed = async {
+                match changes.as_mut() {
+                    Some(changes) => changes.recv().await,
+                    None => std::future::pending().await,
+                }
+            } => changed.is_none(),
+            // Stopped, or the sender (the directory) is gone.
+            _ = stop.wait_for(|stopped| *stopped) => return,
+        };
+        if notifier_gone {
+            changes = None;
+            continue;
+        }
+        let Some(directory) = directory.upgrade() else {
+            return;
+        };
+        if let Err(e) = directory.reload().await {
+            tracing::warn!(error = %e, "cannot reload projects; keeping the last ones loaded");
+        }
     }
 }
 

@@ -12,9 +12,10 @@ use anyhow::Context;
 use chrono::Utc;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::config::{self, CommitConfig, DbConfig, ServeConfig};
+use crate::config::{self, CommitConfig, DbConfig, RateLimitConfig, ServeConfig};
 use crate::http::{self, AppState};
 use crate::metrics;
+use crate::ratelimit;
 use crate::receipts;
 use crate::shutdown::Shutdown;
 use crate::store::{self, EventStore, Project};
@@ -159,6 +160,27 @@ pub struct ServeArgs {
         value_parser = clap::value_parser!(u32).range(1..=3650)
     )]
     pub batch_receipt_ttl_days: u32,
+    /// Milliseconds between reloads of the projects table into memory (keys are never looked
+    /// up in the database per request; a new or changed project is seen within this long).
+    #[arg(
+        long,
+        env = "TRACKLET_PROJECTS_REFRESH_MS",
+        default_value_t = config::DEFAULT_PROJECTS_REFRESH_MS,
+        value_parser = clap::value_parser!(u64).range(10..)
+    )]
+    pub projects_refresh_ms: u64,
+    /// Events per second for projects without their own --rate-limit (0: unlimited). Each
+    /// bucket holds two seconds of traffic.
+    #[arg(
+        long,
+        env = "TRACKLET_RATE_LIMIT_DEFAULT",
+        default_value_t = ratelimit::DEFAULT_PROJECT_EVENTS_PER_SEC
+    )]
+    pub rate_limit_default: u32,
+    /// Events per second per client address, all projects together (0: off). The address is
+    /// the peer's, or the last X-Forwarded-For entry with --trust-forwarded-for.
+    #[arg(long, env = "TRACKLET_RATE_LIMIT_PER_IP", default_value_t = 0)]
+    pub rate_limit_per_ip: u32,
 }
 
 #[derive(Debug, Subcommand)]
@@ -170,7 +192,8 @@ pub enum ProjectsCommand {
         /// Allowed browser origin, e.g. https://example.com (repeat for several; `*` for any).
         #[arg(long = "origin")]
         origins: Vec<String>,
-        /// Events per second this project may send (default: unlimited).
+        /// Events per second this project may send (default: serve's --rate-limit-default;
+        /// 0: unlimited).
         #[arg(long)]
         rate_limit: Option<u32>,
     },
@@ -226,6 +249,11 @@ impl ServeArgs {
             idle_timeout: Duration::from_secs(self.idle_timeout_secs.max(1)),
             shutdown_timeout: Duration::from_secs(self.shutdown_timeout_secs),
             batch_receipt_ttl: config::days(self.batch_receipt_ttl_days),
+            projects_refresh_interval: Duration::from_millis(self.projects_refresh_ms),
+            rate_limit: RateLimitConfig {
+                project_default: self.rate_limit_default,
+                per_ip: self.rate_limit_per_ip,
+            },
         }
     }
 }
@@ -321,7 +349,9 @@ pub async fn serve(db: &DbConfig, config: ServeConfig) -> anyhow::Result<()> {
         header_read_timeout: config.header_read_timeout,
         idle_timeout: config.idle_timeout,
     };
-    let (state, committer) = AppState::new(config, store.clone())?;
+    // Fails when the projects cannot be loaded: serving without them would refuse every key.
+    let (state, committer) = AppState::new(config, store.clone()).await?;
+    let projects = state.projects();
     tracing::info!(address = %listener.local_addr()?, backend = store.backend(), "listening");
     let upkeep = tokio::spawn(metrics::keep_histograms(shutdown.clone()));
 
@@ -343,6 +373,7 @@ pub async fn serve(db: &DbConfig, config: ServeConfig) -> anyhow::Result<()> {
         Ok(_) => tracing::info!("commit queue drained; bye"),
         Err(_) => tracing::warn!("commit queue not drained in time"),
     }
+    projects.stop();
     maintenance.abort();
     receipt_cleanup.abort();
     Ok(())

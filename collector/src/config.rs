@@ -7,6 +7,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+pub use crate::ratelimit::RateLimitConfig;
+
 /// Which database to use.
 #[derive(Debug, Clone)]
 pub struct DbConfig {
@@ -92,6 +94,11 @@ pub struct ServeConfig {
     /// How long batch receipts ("batch X arrived", for `POST /v1/batch/status`) are kept:
     /// the SDK asks when the next page loads, which may be days later.
     pub batch_receipt_ttl: Duration,
+    /// How often the projects table is reloaded into memory (a project added or changed with
+    /// `projects add` is seen within this long; keys are never looked up in the database).
+    pub projects_refresh_interval: Duration,
+    /// Per-project default and per-address rate limits (see [`crate::ratelimit`]).
+    pub rate_limit: RateLimitConfig,
 }
 
 /// Default of [`ServeConfig::max_connections`].
@@ -100,6 +107,8 @@ pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
 pub const DEFAULT_HEADER_READ_TIMEOUT_SECS: u64 = 5;
 /// Default of [`ServeConfig::idle_timeout`], in seconds.
 pub const DEFAULT_IDLE_TIMEOUT_SECS: u64 = 60;
+/// Default of [`ServeConfig::projects_refresh_interval`], in milliseconds.
+pub const DEFAULT_PROJECTS_REFRESH_MS: u64 = 2000;
 
 /// Default of [`ServeConfig::batch_receipt_ttl`], in days.
 pub const DEFAULT_BATCH_RECEIPT_TTL_DAYS: u32 = 30;
@@ -123,6 +132,8 @@ impl Default for ServeConfig {
             idle_timeout: Duration::from_secs(DEFAULT_IDLE_TIMEOUT_SECS),
             shutdown_timeout: Duration::from_secs(30),
             batch_receipt_ttl: days(DEFAULT_BATCH_RECEIPT_TTL_DAYS),
+            projects_refresh_interval: Duration::from_millis(DEFAULT_PROJECTS_REFRESH_MS),
+            rate_limit: RateLimitConfig::default(),
         }
     }
 }

@@ -1,13 +1,14 @@
 //! The HTTP surface: routes, and the batch pipeline read top to bottom.
 //!
-//! `POST /v1/batch`: authenticate (key, origin; before reading any body) -> decode (capped,
-//! gzip-sniffed) -> rate limit -> validate (per event) -> enrich -> group commit (with the
+//! `POST /v1/batch`: authenticate (key, origin; before reading any body) -> rate limit open?
+//! (before reading any body) -> decode (capped, gzip-sniffed) -> rate limit (charge the
+//! event count) -> validate (per event) -> enrich -> group commit (with the
 //! batch's receipt) -> respond. `POST /v1/batch/status`: authenticate -> rate limit -> decode
 //! (16 KiB) -> look receipts up -> respond.
 //! Also `/healthz`, `/readyz`, `/metrics`, `/v1/stats`, CORS, and the optional static files.
 
 use std::collections::HashSet;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -26,7 +27,7 @@ use serde_json::value::RawValue;
 use tracing::Instrument;
 use tracklet_wire::types::{BatchResponse, BatchStatusResponse};
 
-use crate::auth::{self, AuthError, ProjectCache};
+use crate::auth::{self, AuthError, ProjectDirectory};
 use crate::commit::GroupCommitter;
 use crate::config::ServeConfig;
 use crate::decode::{self, BodyMemory, DecodeError, Encoding, Held};
@@ -37,7 +38,7 @@ use crate::metrics;
 use crate::ratelimit::RateLimiter;
 use crate::receipts;
 use crate::stats;
-use crate::store::{BatchReceipt, EventRow, EventStore, Project};
+use crate::store::{BatchReceipt, EventRow, EventStore, Project, StoreError};
 use crate::validate;
 
 /// Everything a request handler needs, shared by all requests.
@@ -46,7 +47,7 @@ pub struct AppState {
     config: Arc<ServeConfig>,
     store: Arc<dyn EventStore>,
     committer: GroupCommitter,
-    projects: Arc<ProjectCache>,
+    projects: Arc<ProjectDirectory>,
     limiter: Arc<RateLimiter>,
     enricher: Arc<Enricher>,
     /// Permits for batches being decoded and processed (bounds the work in progress).
@@ -56,27 +57,45 @@ pub struct AppState {
     metrics: PrometheusHandle,
 }
 
+/// Why the state could not be built (the server does not start).
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Enrich(#[from] EnrichError),
+    #[error("cannot load the projects: {0}")]
+    Projects(#[from] StoreError),
+}
+
 impl AppState {
-    /// Builds the state and starts the group committer. The returned task ends once every
-    /// clone of the state is dropped and the commit queue is drained.
-    pub fn new(
+    /// Loads the projects (and starts reloading them every
+    /// [`ServeConfig::projects_refresh_interval`]), then starts the group committer. The
+    /// returned task ends once every clone of the state is dropped and the commit queue is
+    /// drained.
+    pub async fn new(
         config: ServeConfig,
         store: Arc<dyn EventStore>,
-    ) -> Result<(AppState, tokio::task::JoinHandle<()>), EnrichError> {
+    ) -> Result<(AppState, tokio::task::JoinHandle<()>), StartError> {
         let enricher = Enricher::new(config.geoip_db.as_deref())?;
+        let projects =
+            ProjectDirectory::start(store.clone(), config.projects_refresh_interval).await?;
         let (committer, task) = GroupCommitter::start(store.clone(), config.commit.clone());
         let state = AppState {
-            projects: Arc::new(ProjectCache::new(store.clone())),
+            projects,
+            limiter: Arc::new(RateLimiter::new(config.rate_limit.clone())),
             inflight: Arc::new(tokio::sync::Semaphore::new(config.max_inflight_batches)),
             body_memory: BodyMemory::new(config.body_memory_bytes),
             config: Arc::new(config),
             store,
             committer,
-            limiter: Arc::new(RateLimiter::new()),
             enricher: Arc::new(enricher),
             metrics: metrics::install(),
         };
         Ok((state, task))
+    }
+
+    /// The projects kept in memory (to stop their reloading at shutdown, or reload now).
+    pub fn projects(&self) -> Arc<ProjectDirectory> {
+        self.projects.clone()
     }
 }
 
@@ -173,7 +192,7 @@ async fn writing_project(
     headers: &HeaderMap,
 ) -> Result<Project, ApiError> {
     let key = auth::request_key(uri, headers).ok_or(AuthError::MissingKey)?;
-    let project = state.projects.by_write_key(&key).await?;
+    let project = state.projects.by_write_key(&key)?;
     auth::check_origin(&project, header_str(headers, &header::ORIGIN))?;
     Ok(project)
 }
@@ -207,6 +226,9 @@ async fn receive_batch(state: &AppState, request: Request) -> Result<BatchRespon
 
     // Authenticate first: the cheapest refusal, before reading a byte of body.
     let project = writing_project(state, &parts.uri, headers).await?;
+    // Refuse at once, before the body, when the project or the client has no tokens left.
+    let client_ip = request_client_ip(state, &parts);
+    state.limiter.check_open(&project, client_ip)?;
 
     // Read the body first (at most 1 MiB, within the body deadline), holding no shared
     // permit: a client trickling its body slowly holds only its own connection, never a
@@ -226,12 +248,6 @@ async fn receive_batch(state: &AppState, request: Request) -> Result<BatchRespon
         .map_err(|_| ApiError::Overloaded)?;
 
     // Enrichment facts of the request (user agent, client address), shared by its events.
-    let peer = parts
-        .extensions
-        .get::<ConnectInfo<SocketAddr>>()
-        .map(|c| c.0);
-    let forwarded_for = header_str(headers, &HeaderName::from_static("x-forwarded-for"));
-    let client_ip = enrich::client_ip(peer, forwarded_for, state.config.trust_forwarded_for);
     let request_facts = state
         .enricher
         .for_request(header_str(headers, &header::USER_AGENT), client_ip);
@@ -249,10 +265,9 @@ async fn receive_batch(state: &AppState, request: Request) -> Result<BatchRespon
             let decoded = decode_batch(
                 &state,
                 &project,
-                raw,
-                encoding,
+                (raw, encoding),
                 &mut held,
-                request_facts,
+                (client_ip, request_facts),
                 received_at,
             );
             // The body is no longer needed while waiting for the commit.
@@ -291,10 +306,9 @@ struct Decoded {
 fn decode_batch(
     state: &AppState,
     project: &Project,
-    raw: Bytes,
-    encoding: Encoding,
+    (raw, encoding): (Bytes, Encoding),
     held: &mut Held,
-    request_facts: Arc<enrich::Enrichment>,
+    (client_ip, request_facts): (Option<IpAddr>, Arc<enrich::Enrichment>),
     received_at: DateTime<Utc>,
 ) -> Result<Decoded, ApiError> {
     let inflated_limit = decode::decompressed_limit(raw.len());
@@ -309,8 +323,10 @@ fn decode_batch(
         metrics::sdk_dropped(envelope.dropped);
     }
 
-    // Back-pressure: the project's events per second.
-    state.limiter.check(project, envelope.events.len())?;
+    // Back-pressure: the batch costs its full event count (project and client address).
+    state
+        .limiter
+        .charge(project, client_ip, envelope.events.len())?;
 
     // Validate each event on its own; repeats of an id within the batch are stored once.
     let validated = validate::validate_batch(&envelope.events);
@@ -361,6 +377,16 @@ fn decode_batch(
     })
 }
 
+/// The client's address, as the enricher sees it (peer, or trusted `X-Forwarded-For`).
+fn request_client_ip(state: &AppState, parts: &axum::http::request::Parts) -> Option<IpAddr> {
+    let peer = parts
+        .extensions
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0);
+    let forwarded_for = header_str(&parts.headers, &HeaderName::from_static("x-forwarded-for"));
+    enrich::client_ip(peer, forwarded_for, state.config.trust_forwarded_for)
+}
+
 /// `POST /v1/batch/status`: which of the asked batches arrived.
 async fn post_batch_status(State(state): State<AppState>, request: Request) -> Response {
     let origin = header_str(request.headers(), &header::ORIGIN).map(str::to_owned);
@@ -377,7 +403,9 @@ async fn receive_status_query(
     let (parts, body) = request.into_parts();
     let headers = &parts.headers;
     let project = writing_project(state, &parts.uri, headers).await?;
-    state.limiter.check(&project, 1)?;
+    state
+        .limiter
+        .charge(&project, request_client_ip(state, &parts), 1)?;
     let mut held = state.body_memory.hold(project.id);
     let (raw, encoding) =
         read_raw_body(state, headers, body, MAX_BATCH_STATUS_BODY_BYTES, &mut held).await?;
@@ -410,8 +438,8 @@ async fn preflight(
     };
     if let Some(key) = auth::request_key(&uri, &HeaderMap::new()) {
         let project = match uri.path() {
-            "/v1/stats" => state.projects.by_read_key(&key).await,
-            _ => state.projects.by_write_key(&key).await,
+            "/v1/stats" => state.projects.by_read_key(&key),
+            _ => state.projects.by_write_key(&key),
         };
         if let Ok(project) = project {
             if let Err(e) = auth::check_origin(&project, Some(origin)) {
@@ -446,7 +474,7 @@ async fn get_stats(
     let origin = header_str(&headers, &header::ORIGIN);
     let result = async {
         let key = auth::request_key(&uri, &headers).ok_or(AuthError::MissingKey)?;
-        let project = state.projects.by_read_key(&key).await?;
+        let project = state.projects.by_read_key(&key)?;
         auth::check_origin(&project, origin)?;
         let from = auth::query_param(&uri, "from");
         let to = auth::query_param(&uri, "to");

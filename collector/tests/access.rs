@@ -104,19 +104,47 @@ async fn rate_limit_is_429_with_retry_after() {
 }
 
 #[tokio::test]
-async fn database_down_is_503_with_retry_after() {
-    // A pool pointed at a closed port stands in for a Postgres outage.
+async fn database_down_at_start_means_no_server() {
+    // A pool pointed at a closed port stands in for a Postgres outage: without its projects
+    // the collector would refuse every key, so it does not start.
     let store = PgStore::connect_lazy("postgres://postgres@127.0.0.1:1/none", 2).unwrap();
     let store: Arc<dyn EventStore> = Arc::new(store);
-    let (state, _task) = AppState::new(ServeConfig::default(), store).unwrap();
+    let started = tokio::time::timeout(
+        std::time::Duration::from_secs(20),
+        AppState::new(ServeConfig::default(), store),
+    )
+    .await
+    .expect("gives up within the pool's acquire timeout");
+    let error = started.err().expect("no state without projects");
+    assert!(error.to_string().contains("projects"), "{error}");
+}
+
+#[tokio::test]
+async fn database_down_is_503_with_retry_after_and_keys_still_checked() {
+    let db = TestDb::create().await;
+    let store = Arc::new(PgStore::connect(&db.url, 2).await.unwrap());
+    store.migrate().await.unwrap();
+    let project = tracklet_collector::store::Project::new("p", vec![], None);
+    store.add_project(&project).await.unwrap();
+    let (state, _task) = AppState::new(ServeConfig::default(), store.clone())
+        .await
+        .unwrap();
     let app = router(state);
+    // The outage.
+    store.pool().close().await;
     use tower::ServiceExt;
-    let req = Request::post("/v1/batch?key=wk_any")
+    let req = Request::post(format!("/v1/batch?key={}", project.write_key))
         .body(Body::from(batch(SENT, vec![event(1)])))
         .unwrap();
     let response = app.clone().oneshot(req).await.unwrap();
     assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
     assert!(response.headers().get("retry-after").is_some());
+    // Keys are known without the database: an unknown one is still 401, not 503.
+    let req = Request::post("/v1/batch?key=wk_any")
+        .body(Body::from(batch(SENT, vec![event(1)])))
+        .unwrap();
+    let response = app.clone().oneshot(req).await.unwrap();
+    assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
     let ready = app
         .clone()
         .oneshot(Request::get("/readyz").body(Body::empty()).unwrap())
@@ -336,6 +364,7 @@ async fn partitions_are_created_ahead_and_dropped_after_retention() {
         ServeConfig::default(),
         Arc::new(PgStore::connect(&db.url, 2).await.unwrap()),
     )
+    .await
     .unwrap();
     let app = router(state);
     let march = Utc

@@ -74,6 +74,7 @@ on_both_backends!(
         let app = app(backend).await;
         let other = Project::new("other", vec![ORIGIN.to_owned()], None);
         app.store.add_project(&other).await.unwrap();
+        app.wait_until_known(&other.write_key).await;
         let other_status = |ids: &[&str]| {
             Request::post(format!("/v1/batch/status?key={}", other.write_key))
                 .header("content-type", "text/plain")

@@ -77,7 +77,7 @@ async fn database_outage_is_503_then_recovers_by_itself() {
         .acquire_timeout(Duration::from_secs(1))
         .connect_lazy_with(proxied);
     let store: Arc<dyn EventStore> = Arc::new(PgStore::from_pool(pool));
-    let (state, _task) = AppState::new(ServeConfig::default(), store).unwrap();
+    let (state, _task) = AppState::new(ServeConfig::default(), store).await.unwrap();
     let app = TestApp {
         router: router(state),
         store: Arc::new(direct),

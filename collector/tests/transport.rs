@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -12,55 +12,33 @@ use tokio::net::TcpStream;
 
 use common::*;
 
-const BIN: &str = env!("CARGO_BIN_EXE_tracklet-collector");
-
 const HEALTHZ_KEEP_ALIVE: &[u8] = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n";
 const HEALTHZ_CLOSE: &[u8] =
     b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n";
 const HEALTHY: &str = r#"{"status":"ok"}"#;
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// The binary serving on 127.0.0.1:`port`; killed when dropped.
-struct Server {
+struct Collector {
     child: Child,
     port: u16,
     _db: TestDb,
 }
 
-impl Drop for Server {
+impl Drop for Collector {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
 }
 
-impl Server {
+impl Collector {
     /// `serve` with `args` added, once it answers `/healthz` (on connections it closes, so
     /// none is left holding a slot).
-    async fn start(args: &[&str]) -> Server {
+    async fn start(args: &[&str]) -> Collector {
         let db = TestDb::create().await;
         let port = free_port();
-        let child = Command::new(BIN)
-            .args([
-                "serve",
-                "--database-url",
-                &db.url,
-                "--listen",
-                &format!("127.0.0.1:{port}"),
-            ])
-            .args(args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let server = Server {
+        let child = serve_binary(&db.url, port, args, &[]);
+        let server = Collector {
             child,
             port,
             _db: db,
@@ -119,7 +97,7 @@ async fn read_until(stream: &mut TcpStream, needle: &str, limit: Duration) -> Op
 }
 
 /// A keep-alive connection that has been served one `/healthz`.
-async fn served_keep_alive(server: &Server) -> TcpStream {
+async fn served_keep_alive(server: &Collector) -> TcpStream {
     let mut stream = server.connect().await.unwrap();
     stream.write_all(HEALTHZ_KEEP_ALIVE).await.unwrap();
     let answer = read_until(&mut stream, HEALTHY, Duration::from_secs(5)).await;
@@ -148,7 +126,7 @@ async fn closed_after(stream: &mut TcpStream, since: Instant, limit: Duration) -
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slowloris_is_cut_off_at_the_header_read_timeout() {
-    let server = Server::start(&[
+    let server = Collector::start(&[
         "--header-read-timeout-secs",
         "2",
         "--idle-timeout-secs",
@@ -203,7 +181,7 @@ async fn slowloris_is_cut_off_at_the_header_read_timeout() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_keep_alive_connections_are_closed_after_the_idle_timeout() {
     // The header read timeout (30 s) is far away: only the idle timeout can close these.
-    let server = Server::start(&[
+    let server = Collector::start(&[
         "--header-read-timeout-secs",
         "30",
         "--idle-timeout-secs",
@@ -232,7 +210,7 @@ async fn idle_keep_alive_connections_are_closed_after_the_idle_timeout() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn at_the_connection_cap_new_connections_wait_for_a_free_slot() {
-    let server = Server::start(&[
+    let server = Collector::start(&[
         "--max-connections",
         "4",
         "--header-read-timeout-secs",
@@ -288,7 +266,7 @@ async fn at_the_connection_cap_new_connections_wait_for_a_free_slot() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn made_up_methods_do_not_create_metric_series() {
-    let server = Server::start(&[]).await;
+    let server = Collector::start(&[]).await;
     let client = reqwest::Client::new();
     for i in 0..50 {
         let name = format!("ZZMADEUP{i}");
@@ -336,7 +314,7 @@ async fn made_up_methods_do_not_create_metric_series() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http2_connections_are_served_and_must_start_a_request_in_time() {
-    let server = Server::start(&[
+    let server = Collector::start(&[
         "--header-read-timeout-secs",
         "2",
         "--idle-timeout-secs",
@@ -392,7 +370,7 @@ async fn http2_connections_are_served_and_must_start_a_request_in_time() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_closes_idle_connections_at_once() {
-    let mut server = Server::start(&["--idle-timeout-secs", "60"]).await;
+    let mut server = Collector::start(&["--idle-timeout-secs", "60"]).await;
     let mut idle = Vec::new();
     for _ in 0..3 {
         idle.push(served_keep_alive(&server).await);
@@ -427,11 +405,8 @@ async fn sigterm_closes_idle_connections_at_once() {
 
 #[test]
 fn serve_help_lists_the_connection_limits() {
-    let out = Command::new(BIN)
-        .args(["serve", "--help"])
-        .output()
-        .unwrap();
-    let help = String::from_utf8_lossy(&out.stdout);
+    let (ok, help, stderr) = run_cli(&["serve", "--help"]);
+    assert!(ok, "{stderr}");
     for flag in [
         "--max-connections",
         "TRACKLET_MAX_CONNECTIONS",

@@ -360,7 +360,8 @@ async fn bench(args: &Args, url: &str) -> anyhow::Result<()> {
     let store = PgStore::connect(url, 2).await?;
     store.migrate().await?;
     store.maintain_partitions(chrono::Utc::now(), 1, 0).await?;
-    let project = Project::new("bench", vec![], None);
+    // Unlimited (0), not serve's --rate-limit-default: the benchmark measures the collector.
+    let project = Project::new("bench", vec![], Some(0));
     store.add_project(&project).await?;
     store.pool().close().await;
 

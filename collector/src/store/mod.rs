@@ -301,6 +301,12 @@ pub trait EventStore: Send + Sync + 'static {
     /// The project whose write or read key is `key`.
     async fn project_by_key(&self, kind: KeyKind, key: &str)
         -> Result<Option<Project>, StoreError>;
+    /// Signals "the projects table may have changed", when the backend can tell (Postgres:
+    /// `NOTIFY` from a trigger); `None` when it cannot, and projects are then only reloaded
+    /// every `--projects-refresh-ms`.
+    async fn project_changes(&self) -> Option<tokio::sync::mpsc::Receiver<()>> {
+        None
+    }
     async fn stats(
         &self,
         project_id: Uuid,

@@ -9,7 +9,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::{DateTime, Datelike, Utc};
 use serde_json::value::RawValue;
-use sqlx::postgres::{PgPool, PgPoolOptions};
+use sqlx::postgres::{PgListener, PgPool, PgPoolOptions};
 use sqlx::Row;
 use uuid::Uuid;
 
@@ -21,6 +21,9 @@ use super::{
 pub struct PgStore {
     pool: PgPool,
 }
+
+/// Channel notified by the `projects_changed` trigger (migration 0003).
+const PROJECTS_CHANNEL: &str = "tracklet_projects";
 
 /// Lock id serialising partition maintenance across collectors sharing one database.
 const PARTITION_LOCK_ID: i64 = 0x7472_6163_6b6c_6574; // "tracklet"
@@ -95,6 +98,46 @@ impl EventStore for PgStore {
             .run(&self.pool)
             .await?;
         Ok(())
+    }
+
+    async fn project_changes(&self) -> Option<tokio::sync::mpsc::Receiver<()>> {
+        // A connection of its own, outside the pool the requests use.
+        let pool = PgPoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(Duration::from_secs(3))
+            .connect_lazy_with((*self.pool.connect_options()).clone());
+        let mut listener = match PgListener::connect_with(&pool).await {
+            Ok(listener) => listener,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for project changes; reloading them periodically only");
+                return None;
+            }
+        };
+        if let Err(e) = listener.listen(PROJECTS_CHANNEL).await {
+            tracing::warn!(error = %e, "cannot listen for project changes; reloading them periodically only");
+            return None;
+        }
+        let (changed, changes) = tokio::sync::mpsc::channel(1);
+        tokio::spawn(async move {
+            loop {
+                let received = tokio::select! {
+                    _ = changed.closed() => return,
+                    received = listener.try_recv() => received,
+                };
+                match received {
+                    // A notice, or the connection was lost (notices may have been missed; the
+                    // next call reconnects): reload either way.
+                    Ok(_) => {
+                        let _ = changed.try_send(());
+                    }
+                    Err(e) => {
+                        tracing::debug!(error = %e, "project change listener reconnecting");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                }
+            }
+        });
+        Some(changes)
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

@@ -154,7 +154,7 @@ pub async fn app_with(backend: Backend, config: ServeConfig, rate_limit: Option<
     let (store, db, sqlite_file) = open_store(backend).await;
     let project = Project::new("shop", vec![ORIGIN.to_owned()], rate_limit);
     store.add_project(&project).await.expect("add project");
-    let (state, _committer) = AppState::new(config, store.clone()).expect("state");
+    let (state, _committer) = AppState::new(config, store.clone()).await.expect("state");
     TestApp {
         router: router(state),
         store,
@@ -312,6 +312,29 @@ impl TestApp {
     pub async fn get(&self, uri: &str) -> Answer {
         self.send(Request::get(uri).body(Body::empty()).unwrap())
             .await
+    }
+
+    /// Waits (at most 10 s) until the collector knows `write_key`: projects added while it
+    /// runs are seen at its next projects reload (`projects_refresh_interval`).
+    pub async fn wait_until_known(&self, write_key: &str) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let a = self
+                .send(
+                    Request::post(format!("/v1/batch/status?key={write_key}"))
+                        .body(Body::from(r#"{"batch_ids":[]}"#))
+                        .unwrap(),
+                )
+                .await;
+            if a.status != StatusCode::UNAUTHORIZED {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "key {write_key} still unknown after 10 s"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
     }
 
     /// Total events stored for the project (all time).
