@@ -294,3 +294,51 @@ async fn a_read_only_database_is_503_and_the_batch_is_stored_after_recovery() {
     assert_eq!(status, 200, "{text}");
     assert_eq!(stored(&db).await, 10);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_collectors_on_one_fresh_database_store_every_event_once() {
+    let db = TestDb::create().await;
+    // Both start at once on a database with no partitions yet: their start-up partition
+    // upkeep must not trip over each other or over the first batches.
+    let (a, b) = tokio::join!(Server::start(&db.url, &[]), Server::start(&db.url, &[]));
+    // A project added while both serve is known to both (NOTIFY, or the periodic reload).
+    let project = add_project_cli(&db.url, "shared");
+    let key = project["write_key"].as_str().unwrap().to_owned();
+    let client = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    for server in [&a, &b] {
+        loop {
+            let (status, text) = post(&client, server, &key, valid(0, 1)).await;
+            if status == 200 {
+                break;
+            }
+            assert_eq!(status, 401, "{text}");
+            assert!(
+                Instant::now() < deadline,
+                "the new project is not known after 5 s"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    // Every batch goes to both collectors at once (a retry landing elsewhere): each event
+    // is stored once, and between them the two answers count it once as accepted.
+    let mut accepted = 0;
+    for n in 0..40u64 {
+        let body = valid(1000 + n * 10, 10);
+        let (ra, rb) = tokio::join!(
+            post(&client, &a, &key, body.clone()),
+            post(&client, &b, &key, body)
+        );
+        for (status, text) in [&ra, &rb] {
+            assert_eq!(*status, 200, "{text}");
+        }
+        let count = |t: &str| {
+            serde_json::from_str::<serde_json::Value>(t).unwrap()["accepted"]
+                .as_u64()
+                .unwrap()
+        };
+        accepted += count(&ra.1) + count(&rb.1);
+    }
+    assert_eq!(accepted, 400);
+    assert_eq!(stored(&db).await, 401);
+}
