@@ -13,6 +13,8 @@
 //
 // Importing this module touches no browser global, so server-side rendering works.
 
+import { IDLE_STATUS } from './idle-status.js';
+
 export const VERSION = '0.1.0';
 const PRE = 'tl1:p:';
 // The calls kept until the wasm is ready, and how many arguments each keeps.
@@ -119,16 +121,12 @@ function start(o, inert, load) {
         })
         .catch((e) => warn('could not start; events stay queued', e));
 
+  // The status shape is the core's (`Status`, generated into idle-status.js); before the
+  // wasm is ready only the kept calls and the browser's online flag are known.
   const earlyStatus = () => ({
+    ...IDLE_STATUS,
     pending: early.length,
-    inFlight: 0,
-    lastError: null,
-    lastSentAt: null,
-    nextRetryAt: null,
     online: typeof navigator !== 'undefined' ? navigator.onLine !== false : false,
-    rejected: 0,
-    dropped: 0,
-    optedOut: false,
   });
   const listeners = [];
 

@@ -10,6 +10,7 @@
 import * as React from 'react';
 import { createContext, createElement, useContext, useEffect, useMemo, useState } from 'react';
 import { init } from './index.js';
+import { IDLE_STATUS } from './idle-status.js';
 
 // One tracker per distinct options, so StrictMode's double render, remounted layouts and
 // hot reloads never start a second one (two trackers would capture every page view twice).
@@ -26,17 +27,8 @@ function trackerFor(options) {
   return t;
 }
 
-const idle = {
-  pending: 0,
-  inFlight: 0,
-  lastError: null,
-  lastSentAt: null,
-  nextRetryAt: null,
-  online: false,
-  rejected: 0,
-  dropped: 0,
-  optedOut: false,
-};
+// The core's status shape (`Status::default()`, generated into idle-status.js).
+const idle = IDLE_STATUS;
 const noop = () => {};
 // What the hook sees outside a provider: calls do nothing, nothing throws.
 const inert = {

@@ -151,7 +151,7 @@ impl Skipped {
 /// What `status()` reports, to the page as an object with these names in camelCase
 /// (`inFlight`, `lastError`, ...; `None` is `null`). Counts are events; times are ms since
 /// the epoch. The one definition of the status shape.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Status {
     /// Events not yet acknowledged (including those in flight).

@@ -833,3 +833,28 @@ fn a_backlog_drains_in_few_requests_under_the_size_cap() {
     assert_eq!(c.pending(), 0);
     assert!(requests <= 3, "{requests} requests for 1,000 queued events");
 }
+
+/// The status before the wasm has loaded (and on the server) is `Status::default()`, written
+/// for JavaScript into `npm/src/idle-status.js`, which the facade and the React binding
+/// import: the shape has one definition, here. This test fails when the two differ;
+/// `TRACKLET_WRITE_GENERATED=1 cargo test -p tracklet-core idle_status` rewrites the file.
+#[test]
+fn idle_status_js_is_generated_from_the_status_type() {
+    let json = serde_json::to_string_pretty(&Status::default()).unwrap();
+    let js = format!(
+        "// Generated from `tracklet_core::Status::default()` by the sdk-core test\n\
+         // `idle_status_js_is_generated_from_the_status_type`: do not edit. After changing\n\
+         // `Status`, run `TRACKLET_WRITE_GENERATED=1 cargo test -p tracklet-core idle_status`.\n\
+         export const IDLE_STATUS = Object.freeze({json});\n"
+    );
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../npm/src/idle-status.js");
+    if std::env::var_os("TRACKLET_WRITE_GENERATED").is_some() {
+        std::fs::write(&path, &js).unwrap();
+    }
+    let committed = std::fs::read_to_string(&path).unwrap_or_default();
+    assert_eq!(
+        committed, js,
+        "npm/src/idle-status.js differs from Status::default(): run \
+         `TRACKLET_WRITE_GENERATED=1 cargo test -p tracklet-core idle_status`"
+    );
+}
