@@ -478,6 +478,8 @@ impl Tracker {
 
     /// The next thing for the driver to do; [`Output::Wake`] when there is nothing more.
     pub fn poll_output(&mut self) -> Output {
+        // A handful of outputs at most are queued at once, so shifting a Vec is cheap; a
+        // VecDeque measured 218 B more gzipped wasm for nothing a benchmark could see.
         if !self.out.is_empty() {
             return self.out.remove(0);
         }
