@@ -469,3 +469,32 @@ on_both_backends!(keys_queries_and_ranges_are_checked, |backend| async move {
     app.check_preflight(&format!("/v1/stats/summary?key={key}"))
         .await;
 });
+
+/// A query stuck behind a lock is stopped by the statement timeout: 503 with Retry-After,
+/// in about five seconds, and the next query is answered again.
+#[tokio::test]
+async fn a_query_past_its_statement_timeout_is_503() {
+    use sqlx::Connection;
+    let app = app(Backend::Postgres).await;
+    let url = &app.db.as_ref().unwrap().url;
+    let mut locker = sqlx::PgConnection::connect(url).await.unwrap();
+    let mut tx = locker.begin().await.unwrap();
+    sqlx::query("LOCK TABLE events IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let a = app
+        .get(&format!("/v1/stats/summary?key={}", app.project.read_key))
+        .await;
+    let waited = started.elapsed();
+    assert_eq!(a.status, StatusCode::SERVICE_UNAVAILABLE, "{}", a.text);
+    assert_eq!(a.json["error"], "unavailable");
+    assert!(a.headers.get("retry-after").is_some());
+    assert!(
+        waited >= std::time::Duration::from_secs(4) && waited < std::time::Duration::from_secs(7),
+        "{waited:?}"
+    );
+    tx.rollback().await.unwrap();
+    get(&app, "/v1/stats/summary", "").await;
+}
