@@ -5,7 +5,8 @@
 //! event count) -> validate (per event) -> enrich -> group commit (with the
 //! batch's receipt) -> respond. `POST /v1/batch/status`: authenticate -> rate limit -> decode
 //! (16 KiB) -> look receipts up -> respond.
-//! Also `/healthz`, `/readyz`, `/metrics`, `/v1/stats` (and the stats API of [`analytics`]), CORS, and the optional static files.
+//! Also `/healthz`, `/readyz`, `/metrics`, `/v1/stats` (and the stats API of [`analytics`]),
+//! CORS, and the optional static files.
 
 use std::collections::HashSet;
 use std::net::{IpAddr, SocketAddr};
@@ -506,7 +507,7 @@ fn analytics_query(
     auth::check_origin(&project, header_str(headers, &header::ORIGIN))?;
     let from = auth::query_param(uri, "from");
     let to = auth::query_param(uri, "to");
-    let (from, to) = stats::range(from.as_deref(), to.as_deref(), Utc::now())?;
+    let (from, to) = stats::unbounded_range(from.as_deref(), to.as_deref(), Utc::now())?;
     let (from, to) = analytics::clamp_range(from, to);
     let filters = analytics::Filters::from_params(|name| auth::query_param(uri, name))?;
     Ok(analytics::Query {

@@ -465,6 +465,9 @@ on_both_backends!(keys_queries_and_ranges_are_checked, |backend| async move {
     let to = DateTime::parse_from_rfc3339(a.json["to"].as_str().unwrap()).unwrap();
     assert_eq!(to - from, Duration::days(400));
     assert_eq!(to.to_rfc3339(), "2026-01-01T00:00:00+00:00");
+    // Even from the epoch (longer than `/v1/stats` takes).
+    let a = get(&app, "/v1/stats/summary", "from=0&to=2026-01-01").await;
+    assert_eq!(a.json["from"], "2024-11-27T00:00:00Z");
     // Preflight for the stats API uses the read key.
     app.check_preflight(&format!("/v1/stats/summary?key={key}"))
         .await;
