@@ -33,6 +33,9 @@ pub enum ApiError {
     Store(#[from] StoreError),
     #[error("invalid query: {0}")]
     BadQuery(String),
+    /// A stats API query ran past its deadline: the server's load, not the client's fault.
+    #[error("the query took too long; retry later")]
+    QueryTimeout,
     #[error("too many batches in progress; retry later")]
     Overloaded,
     #[error("no such route")]
@@ -94,7 +97,7 @@ impl ApiError {
                 // every other failure is the server's and answered 503 above.
                 CommitError::Refused(_) => (S::BAD_REQUEST, error_code::MALFORMED, None),
             },
-            ApiError::Store(_) | ApiError::Overloaded => unavailable,
+            ApiError::Store(_) | ApiError::Overloaded | ApiError::QueryTimeout => unavailable,
             ApiError::BadQuery(_) => (S::BAD_REQUEST, error_code::MALFORMED, None),
             ApiError::NotFound => (S::NOT_FOUND, error_code::MALFORMED, None),
             ApiError::Internal(_) => (S::INTERNAL_SERVER_ERROR, error_code::UNAVAILABLE, None),

@@ -5,7 +5,8 @@
 //! event count) -> validate (per event) -> enrich -> group commit (with the
 //! batch's receipt) -> respond. `POST /v1/batch/status`: authenticate -> rate limit -> decode
 //! (16 KiB) -> look receipts up -> respond.
-//! Also `/healthz`, `/readyz`, `/metrics`, `/v1/stats`, CORS, and the optional static files.
+//! Also `/healthz`, `/readyz`, `/metrics`, `/v1/stats` (and the stats API of [`analytics`]),
+//! CORS, and the optional static files.
 
 use std::collections::HashSet;
 use std::net::{IpAddr, SocketAddr};
@@ -27,6 +28,7 @@ use serde_json::value::RawValue;
 use tracing::Instrument;
 use tracklet_wire::types::{BatchResponse, BatchStatusResponse};
 
+use crate::analytics;
 use crate::auth::{self, AuthError, ProjectDirectory};
 use crate::commit::GroupCommitter;
 use crate::config::ServeConfig;
@@ -112,6 +114,12 @@ pub fn router(state: AppState) -> Router {
             post(post_batch_status).options(preflight),
         )
         .route("/v1/stats", get(get_stats).options(preflight))
+        .route("/v1/stats/summary", get(get_summary).options(preflight))
+        .route(
+            "/v1/stats/timeseries",
+            get(get_timeseries).options(preflight),
+        )
+        .route("/v1/stats/breakdown", get(get_breakdown).options(preflight))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(render_metrics))
@@ -438,7 +446,9 @@ async fn preflight(
     };
     if let Some(key) = auth::request_key(&uri, &HeaderMap::new()) {
         let project = match uri.path() {
-            "/v1/stats" => state.projects.by_read_key(&key),
+            path if path == "/v1/stats" || path.starts_with("/v1/stats/") => {
+                state.projects.by_read_key(&key)
+            }
             _ => state.projects.by_write_key(&key),
         };
         if let Ok(project) = project {
@@ -483,6 +493,128 @@ async fn get_stats(
     }
     .await;
     cors_answer(origin, result)
+}
+
+/// The project of the read key (and allowed origin), and the stats API query (range clamped
+/// to 400 days, filters) the request asks for.
+fn analytics_query(
+    state: &AppState,
+    headers: &HeaderMap,
+    uri: &axum::http::Uri,
+) -> Result<analytics::Query, ApiError> {
+    let key = auth::request_key(uri, headers).ok_or(AuthError::MissingKey)?;
+    let project = state.projects.by_read_key(&key)?;
+    auth::check_origin(&project, header_str(headers, &header::ORIGIN))?;
+    let from = auth::query_param(uri, "from");
+    let to = auth::query_param(uri, "to");
+    let (from, to) = stats::unbounded_range(from.as_deref(), to.as_deref(), Utc::now())?;
+    let (from, to) = analytics::clamp_range(from, to);
+    let filters = analytics::Filters::from_params(|name| auth::query_param(uri, name))?;
+    Ok(analytics::Query {
+        project_id: project.id,
+        from,
+        to,
+        filters,
+    })
+}
+
+/// Waits at most [`analytics::QUERY_TIMEOUT`] for a stats API answer (503 after).
+async fn within_deadline<T>(
+    work: impl std::future::Future<Output = Result<T, StoreError>>,
+) -> Result<T, ApiError> {
+    match tokio::time::timeout(analytics::QUERY_TIMEOUT, work).await {
+        Ok(answer) => Ok(answer?),
+        Err(_) => Err(ApiError::QueryTimeout),
+    }
+}
+
+/// `GET /v1/stats/summary` with the read key.
+async fn get_summary(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    uri: axum::http::Uri,
+) -> Response {
+    let result = async {
+        let q = analytics_query(&state, &headers, &uri)?;
+        let row = within_deadline(state.store.analytics_summary(&q)).await?;
+        Ok(analytics::Summary::from_row(&q, row))
+    }
+    .await;
+    cors_answer(header_str(&headers, &header::ORIGIN), result)
+}
+
+/// `GET /v1/stats/timeseries` with the read key: the range and the period before it.
+async fn get_timeseries(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    uri: axum::http::Uri,
+) -> Response {
+    let result = async {
+        let q = analytics_query(&state, &headers, &uri)?;
+        let interval = analytics::Interval::for_range(q.from, q.to);
+        let previous = analytics::Query {
+            from: q.from - (q.to - q.from),
+            to: q.from,
+            ..q.clone()
+        };
+        let (rows, previous_rows) = within_deadline(async {
+            let rows = state.store.analytics_timeseries(&q, interval).await?;
+            let previous_rows = state
+                .store
+                .analytics_timeseries(&previous, interval)
+                .await?;
+            Ok((rows, previous_rows))
+        })
+        .await?;
+        Ok(analytics::Timeseries {
+            interval,
+            from: q.from,
+            to: q.to,
+            buckets: analytics::fill_buckets(q.from, q.to, interval, &rows),
+            previous: analytics::Series {
+                from: previous.from,
+                to: previous.to,
+                buckets: analytics::fill_buckets(
+                    previous.from,
+                    previous.to,
+                    interval,
+                    &previous_rows,
+                ),
+            },
+        })
+    }
+    .await;
+    cors_answer(header_str(&headers, &header::ORIGIN), result)
+}
+
+/// `GET /v1/stats/breakdown?by=` with the read key.
+async fn get_breakdown(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    uri: axum::http::Uri,
+) -> Response {
+    let result = async {
+        let q = analytics_query(&state, &headers, &uri)?;
+        let by: analytics::Dimension = auth::query_param(&uri, "by")
+            .ok_or_else(|| ApiError::BadQuery("by is required".into()))?
+            .parse()?;
+        let limit = analytics::limit(auth::query_param(&uri, "limit").as_deref())?;
+        let rows = within_deadline(state.store.analytics_breakdown(&q, &by, limit)).await?;
+        Ok(analytics::Breakdown {
+            from: q.from,
+            to: q.to,
+            rows: rows
+                .into_iter()
+                .map(|(key, visitors, events)| analytics::BreakdownRow {
+                    key,
+                    visitors,
+                    events,
+                })
+                .collect(),
+        })
+    }
+    .await;
+    cors_answer(header_str(&headers, &header::ORIGIN), result)
 }
 
 async fn healthz() -> Json<serde_json::Value> {

@@ -6,6 +6,7 @@
 //! exactly one place, [`error`]. [`receipts`] remembers which batches arrived, for
 //! `POST /v1/batch/status`.
 
+pub mod analytics;
 pub mod auth;
 pub mod cli;
 pub mod commit;

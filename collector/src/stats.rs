@@ -30,8 +30,9 @@ pub fn parse_time(value: &str) -> Result<DateTime<Utc>, ApiError> {
         .ok_or_else(bad)
 }
 
-/// The range `[from, to)` from optional query values.
-pub fn range(
+/// The range `[from, to)` from optional query values, of any length (the stats API clamps
+/// it; see [`crate::analytics::clamp_range`]).
+pub fn unbounded_range(
     from: Option<&str>,
     to: Option<&str>,
     now: DateTime<Utc>,
@@ -44,6 +45,16 @@ pub fn range(
     if from > to {
         return Err(ApiError::BadQuery("from is after to".into()));
     }
+    Ok((from, to))
+}
+
+/// The range `[from, to)` from optional query values, at most [`MAX_RANGE_DAYS`] long.
+pub fn range(
+    from: Option<&str>,
+    to: Option<&str>,
+    now: DateTime<Utc>,
+) -> Result<(DateTime<Utc>, DateTime<Utc>), ApiError> {
+    let (from, to) = unbounded_range(from, to, now)?;
     if to - from > Duration::days(MAX_RANGE_DAYS) {
         return Err(ApiError::BadQuery(format!(
             "range longer than {MAX_RANGE_DAYS} days"

@@ -15,6 +15,7 @@ use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use chrono::{DateTime, Utc};
 use common::*;
+use tracklet_collector::analytics;
 use tracklet_collector::config::{RateLimitConfig, ServeConfig};
 use tracklet_collector::http::{router, AppState};
 use tracklet_collector::store::{
@@ -92,6 +93,27 @@ impl EventStore for Counting {
         to: DateTime<Utc>,
     ) -> Result<Stats, StoreError> {
         self.inner.stats(project_id, from, to).await
+    }
+    async fn analytics_summary(
+        &self,
+        q: &analytics::Query,
+    ) -> Result<analytics::SummaryRow, StoreError> {
+        self.inner.analytics_summary(q).await
+    }
+    async fn analytics_timeseries(
+        &self,
+        q: &analytics::Query,
+        interval: analytics::Interval,
+    ) -> Result<Vec<(i64, i64, i64)>, StoreError> {
+        self.inner.analytics_timeseries(q, interval).await
+    }
+    async fn analytics_breakdown(
+        &self,
+        q: &analytics::Query,
+        by: &analytics::Dimension,
+        limit: u32,
+    ) -> Result<Vec<(String, i64, i64)>, StoreError> {
+        self.inner.analytics_breakdown(q, by, limit).await
     }
     async fn maintain_partitions(
         &self,

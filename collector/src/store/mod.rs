@@ -14,6 +14,7 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use uuid::Uuid;
 
+use crate::analytics::{Dimension, Interval, Query, SummaryRow};
 use crate::config::DbConfig;
 use crate::enrich::Enrichment;
 
@@ -313,6 +314,21 @@ pub trait EventStore: Send + Sync + 'static {
         from: DateTime<Utc>,
         to: DateTime<Utc>,
     ) -> Result<Stats, StoreError>;
+    /// Stats API summary (see [`crate::analytics::summary_sql`]).
+    async fn analytics_summary(&self, q: &Query) -> Result<SummaryRow, StoreError>;
+    /// Stats API timeseries rows (see [`crate::analytics::timeseries_sql`]).
+    async fn analytics_timeseries(
+        &self,
+        q: &Query,
+        interval: Interval,
+    ) -> Result<Vec<(i64, i64, i64)>, StoreError>;
+    /// Stats API breakdown rows (see [`crate::analytics::breakdown_sql`]).
+    async fn analytics_breakdown(
+        &self,
+        q: &Query,
+        by: &Dimension,
+        limit: u32,
+    ) -> Result<Vec<(String, i64, i64)>, StoreError>;
     /// Creates monthly partitions from last month to `months_ahead` after `now`'s month, and
     /// drops data older than `retention_months` full months (0 keeps everything).
     async fn maintain_partitions(

@@ -13,6 +13,8 @@ use sqlx::postgres::{PgListener, PgPool, PgPoolOptions};
 use sqlx::Row;
 use uuid::Uuid;
 
+use crate::analytics::{self, Dialect, Dimension, Interval, Query, Statement, SummaryRow, Value};
+
 use super::{
     claim_inserted, month_start, sorted_receipts, BatchReceipt, EventRow, EventStore, KeyKind,
     PartitionReport, Project, Stats, StoreError,
@@ -55,6 +57,34 @@ impl PgStore {
 
     pub fn pool(&self) -> &PgPool {
         &self.pool
+    }
+
+    /// Runs one stats API statement in a read-only transaction with a statement timeout.
+    async fn analytics_rows<T>(&self, statement: Statement) -> Result<Vec<T>, StoreError>
+    where
+        T: for<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> + Send + Unpin,
+    {
+        let mut tx = self.pool.begin().await?;
+        let timeout_ms = analytics::STATEMENT_TIMEOUT.as_millis();
+        // A constant of ours, not user input (SET takes no parameters).
+        sqlx::query("SET TRANSACTION READ ONLY")
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(&format!("SET LOCAL statement_timeout = {timeout_ms}"))
+            .execute(&mut *tx)
+            .await?;
+        let mut query = sqlx::query_as::<_, T>(&statement.sql);
+        for value in statement.values {
+            query = match value {
+                Value::Project(id) => query.bind(id),
+                Value::Time(t) => query.bind(t),
+                Value::Text(s) => query.bind(s),
+                Value::Int(n) => query.bind(n),
+            };
+        }
+        let rows = query.fetch_all(&mut *tx).await?;
+        tx.commit().await?;
+        Ok(rows)
     }
 }
 
@@ -388,6 +418,32 @@ impl EventStore for PgStore {
         .fetch_all(&self.pool)
         .await?;
         Ok(Stats::assemble((from, to), totals, by_name, per_day))
+    }
+
+    async fn analytics_summary(&self, q: &Query) -> Result<SummaryRow, StoreError> {
+        let rows = self
+            .analytics_rows(analytics::summary_sql(Dialect::Postgres, q))
+            .await?;
+        Ok(rows.into_iter().next().unwrap_or_default())
+    }
+
+    async fn analytics_timeseries(
+        &self,
+        q: &Query,
+        interval: Interval,
+    ) -> Result<Vec<(i64, i64, i64)>, StoreError> {
+        self.analytics_rows(analytics::timeseries_sql(Dialect::Postgres, q, interval))
+            .await
+    }
+
+    async fn analytics_breakdown(
+        &self,
+        q: &Query,
+        by: &Dimension,
+        limit: u32,
+    ) -> Result<Vec<(String, i64, i64)>, StoreError> {
+        self.analytics_rows(analytics::breakdown_sql(Dialect::Postgres, q, by, limit))
+            .await
     }
 
     async fn maintain_partitions(

@@ -14,6 +14,8 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePo
 use sqlx::Row;
 use uuid::Uuid;
 
+use crate::analytics::{self, Dialect, Dimension, Interval, Query, Statement, SummaryRow, Value};
+
 use super::{
     claim_inserted, month_start, sorted_receipts, BatchReceipt, EventRow, EventStore, KeyKind,
     PartitionReport, Project, Stats, StoreError,
@@ -43,6 +45,25 @@ impl SqliteStore {
             .connect_with(options)
             .await?;
         Ok(SqliteStore { pool })
+    }
+}
+
+impl SqliteStore {
+    /// Runs one stats API statement (the handler's timeout bounds it).
+    async fn analytics_rows<T>(&self, statement: Statement) -> Result<Vec<T>, StoreError>
+    where
+        T: for<'r> sqlx::FromRow<'r, sqlx::sqlite::SqliteRow> + Send + Unpin,
+    {
+        let mut query = sqlx::query_as::<_, T>(&statement.sql);
+        for value in statement.values {
+            query = match value {
+                Value::Project(id) => query.bind(id.to_string()),
+                Value::Time(t) => query.bind(ms(t)),
+                Value::Text(s) => query.bind(s),
+                Value::Int(n) => query.bind(n),
+            };
+        }
+        Ok(query.fetch_all(&self.pool).await?)
     }
 }
 
@@ -268,6 +289,32 @@ impl EventStore for SqliteStore {
         .fetch_all(&self.pool)
         .await?;
         Ok(Stats::assemble((from, to), totals, by_name, per_day))
+    }
+
+    async fn analytics_summary(&self, q: &Query) -> Result<SummaryRow, StoreError> {
+        let rows = self
+            .analytics_rows(analytics::summary_sql(Dialect::Sqlite, q))
+            .await?;
+        Ok(rows.into_iter().next().unwrap_or_default())
+    }
+
+    async fn analytics_timeseries(
+        &self,
+        q: &Query,
+        interval: Interval,
+    ) -> Result<Vec<(i64, i64, i64)>, StoreError> {
+        self.analytics_rows(analytics::timeseries_sql(Dialect::Sqlite, q, interval))
+            .await
+    }
+
+    async fn analytics_breakdown(
+        &self,
+        q: &Query,
+        by: &Dimension,
+        limit: u32,
+    ) -> Result<Vec<(String, i64, i64)>, StoreError> {
+        self.analytics_rows(analytics::breakdown_sql(Dialect::Sqlite, q, by, limit))
+            .await
     }
 
     async fn maintain_partitions(
