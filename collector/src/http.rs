@@ -6,7 +6,7 @@
 //! batch's receipt) -> respond. `POST /v1/batch/status`: authenticate -> rate limit -> decode
 //! (16 KiB) -> look receipts up -> respond.
 //! Also `/healthz`, `/readyz`, `/metrics`, `/v1/stats` (and the stats API of [`analytics`]),
-//! CORS, and the optional static files.
+//! CORS, the dashboard page ([`crate::dashboard`]), and the optional static files.
 
 use std::collections::HashSet;
 use std::net::{IpAddr, SocketAddr};
@@ -123,6 +123,7 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(render_metrics))
+        .merge(crate::dashboard::routes())
         .with_state(state);
     let app = match static_dir {
         Some(dir) => api.fallback_service(tower_http::services::ServeDir::new(dir)),

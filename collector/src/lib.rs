@@ -11,6 +11,7 @@ pub mod auth;
 pub mod cli;
 pub mod commit;
 pub mod config;
+pub mod dashboard;
 pub mod decode;
 pub mod enrich;
 pub mod error;

@@ -1,0 +1,418 @@
+// Tracklet dashboard: plain ES module, no framework, nothing loaded from elsewhere.
+// Reads the stats API (docs/stats-api.md) with a read key kept in sessionStorage.
+
+const KEYS = 'tracklet.dashboard.keys';
+const CURRENT = 'tracklet.dashboard.current';
+const SVG = 'http://www.w3.org/2000/svg';
+const DAY = 86400000;
+
+// data-list name -> [breakdown `by`, filter it adds when a row is clicked, value shown]
+const LISTS = {
+  pages: ['page', 'page', 'visitors'],
+  entry_pages: ['entry_page', 'page', 'visitors'],
+  exit_pages: ['exit_page', 'page', 'visitors'],
+  referrers: ['referrer', 'referrer', 'visitors'],
+  browsers: ['browser', 'browser', 'visitors'],
+  os: ['os', 'os', 'visitors'],
+  devices: ['device', 'device', 'visitors'],
+  countries: ['country', 'country', 'visitors'],
+  events: ['event', 'event', 'events'],
+};
+const METRICS = ['visitors', 'sessions', 'pageviews', 'events', 'bounce_rate', 'avg_session_seconds'];
+
+const $ = (sel) => document.querySelector(sel);
+const state = { filters: [], propEvent: null, prop: '', loadId: 0 };
+
+// ---- keys -----------------------------------------------------------------------------
+
+function keys() {
+  try {
+    const k = JSON.parse(sessionStorage.getItem(KEYS) || '[]');
+    return Array.isArray(k) ? k.filter((x) => typeof x === 'string') : [];
+  } catch {
+    return [];
+  }
+}
+function saveKeys(list) {
+  sessionStorage.setItem(KEYS, JSON.stringify(list));
+}
+function currentKey() {
+  const k = sessionStorage.getItem(CURRENT);
+  return k && keys().includes(k) ? k : keys()[0] || null;
+}
+function keyLabel(key) {
+  return key.slice(0, 11) + '…';
+}
+
+/** Refuses a write key without sending it; else asks the API whether it is a read key. */
+async function signIn(event) {
+  event.preventDefault();
+  const input = $('#key');
+  const key = input.value.trim();
+  const error = $('#signin-error');
+  error.textContent = '';
+  if (!key) return;
+  if (key.startsWith('wk_')) {
+    error.textContent = 'This is a write key: this is not a read key. Use the project\'s read key (rk_…).';
+    return;
+  }
+  let r;
+  try {
+    r = await api('/v1/stats/summary', key, new URLSearchParams({ from: isoDay(Date.now()), to: isoDay(Date.now() + DAY) }));
+  } catch (e) {
+    error.textContent = 'The collector could not be reached: ' + e.message;
+    return;
+  }
+  if (r.status === 401) {
+    error.textContent = 'Unknown key: no project has this read key.';
+    return;
+  }
+  if (!r.ok) {
+    error.textContent = 'The collector answered ' + r.status + ': ' + (await errorText(r));
+    return;
+  }
+  const list = keys().filter((k) => k !== key);
+  list.push(key);
+  saveKeys(list);
+  sessionStorage.setItem(CURRENT, key);
+  input.value = '';
+  state.filters = [];
+  showSignedIn();
+}
+
+function showSignedIn() {
+  const list = keys();
+  const current = currentKey();
+  const signedIn = list.length > 0 && current;
+  $('#signin').hidden = Boolean(signedIn);
+  $('#signin-cancel').hidden = !signedIn;
+  $('#dash').hidden = !signedIn;
+  $('#project-box').hidden = !signedIn;
+  const select = $('#project');
+  select.replaceChildren(
+    ...list.map((k) => {
+      const o = document.createElement('option');
+      o.value = k;
+      o.textContent = keyLabel(k);
+      o.selected = k === current;
+      return o;
+    }),
+  );
+  if (signedIn) load();
+}
+
+// ---- range and filters ------------------------------------------------------------------
+
+function isoDay(ms) {
+  return new Date(ms).toISOString().slice(0, 10);
+}
+function startOfTodayUtc() {
+  const n = new Date();
+  return Date.UTC(n.getUTCFullYear(), n.getUTCMonth(), n.getUTCDate());
+}
+
+/** The range as `YYYY-MM-DD` (UTC) `from` and exclusive `to`, or null when not valid. */
+function range() {
+  const today = startOfTodayUtc();
+  const choice = $('#range').value;
+  if (choice === 'custom') {
+    const from = Date.parse($('#from').value);
+    const to = Date.parse($('#to').value);
+    if (Number.isNaN(from) || Number.isNaN(to) || to < from) return null;
+    return { from: isoDay(from), to: isoDay(to + DAY) };
+  }
+  const days = { today: 1, '7d': 7, '30d': 30 }[choice] || 30;
+  return { from: isoDay(today - (days - 1) * DAY), to: isoDay(today + DAY) };
+}
+
+function addFilter(name, value) {
+  if (state.filters.some(([n, v]) => n === name && v === value)) return;
+  state.filters = state.filters.filter(([n]) => n !== name);
+  state.filters.push([name, value]);
+  load();
+}
+
+function renderFilters() {
+  $('#filters').replaceChildren(
+    ...state.filters.map(([name, value]) => {
+      const li = document.createElement('li');
+      li.className = 'chip';
+      li.dataset.filter = name;
+      li.dataset.value = value;
+      const label = document.createElement('span');
+      label.textContent = `${name}: ${value}`;
+      const remove = document.createElement('button');
+      remove.type = 'button';
+      remove.textContent = '×';
+      remove.setAttribute('aria-label', `Remove filter ${name} ${value}`);
+      remove.addEventListener('click', () => {
+        state.filters = state.filters.filter(([n, v]) => !(n === name && v === value));
+        load();
+      });
+      li.append(label, remove);
+      return li;
+    }),
+  );
+}
+
+// ---- API --------------------------------------------------------------------------------
+
+function api(path, key, params) {
+  return fetch(`${path}?${params}`, {
+    headers: { Authorization: `Bearer ${key}` },
+    credentials: 'omit',
+    cache: 'no-store',
+  });
+}
+async function errorText(r) {
+  try {
+    const body = await r.json();
+    return body.message || body.error || '';
+  } catch {
+    return '';
+  }
+}
+async function json(path, key, params) {
+  const r = await api(path, key, params);
+  if (!r.ok) {
+    const e = new Error(r.status === 401 ? 'unknown key' : `${r.status} ${await errorText(r)}`);
+    e.status = r.status;
+    throw e;
+  }
+  return r.json();
+}
+
+async function load() {
+  const key = currentKey();
+  const dash = $('#dash');
+  renderFilters();
+  const rng = range();
+  if (!key || !rng) {
+    if (!rng) $('#status').textContent = 'Choose a valid range (From on or before To).';
+    return;
+  }
+  const id = ++state.loadId;
+  const params = new URLSearchParams(rng);
+  for (const [n, v] of state.filters) params.append(n, v);
+  dash.dataset.state = 'loading';
+  dash.setAttribute('aria-busy', 'true');
+  $('#status').textContent = 'Loading…';
+  const lists = Object.entries(LISTS).map(([list, [by]]) => {
+    const p = new URLSearchParams(params);
+    p.set('by', by);
+    return json('/v1/stats/breakdown', key, p).then((b) => [list, b.rows]);
+  });
+  const props =
+    state.propEvent && state.prop
+      ? (() => {
+          const p = new URLSearchParams(params);
+          p.set('event', state.propEvent);
+          p.set('by', `prop:${state.prop}`);
+          return json('/v1/stats/breakdown', key, p).then((b) => b.rows, (e) => ({ error: e.message }));
+        })()
+      : Promise.resolve(null);
+  try {
+    const [summary, series, propRows, ...rows] = await Promise.all([
+      json('/v1/stats/summary', key, params),
+      json('/v1/stats/timeseries', key, params),
+      props,
+      ...lists,
+    ]);
+    if (id !== state.loadId) return;
+    renderSummary(summary);
+    renderChart(series);
+    for (const [list, r] of rows) renderList(list, r);
+    renderProps(propRows);
+    dash.dataset.from = rng.from;
+    dash.dataset.to = rng.to;
+    dash.dataset.query = params.toString();
+    dash.dataset.state = 'ready';
+    $('#status').textContent = `${summary.from.slice(0, 10)} to ${summary.to.slice(0, 10)} (UTC, end excluded)${
+      state.filters.length ? `, ${state.filters.length} filter(s)` : ''
+    }`;
+  } catch (e) {
+    if (id !== state.loadId) return;
+    dash.dataset.state = 'error';
+    $('#status').textContent = e.status === 401 ? 'Unknown key: this key no longer reads a project.' : `Could not load: ${e.message}`;
+  } finally {
+    if (id === state.loadId) dash.removeAttribute('aria-busy');
+  }
+}
+
+// ---- rendering --------------------------------------------------------------------------
+
+/** A number as the text tests read back: integers as they are, floats to 2 decimals. */
+function plain(n) {
+  return String(Math.round(n * 100) / 100);
+}
+
+function renderSummary(s) {
+  for (const m of METRICS) {
+    const el = document.querySelector(`[data-metric="${m}"]`);
+    el.textContent = plain(s[m]);
+    el.dataset.value = String(s[m]);
+  }
+  $('#bounce-hint').textContent = `(${plain(s.bounce_rate * 100)}%)`;
+  const secs = Math.round(s.avg_session_seconds);
+  $('#session-hint').textContent = `(${Math.floor(secs / 60)}m ${secs % 60}s)`;
+}
+
+function renderList(list, rows) {
+  const [, filter, value] = LISTS[list];
+  fillList(document.querySelector(`[data-list="${list}"]`), rows, value, (row) => {
+    if (list === 'events') {
+      state.propEvent = row.key;
+      $('#prop-event').textContent = `“${row.key}”`;
+      $('#prop-form').hidden = false;
+    }
+    addFilter(filter, row.key);
+  }, filter);
+}
+
+/** Rows as `<li data-key data-value>`, with a bar; `onPick` (if any) makes the key a button. */
+function fillList(ol, rows, value, onPick, filter) {
+  if (!rows.length) {
+    const li = document.createElement('li');
+    li.className = 'empty';
+    li.textContent = 'No data';
+    ol.replaceChildren(li);
+    return;
+  }
+  const max = Math.max(1, ...rows.map((r) => r[value]));
+  ol.replaceChildren(
+    ...rows.map((row) => {
+      const li = document.createElement('li');
+      li.dataset.key = row.key;
+      li.dataset.value = String(row[value]);
+      const bar = document.createElement('span');
+      bar.className = 'bar';
+      bar.style.width = `${(100 * row[value]) / max}%`;
+      const k = document.createElement(onPick ? 'button' : 'span');
+      k.className = 'key';
+      k.textContent = row.key;
+      if (onPick) {
+        k.type = 'button';
+        k.title = `Filter by ${filter} ${row.key}`;
+        k.addEventListener('click', () => onPick(row));
+      }
+      const n = document.createElement('span');
+      n.className = 'value';
+      n.textContent = String(row[value]);
+      li.append(bar, k, n);
+      return li;
+    }),
+  );
+}
+
+/** The breakdown of the picked event by one of its props (event counts; not a filter). */
+function renderProps(rows) {
+  const ol = document.querySelector('[data-list="props"]');
+  if (rows && rows.error) {
+    const li = document.createElement('li');
+    li.className = 'empty error';
+    li.textContent = rows.error;
+    ol.replaceChildren(li);
+  } else if (rows) fillList(ol, rows, 'events', null);
+  else ol.replaceChildren();
+}
+
+function svg(name, attrs = {}) {
+  const el = document.createElementNS(SVG, name);
+  for (const [k, v] of Object.entries(attrs)) el.setAttribute(k, String(v));
+  return el;
+}
+
+/**
+ * A line chart of visitors and page views (solid) and the previous period (dashed), as an
+ * SVG element. `series` is the /v1/stats/timeseries answer.
+ */
+export function lineChart(series, { width = 960, height = 240 } = {}) {
+  const pad = { l: 40, r: 12, t: 12, b: 28 };
+  const cur = series.buckets;
+  const prev = series.previous?.buckets || [];
+  const n = Math.max(cur.length, prev.length, 2);
+  const top = Math.max(1, ...cur.flatMap((b) => [b.visitors, b.pageviews]), ...prev.flatMap((b) => [b.visitors, b.pageviews]));
+  const x = (i) => pad.l + (i * (width - pad.l - pad.r)) / (n - 1);
+  const y = (v) => height - pad.b - (v * (height - pad.t - pad.b)) / top;
+  const root = svg('svg', { viewBox: `0 0 ${width} ${height}`, role: 'img', class: 'line-chart' });
+  const total = (k) => cur.reduce((a, b) => a + b[k], 0);
+  const title = svg('title');
+  title.textContent = `Visitors and page views per ${series.interval}: ${total('visitors')} visitor-${series.interval}s, ${total('pageviews')} page views`;
+  root.append(title);
+  for (const frac of [0, 0.5, 1]) {
+    const v = Math.round(top * frac);
+    root.append(svg('line', { x1: pad.l, x2: width - pad.r, y1: y(v), y2: y(v), class: 'grid' }));
+    const t = svg('text', { x: pad.l - 6, y: y(v) + 4, 'text-anchor': 'end', class: 'axis' });
+    t.textContent = String(v);
+    root.append(t);
+  }
+  const label = (b) => (series.interval === 'hour' ? b.t.slice(11, 16) : b.t.slice(5, 10));
+  if (cur.length) {
+    for (const [i, anchor] of [[0, 'start'], [cur.length - 1, 'end']]) {
+      const t = svg('text', { x: x(i), y: height - 8, 'text-anchor': anchor, class: 'axis' });
+      t.textContent = label(cur[i]);
+      root.append(t);
+    }
+  }
+  const path = (buckets, k, cls) => {
+    if (!buckets.length) return;
+    const d = buckets.map((b, i) => `${i ? 'L' : 'M'}${x(i).toFixed(1)},${y(b[k]).toFixed(1)}`).join(' ');
+    root.append(svg('path', { d, class: cls, fill: 'none' }));
+  };
+  path(prev, 'pageviews', 'line pageviews previous');
+  path(prev, 'visitors', 'line visitors previous');
+  path(cur, 'pageviews', 'line pageviews');
+  path(cur, 'visitors', 'line visitors');
+  return root;
+}
+
+function renderChart(series) {
+  $('#chart').replaceChildren(lineChart(series));
+}
+
+// ---- wiring -----------------------------------------------------------------------------
+
+function init() {
+  $('#signin-form').addEventListener('submit', signIn);
+  $('#project').addEventListener('change', (e) => {
+    sessionStorage.setItem(CURRENT, e.target.value);
+    state.filters = [];
+    state.propEvent = null;
+    $('#prop-form').hidden = true;
+    load();
+  });
+  $('#add-key').addEventListener('click', () => {
+    $('#signin').hidden = false;
+    $('#signin-cancel').hidden = false;
+    $('#key').focus();
+  });
+  $('#signin-cancel').addEventListener('click', () => {
+    $('#signin').hidden = true;
+    $('#signin-error').textContent = '';
+  });
+  $('#sign-out').addEventListener('click', () => {
+    const k = currentKey();
+    saveKeys(keys().filter((x) => x !== k));
+    sessionStorage.removeItem(CURRENT);
+    state.filters = [];
+    showSignedIn();
+  });
+  $('#range').addEventListener('change', () => {
+    const custom = $('#range').value === 'custom';
+    $('#custom-range').hidden = !custom;
+    if (custom) {
+      if (!$('#to').value) $('#to').value = isoDay(startOfTodayUtc());
+      if (!$('#from').value) $('#from').value = isoDay(startOfTodayUtc() - 29 * DAY);
+    }
+    load();
+  });
+  $('#apply-range').addEventListener('click', load);
+  $('#prop-form').addEventListener('submit', (e) => {
+    e.preventDefault();
+    state.prop = $('#prop').value.trim();
+    load();
+  });
+  showSignedIn();
+}
+
+init();
