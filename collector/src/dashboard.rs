@@ -95,15 +95,30 @@ mod tests {
         assert!(INDEX_HTML.contains(r#"<script type="module" src="/dashboard/app.js"></script>"#));
         assert_eq!(INDEX_HTML.matches("<script").count(), 1);
         assert!(!INDEX_HTML.contains("style="));
-        for handler in ["onclick=", "onsubmit=", "onload=", "onchange=", "javascript:"] {
-            assert!(!INDEX_HTML.contains(handler), "no inline event handler {handler}");
+        for handler in [
+            "onclick=",
+            "onsubmit=",
+            "onload=",
+            "onchange=",
+            "javascript:",
+        ] {
+            assert!(
+                !INDEX_HTML.contains(handler),
+                "no inline event handler {handler}"
+            );
         }
         for text in [INDEX_HTML, APP_JS, APP_CSS] {
             // The SVG namespace is a name, not something loaded.
             let text = text.replace("http://www.w3.org/2000/svg", "");
-            assert!(!text.contains("http://") && !text.contains("https://"), "no external URL");
+            assert!(
+                !text.contains("http://") && !text.contains("https://"),
+                "no external URL"
+            );
             assert!(!text.contains("//cdn") && !text.contains("@import"));
         }
-        assert!(!APP_JS.contains("innerHTML"), "the script builds the DOM with nodes");
+        assert!(
+            !APP_JS.contains("innerHTML"),
+            "the script builds the DOM with nodes"
+        );
     }
 }

@@ -1,0 +1,283 @@
+// The dashboard page (GET /dashboard) in headless Chromium against the real collector binary
+// on a fresh Postgres database: every headline figure and top list equals the stats API's
+// answer for the same range and filters; a write key or an unknown key is refused.
+import { test, before, after } from 'node:test';
+import assert from 'node:assert/strict';
+import { spawn, execFileSync } from 'node:child_process';
+import { existsSync, mkdirSync } from 'node:fs';
+import { randomUUID } from 'node:crypto';
+import { join } from 'node:path';
+import { root, need, freePort, freshDatabase, launchBrowser } from './harness.mjs';
+
+const BIN = process.env.TRACKLET_COLLECTOR_BIN || join(root, 'target/debug/tracklet-collector');
+const CHROME_WINDOWS =
+  'Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/120.0.0.0 Safari/537.36';
+const SAFARI_IPHONE =
+  'Mozilla/5.0 (iPhone; CPU iPhone OS 17_1 like Mac OS X) AppleWebKit/605.1.15 (KHTML, like Gecko) Version/17.1 Mobile/15E148 Safari/604.1';
+const BLOG = 'https://blog.example';
+const METRICS = ['visitors', 'sessions', 'pageviews', 'events', 'bounce_rate', 'avg_session_seconds'];
+const LISTS = {
+  pages: ['page', 'visitors'],
+  entry_pages: ['entry_page', 'visitors'],
+  exit_pages: ['exit_page', 'visitors'],
+  referrers: ['referrer', 'visitors'],
+  browsers: ['browser', 'visitors'],
+  os: ['os', 'visitors'],
+  devices: ['device', 'visitors'],
+  countries: ['country', 'visitors'],
+  events: ['event', 'events'],
+};
+
+let db;
+let proc;
+let origin;
+let projects;
+let browser;
+let log = '';
+
+function addProject(name, siteOrigin) {
+  return JSON.parse(
+    execFileSync(BIN, ['--database-url', db.url, 'projects', 'add', '--name', name, '--origin', siteOrigin], {
+      encoding: 'utf8',
+    }),
+  );
+}
+
+/** Posts one batch (plain JSON, text/plain, `?key=`) as a browser on `ua` would. */
+async function postBatch(writeKey, ua, events, siteOrigin = origin) {
+  const r = await fetch(`${origin}/v1/batch?key=${writeKey}`, {
+    method: 'POST',
+    headers: { 'Content-Type': 'text/plain', Origin: siteOrigin, 'User-Agent': ua },
+    body: JSON.stringify({ sent_at: Date.now(), batch_id: randomUUID(), events }),
+  });
+  const text = await r.text();
+  assert.equal(r.status, 200, text);
+  const answer = JSON.parse(text);
+  assert.equal(answer.accepted, events.length, JSON.stringify(answer));
+}
+
+function event(name, visitor, session, minutesAgo, context, props) {
+  return {
+    id: randomUUID(),
+    name,
+    ts: Date.now() - minutesAgo * 60000,
+    anonymous_id: visitor,
+    session_id: session,
+    context,
+    ...(props ? { props } : {}),
+  };
+}
+
+async function api(path, readKey, query) {
+  const r = await fetch(`${origin}${path}?${query}`, { headers: { Authorization: `Bearer ${readKey}` } });
+  const text = await r.text();
+  assert.equal(r.status, 200, `${path}?${query}: ${text}`);
+  return JSON.parse(text);
+}
+
+before(async () => {
+  need(existsSync(BIN), `the collector binary is missing at ${BIN}: cargo build -p tracklet-collector`);
+  db = await freshDatabase();
+  const port = await freePort();
+  origin = `http://127.0.0.1:${port}`;
+  // The shop lists the collector's own origin; the blog does not (the dashboard's same-origin
+  // GETs carry no Origin header, so it needs no entry).
+  projects = [addProject('shop', origin), addProject('blog', BLOG)];
+  proc = spawn(BIN, ['--database-url', db.url, 'serve', '--listen', `127.0.0.1:${port}`], {
+    stdio: ['ignore', 'ignore', 'pipe'],
+  });
+  proc.stderr.on('data', (d) => (log += d));
+  const deadline = Date.now() + 20000;
+  for (;;) {
+    try {
+      if ((await fetch(origin + '/healthz')).ok) break;
+    } catch {}
+    if (proc.exitCode !== null || Date.now() > deadline) throw new Error('the collector did not start:\n' + log);
+    await new Promise((r) => setTimeout(r, 100));
+  }
+  const home = (path, referrer) => ({ path, ...(referrer ? { referrer } : {}) });
+  const wk = projects[0].write_key;
+  // Desktop Chrome: visitor A (two sessions) and visitor C.
+  await postBatch(wk, CHROME_WINDOWS, [
+    event('page_view', 'visitor-a', 'session-1', 30, home('/', 'https://www.google.com/search?q=x')),
+    event('page_view', 'visitor-a', 'session-1', 29, home('/pricing')),
+    event('Signup', 'visitor-a', 'session-1', 28, home('/pricing'), { plan: 'pro' }),
+    event('page_view', 'visitor-a', 'session-4', 10, home('/docs')),
+    event('page_view', 'visitor-c', 'session-3', 20, home('/pricing', 'https://news.ycombinator.com/item')),
+    event('Signup', 'visitor-c', 'session-3', 19, home('/pricing'), { plan: 'free' }),
+    event('page_view', 'visitor-c', 'session-3', 18, home('/docs')),
+  ]);
+  // Mobile Safari: visitor B bounces; visitor D reads the docs.
+  await postBatch(wk, SAFARI_IPHONE, [
+    event('page_view', 'visitor-b', 'session-2', 25, home('/')),
+    event('page_view', 'visitor-d', 'session-5', 15, home('/docs', 'https://news.ycombinator.com/')),
+    event('Download', 'visitor-d', 'session-5', 14, home('/docs'), { file: 'guide.pdf' }),
+  ]);
+  // The second project gets one page view of its own.
+  await postBatch(projects[1].write_key, CHROME_WINDOWS, [event('page_view', 'visitor-z', 'session-z', 5, home('/blog'))], BLOG);
+  browser = await launchBrowser();
+});
+
+after(async () => {
+  await browser?.close();
+  if (proc && proc.exitCode === null) {
+    proc.kill('SIGTERM');
+    await new Promise((r) => proc.once('exit', r));
+  }
+  await db?.drop();
+});
+
+async function openDashboard() {
+  const page = await browser.context.newPage();
+  await page.setViewportSize({ width: 1280, height: 900 });
+  const problems = [];
+  page.on('console', (m) => m.type() === 'error' && problems.push(m.text()));
+  page.on('pageerror', (e) => problems.push(e.message));
+  const response = await page.goto(`${origin}/dashboard`);
+  assert.equal(response.status(), 200);
+  const headers = response.headers();
+  assert.match(headers['content-type'], /^text\/html/);
+  assert.match(headers['content-security-policy'], /default-src 'self'/);
+  assert.doesNotMatch(headers['content-security-policy'], /unsafe-inline|unsafe-eval/);
+  return { page, problems };
+}
+
+async function signIn(page, key) {
+  await page.fill('#key', key);
+  await page.click('#signin-form button[type=submit]');
+}
+
+/**
+ * Waits for a finished load whose query satisfies `want`; returns that query. Polled from
+ * here: the page's CSP (no 'unsafe-eval') refuses a predicate built from a string there.
+ */
+async function ready(page, want = () => true) {
+  const deadline = Date.now() + 15000;
+  for (;;) {
+    const [state, query] = await page.$eval('#dash', (d) => [d.dataset.state, d.dataset.query || '']);
+    if (state === 'ready' && want(query)) return query;
+    if (Date.now() > deadline) throw new Error(`no finished load as wanted (state ${state}, query ${query})`);
+    await new Promise((r) => setTimeout(r, 50));
+  }
+}
+
+/** Every figure and list on the page equals the API's answer for the page's own query. */
+async function assertMatchesApi(page, readKey) {
+  const query = await page.$eval('#dash', (d) => d.dataset.query);
+  const summary = await api('/v1/stats/summary', readKey, query);
+  for (const m of METRICS) {
+    const [text, value] = await page.$eval(`[data-metric="${m}"]`, (el) => [el.textContent, el.dataset.value]);
+    assert.equal(Number(text), Math.round(summary[m] * 100) / 100, `${m} text ${text} vs API ${summary[m]}`);
+    assert.equal(Number(value), summary[m], `${m} data-value`);
+  }
+  for (const [list, [by, field]] of Object.entries(LISTS)) {
+    const q = new URLSearchParams(query);
+    q.set('by', by);
+    const { rows } = await api('/v1/stats/breakdown', readKey, q);
+    const shown = await page.$$eval(`[data-list="${list}"] li[data-key]`, (lis) =>
+      lis.map((li) => [li.dataset.key, Number(li.dataset.value)]),
+    );
+    assert.deepEqual(shown, rows.map((r) => [r.key, r[field]]), `list ${list}`);
+  }
+  return summary;
+}
+
+test('signed in with the read key, every figure and list equals the stats API; a page filter follows', async () => {
+  const { page, problems } = await openDashboard();
+  const rk = projects[0].read_key;
+  await signIn(page, rk);
+  const query = await ready(page);
+  assert.match(query, /^from=\d{4}-\d\d-\d\d&to=\d{4}-\d\d-\d\d$/, 'the default range has no filter');
+  const all = await assertMatchesApi(page, rk);
+  assert.deepEqual([all.visitors, all.sessions, all.pageviews, all.events], [4, 5, 7, 10]);
+  assert.ok((await page.$$eval('[data-list="pages"] li[data-key]', (l) => l.length)) === 3);
+  // The chart: both series and the previous period, dashed by its class.
+  assert.equal(await page.$$eval('#chart svg path.line', (p) => p.length), 4);
+  assert.equal(await page.$$eval('#chart svg path.previous', (p) => p.length), 2);
+
+  await page.screenshot({ path: join(root, 'target/dashboard.png'), fullPage: true });
+
+  // Click the /pricing row of the pages list: a chip, and every figure follows the filter.
+  await page.click('[data-list="pages"] li[data-key="/pricing"] button');
+  await ready(page, (q) => q.includes('page=%2Fpricing'));
+  assert.equal(await page.$eval('#filters', (f) => f.textContent.includes('page: /pricing')), true);
+  const pricing = await assertMatchesApi(page, rk);
+  assert.deepEqual([pricing.visitors, pricing.sessions], [2, 2]);
+  assert.notEqual(pricing.events, all.events);
+
+  // A second filter (browser), then remove the page chip.
+  await page.click('[data-list="browsers"] li[data-key] button');
+  await ready(page, (q) => q.includes('browser='));
+  await assertMatchesApi(page, rk);
+  await page.click('#filters li[data-filter="page"] button');
+  await ready(page, (q) => !q.includes('page=') && q.includes('browser='));
+  await assertMatchesApi(page, rk);
+
+  // Range picker: today.
+  await page.selectOption('#range', 'today');
+  await ready(page, (q) => {
+    const p = new URLSearchParams(q);
+    return Date.parse(p.get('to')) - Date.parse(p.get('from')) === 86400000;
+  });
+  await assertMatchesApi(page, rk);
+
+  // Click an event, then break it down by a prop.
+  await page.click('#filters li[data-filter="browser"] button');
+  await ready(page, (q) => !q.includes('browser='));
+  await page.click('[data-list="events"] li[data-key="Signup"] button');
+  await ready(page, (q) => q.includes('event=Signup'));
+  await assertMatchesApi(page, rk);
+  await page.fill('#prop', 'plan');
+  await page.click('#prop-form button[type=submit]');
+  await page.waitForSelector('[data-list="props"] li[data-key]');
+  const props = await page.$$eval('[data-list="props"] li[data-key]', (l) => l.map((li) => [li.dataset.key, li.dataset.value]));
+  assert.deepEqual(props.sort(), [['free', '1'], ['pro', '1']]);
+
+  assert.deepEqual(problems, [], 'no console errors (no CSP violation)');
+  await page.close();
+});
+
+test('several read keys: the project picker switches between them', async () => {
+  const { page } = await openDashboard();
+  await signIn(page, projects[0].read_key);
+  await ready(page);
+  await page.click('#add-key');
+  await signIn(page, projects[1].read_key);
+  await page.waitForFunction(() => document.querySelectorAll('#project option').length === 2);
+  await ready(page);
+  assert.equal(await page.$eval('[data-metric="visitors"]', (e) => e.textContent), '1');
+  await assertMatchesApi(page, projects[1].read_key);
+  await page.selectOption('#project', projects[0].read_key);
+  await page.waitForFunction(() => document.querySelector('[data-metric="visitors"]').textContent === '4');
+  await ready(page);
+  await assertMatchesApi(page, projects[0].read_key);
+  await page.close();
+});
+
+test('a write key or an unknown key is refused, and no figure is shown', async () => {
+  const { page } = await openDashboard();
+  await signIn(page, projects[0].write_key);
+  await page.waitForFunction(() => document.querySelector('#signin-error').textContent !== '');
+  assert.match(await page.textContent('#signin-error'), /this is not a read key/);
+  assert.equal(await page.isVisible('#dash'), false);
+  for (const m of METRICS) assert.equal(await page.$eval(`[data-metric="${m}"]`, (e) => e.textContent), '');
+  assert.equal(await page.evaluate(() => sessionStorage.getItem('tracklet.dashboard.keys')), null);
+
+  await signIn(page, 'rk_0000000000000000000000000000000');
+  await page.waitForFunction(() => /unknown key/i.test(document.querySelector('#signin-error').textContent));
+  assert.equal(await page.isVisible('#dash'), false);
+  for (const m of METRICS) assert.equal(await page.$eval(`[data-metric="${m}"]`, (e) => e.textContent), '');
+  await page.close();
+});
+
+test('the dashboard serves its script and stylesheet with their types and the CSP', async () => {
+  for (const [path, type] of [
+    ['/dashboard/app.js', /^text\/javascript/],
+    ['/dashboard/app.css', /^text\/css/],
+  ]) {
+    const r = await fetch(origin + path);
+    assert.equal(r.status, 200);
+    assert.match(r.headers.get('content-type'), type);
+    assert.match(r.headers.get('content-security-policy'), /default-src 'self'/);
+  }
+});
