@@ -366,8 +366,13 @@ export function lineChart(series, { width = 960, height = 240 } = {}) {
   return root;
 }
 
+/** Drawn at the container's own width, so the labels keep their size on a phone. */
 function renderChart(series) {
-  $('#chart').replaceChildren(lineChart(series));
+  state.series = series;
+  const box = $('#chart');
+  const width = Math.max(280, Math.round(box.clientWidth || 960));
+  const height = Math.round(Math.min(260, Math.max(160, width * 0.28)));
+  box.replaceChildren(lineChart(series, { width, height }));
 }
 
 // ---- wiring -----------------------------------------------------------------------------
@@ -411,6 +416,11 @@ function init() {
     e.preventDefault();
     state.prop = $('#prop').value.trim();
     load();
+  });
+  let resizing;
+  window.addEventListener('resize', () => {
+    clearTimeout(resizing);
+    resizing = setTimeout(() => state.series && !$('#dash').hidden && renderChart(state.series), 150);
   });
   showSignedIn();
 }

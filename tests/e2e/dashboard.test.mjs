@@ -196,6 +196,12 @@ test('signed in with the read key, every figure and list equals the stats API; a
   assert.equal(await page.$$eval('#chart svg path.previous', (p) => p.length), 2);
 
   await page.screenshot({ path: join(root, 'target/dashboard.png'), fullPage: true });
+  // A phone-sized viewport: nothing wider than the screen.
+  await page.setViewportSize({ width: 390, height: 844 });
+  await page.waitForFunction(() => Number(document.querySelector('#chart svg').getAttribute('viewBox').split(' ')[2]) < 400);
+  assert.equal(await page.evaluate(() => document.documentElement.scrollWidth <= 390), true, 'no horizontal scroll at 390 px');
+  await page.screenshot({ path: join(root, 'target/dashboard-mobile.png'), fullPage: true });
+  await page.setViewportSize({ width: 1280, height: 900 });
 
   // Click the /pricing row of the pages list: a chip, and every figure follows the filter.
   await page.click('[data-list="pages"] li[data-key="/pricing"] button');
