@@ -337,7 +337,7 @@ export function lineChart(series, { width = 960, height = 240 } = {}) {
   const root = svg('svg', { viewBox: `0 0 ${width} ${height}`, role: 'img', class: 'line-chart' });
   const total = (k) => cur.reduce((a, b) => a + b[k], 0);
   const title = svg('title');
-  title.textContent = `Visitors and page views per ${series.interval}: ${total('visitors')} visitor-${series.interval}s, ${total('pageviews')} page views`;
+  title.textContent = `Visitors and page views per ${series.interval} from ${series.from.slice(0, 10)} to ${series.to.slice(0, 10)}: ${total('pageviews')} page views in all, at most ${Math.max(0, ...cur.map((b) => b.visitors))} visitors in one ${series.interval}`;
   root.append(title);
   for (const frac of [0, 0.5, 1]) {
     const v = Math.round(top * frac);

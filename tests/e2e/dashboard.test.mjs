@@ -227,6 +227,15 @@ test('signed in with the read key, every figure and list equals the stats API; a
   });
   await assertMatchesApi(page, rk);
 
+  // Range picker: custom dates (the `to` day included: the API is asked up to the next day).
+  const day = (offset) => new Date(Date.now() + offset * 86400000).toISOString().slice(0, 10);
+  await page.selectOption('#range', 'custom');
+  await page.fill('#from', day(-3));
+  await page.fill('#to', day(0));
+  await page.click('#apply-range');
+  await ready(page, (q) => q.startsWith(`from=${day(-3)}&to=${day(1)}`));
+  await assertMatchesApi(page, rk);
+
   // Click an event, then break it down by a prop.
   await page.click('#filters li[data-filter="browser"] button');
   await ready(page, (q) => !q.includes('browser='));
