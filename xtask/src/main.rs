@@ -398,7 +398,7 @@ fn demo(listen: SocketAddr) -> Result<()> {
         format!("http://{listen}"),
         format!("http://localhost:{}", listen.port()),
     ];
-    let key = demo_project(&bin, &db_args, &origins)?;
+    let (key, read_key) = demo_project(&bin, &db_args, &origins)?;
     // One folder served under `/`: the examples and the SDK build beside them.
     let site = state.join("site");
     let _ = std::fs::remove_dir_all(&site);
@@ -434,8 +434,9 @@ fn demo(listen: SocketAddr) -> Result<()> {
             ".tracklet/demo.sqlite3 (table events)"
         }
     );
+    println!("  Dashboard: http://{listen}/dashboard  (sign in with the read key {read_key})");
     println!(
-        "  Stats: curl 'http://{listen}/v1/stats?key=<read_key from .tracklet/demo-project.json>'"
+        "  Stats: curl -H 'Authorization: Bearer {read_key}' 'http://{listen}/v1/stats/summary'"
     );
     println!();
     let _ = std::io::stdout().flush();
@@ -446,13 +447,14 @@ fn demo(listen: SocketAddr) -> Result<()> {
     Ok(())
 }
 
-/// The demo project's write key, creating the project on first use.
-fn demo_project(bin: &Path, db_args: &[String], origins: &[String]) -> Result<String> {
+/// The demo project's write and read keys, creating the project on first use.
+fn demo_project(bin: &Path, db_args: &[String], origins: &[String]) -> Result<(String, String)> {
     let saved = root().join(".tracklet/demo-project.json");
     let listed =
         output(Command::new(bin).args(db_args).args(["projects", "list"])).unwrap_or_default();
-    let key_of = |json: &str| -> Option<String> {
-        let at = json.find("\"write_key\"")? + "\"write_key\"".len();
+    let field = |json: &str, name: &str| -> Option<String> {
+        let quoted = format!("\"{name}\"");
+        let at = json.find(&quoted)? + quoted.len();
         let rest = json[at..]
             .trim_start()
             .strip_prefix(':')?
@@ -460,9 +462,10 @@ fn demo_project(bin: &Path, db_args: &[String], origins: &[String]) -> Result<St
             .strip_prefix('"')?;
         Some(rest[..rest.find('"')?].to_string())
     };
+    let keys_of = |json: &str| Some((field(json, "write_key")?, field(json, "read_key")?));
     if let Ok(saved_json) = std::fs::read_to_string(&saved) {
-        if let Some(key) = key_of(&saved_json).filter(|k| listed.contains(k.as_str())) {
-            return Ok(key);
+        if let Some(keys) = keys_of(&saved_json).filter(|(k, _)| listed.contains(k.as_str())) {
+            return Ok(keys);
         }
     }
     let mut cmd = Command::new(bin);
@@ -481,7 +484,7 @@ fn demo_project(bin: &Path, db_args: &[String], origins: &[String]) -> Result<St
     }
     let json = String::from_utf8_lossy(&out.stdout).into_owned();
     std::fs::write(&saved, &json)?;
-    key_of(&json).context("projects add printed no write_key")
+    keys_of(&json).context("projects add printed no write_key and read_key")
 }
 
 fn copy_dir(from: &Path, to: &Path) -> Result<()> {
