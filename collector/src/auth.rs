@@ -21,8 +21,6 @@ pub enum AuthError {
     UnknownKey,
     #[error("origin {0:?} is not allowed for this project")]
     OriginNotAllowed(String),
-    #[error(transparent)]
-    Store(#[from] StoreError),
 }
 
 /// The key of a request: `?key=` first, then `Authorization: Bearer`.

@@ -82,7 +82,6 @@ impl ApiError {
                 AuthError::OriginNotAllowed(_) => {
                     (S::FORBIDDEN, error_code::ORIGIN_NOT_ALLOWED, None)
                 }
-                AuthError::Store(_) => unavailable,
             },
             ApiError::RateLimited(e) => (
                 S::TOO_MANY_REQUESTS,
