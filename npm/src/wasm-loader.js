@@ -2,7 +2,9 @@
 // class). wasm-bindgen runs with `--target bundler`, and this file is the loader: it
 // accepts the bytes, a URL, a Response (or a promise of one) or a WebAssembly.Module.
 // Nothing runs at import: the wasm is touched when a tracker starts.
-import * as bindings from '../pkg/tracklet_sdk_wasm_bg.js';
+import { Tracker, __wbg_set_wasm } from '../pkg/tracklet_sdk_wasm_bg.js';
+// The import object under the short names wasm-opt gave the imports (npm/build.mjs).
+import { imports, start } from '../pkg/imports.js';
 
 async function instantiate(source) {
   let src = await source;
@@ -12,12 +14,12 @@ async function instantiate(source) {
     // Not instantiateStreaming: it refuses servers that do not send application/wasm.
     src = await src.arrayBuffer();
   }
-  const r = await WebAssembly.instantiate(src, { './tracklet_sdk_wasm_bg.js': bindings });
+  const r = await WebAssembly.instantiate(src, imports);
   const instance = r.instance || r;
-  bindings.__wbg_set_wasm(instance.exports);
+  __wbg_set_wasm(instance.exports);
   // wasm-bindgen's start-up (its externref table), as its bundler entry would run it.
-  if (instance.exports.__wbindgen_start) instance.exports.__wbindgen_start();
-  return bindings;
+  if (start) instance.exports[start]();
+  return { Tracker };
 }
 
 /** `load()` for facade.makeInit: loads once; a failed load (bad URL, offline) may be retried. */
