@@ -1,4 +1,4 @@
-//! The command line: `serve`, `migrate`, `projects add|list|remove`.
+//! The command line: `serve`, `migrate`, `projects add|list|remove`, `export`, `import`.
 //!
 //! Every flag has a `TRACKLET_*` environment equivalent (and `DATABASE_URL`); the parsed
 //! arguments become the structs of [`crate::config`] here, once, and are passed down.
@@ -13,11 +13,13 @@ use chrono::Utc;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::config::{self, CommitConfig, DbConfig, RateLimitConfig, ServeConfig};
+use crate::export;
 use crate::http::{self, AppState};
 use crate::metrics;
 use crate::ratelimit;
 use crate::receipts;
 use crate::shutdown::Shutdown;
+use crate::stats;
 use crate::store::{self, EventStore, Project};
 use crate::transport;
 
@@ -86,6 +88,42 @@ pub enum Command {
         #[command(subcommand)]
         command: ProjectsCommand,
     },
+    /// Write a project's events, in `ts` order, as NDJSON or CSV (to stdout by default).
+    Export(ExportArgs),
+    /// Store the events of an NDJSON export (gzipped or not) in a project, skipping the
+    /// event ids already stored; prints `{"read", "stored", "duplicates"}`.
+    Import(ImportArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    /// The project's name or id.
+    #[arg(long)]
+    pub project: String,
+    /// Events from this time on (ms since the epoch, RFC 3339 or YYYY-MM-DD); default: all.
+    #[arg(long)]
+    pub from: Option<String>,
+    /// Events before this time; default: all.
+    #[arg(long)]
+    pub to: Option<String>,
+    #[arg(long, value_enum, default_value_t = export::Format::Ndjson)]
+    pub format: export::Format,
+    /// Gzip the output.
+    #[arg(long)]
+    pub gzip: bool,
+    /// Write to this file instead of stdout (written under a temporary name, renamed when
+    /// complete).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct ImportArgs {
+    /// The project's name or id.
+    #[arg(long)]
+    pub project: String,
+    /// An NDJSON export (`export --format ndjson`, or a backup); `-` for stdin.
+    pub file: PathBuf,
 }
 
 #[derive(Debug, Args)]
@@ -181,6 +219,16 @@ pub struct ServeArgs {
     /// the peer's, or the last X-Forwarded-For entry with --trust-forwarded-for.
     #[arg(long, env = "TRACKLET_RATE_LIMIT_PER_IP", default_value_t = 0)]
     pub rate_limit_per_ip: u32,
+    /// Write a gzipped NDJSON backup of every project into this directory every
+    /// --backup-every (off without it). Restore one with `import`.
+    #[arg(long, env = "TRACKLET_BACKUP_DIR")]
+    pub backup_dir: Option<PathBuf>,
+    /// Time between backups, e.g. `24h`, `30m`.
+    #[arg(long, env = "TRACKLET_BACKUP_EVERY", default_value = "24h", value_parser = humantime::parse_duration)]
+    pub backup_every: Duration,
+    /// Backups kept per project; older ones are deleted after each run.
+    #[arg(long, env = "TRACKLET_BACKUP_KEEP", default_value_t = 7, value_parser = clap::value_parser!(u32).range(1..))]
+    pub backup_keep: u32,
 }
 
 #[derive(Debug, Subcommand)]
@@ -254,6 +302,11 @@ impl ServeArgs {
                 project_default: self.rate_limit_default,
                 per_ip: self.rate_limit_per_ip,
             },
+            backup: self.backup_dir.clone().map(|dir| export::BackupConfig {
+                dir,
+                every: self.backup_every.max(Duration::from_secs(1)),
+                keep: self.backup_keep as usize,
+            }),
         }
     }
 }
@@ -282,7 +335,93 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Projects { command } => projects(&db, command).await,
+        Command::Export(args) => export_command(&db, args).await,
+        Command::Import(args) => import_command(&db, args).await,
     }
+}
+
+/// The project named (or with the id) `name_or_id`.
+async fn find_project(store: &dyn EventStore, name_or_id: &str) -> anyhow::Result<Project> {
+    store
+        .list_projects()
+        .await?
+        .into_iter()
+        .find(|p| p.name == name_or_id || p.id.to_string() == name_or_id)
+        .with_context(|| format!("no project named {name_or_id:?}"))
+}
+
+async fn export_command(db: &DbConfig, args: ExportArgs) -> anyhow::Result<()> {
+    let store = open_migrated(db).await?;
+    let project = find_project(store.as_ref(), &args.project).await?;
+    let (all_from, all_to) = export::all_time();
+    let time = |value: Option<&String>, default| match value {
+        Some(v) => stats::parse_time(v).map_err(|e| anyhow::anyhow!("{e}")),
+        None => Ok(default),
+    };
+    let range = (
+        time(args.from.as_ref(), all_from)?,
+        time(args.to.as_ref(), all_to)?,
+    );
+    anyhow::ensure!(range.0 <= range.1, "--from is after --to");
+    let count = match &args.out {
+        Some(path) => {
+            let partial = PathBuf::from(format!("{}.partial", path.display()));
+            let file = std::fs::File::create(&partial)
+                .with_context(|| format!("cannot create {}", partial.display()))?;
+            let written = export::export_to(
+                store.as_ref(),
+                project.id,
+                range,
+                args.format,
+                args.gzip,
+                file,
+            )
+            .await;
+            match written {
+                Ok(count) => {
+                    std::fs::rename(&partial, path)
+                        .with_context(|| format!("cannot rename to {}", path.display()))?;
+                    count
+                }
+                Err(e) => {
+                    let _ = std::fs::remove_file(&partial);
+                    return Err(e.into());
+                }
+            }
+        }
+        None => {
+            let out = std::io::stdout();
+            export::export_to(
+                store.as_ref(),
+                project.id,
+                range,
+                args.format,
+                args.gzip,
+                out,
+            )
+            .await?
+        }
+    };
+    tracing::info!(project = %project.name, events = count, "exported");
+    Ok(())
+}
+
+async fn import_command(db: &DbConfig, args: ImportArgs) -> anyhow::Result<()> {
+    let store = open_migrated(db).await?;
+    let project = find_project(store.as_ref(), &args.project).await?;
+    let input: Box<dyn std::io::Read> = if args.file.as_os_str() == "-" {
+        Box::new(std::io::stdin())
+    } else {
+        Box::new(
+            std::fs::File::open(&args.file)
+                .with_context(|| format!("cannot open {}", args.file.display()))?,
+        )
+    };
+    let mut report = export::ImportReport::default();
+    let result = export::import(store.as_ref(), project.id, input, &mut report).await;
+    // What was stored before a failure stays stored: say how much.
+    println!("{}", serde_json::to_string(&report)?);
+    result.map_err(Into::into)
 }
 
 async fn open_migrated(db: &DbConfig) -> anyhow::Result<Arc<dyn EventStore>> {
@@ -339,6 +478,13 @@ pub async fn serve(db: &DbConfig, config: ServeConfig) -> anyhow::Result<()> {
         config.batch_receipt_ttl,
         shutdown.clone(),
     ));
+    let backups = config.backup.clone().map(|backup| {
+        tokio::spawn(export::keep_backups(
+            store.clone(),
+            backup,
+            shutdown.clone(),
+        ))
+    });
 
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
@@ -376,6 +522,9 @@ pub async fn serve(db: &DbConfig, config: ServeConfig) -> anyhow::Result<()> {
     projects.stop();
     maintenance.abort();
     receipt_cleanup.abort();
+    if let Some(backups) = backups {
+        backups.abort();
+    }
     Ok(())
 }
 

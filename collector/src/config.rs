@@ -99,6 +99,8 @@ pub struct ServeConfig {
     pub projects_refresh_interval: Duration,
     /// Per-project default and per-address rate limits (see [`crate::ratelimit`]).
     pub rate_limit: RateLimitConfig,
+    /// Scheduled backups (`--backup-dir`), if any.
+    pub backup: Option<crate::export::BackupConfig>,
 }
 
 /// Default of [`ServeConfig::max_connections`].
@@ -134,6 +136,7 @@ impl Default for ServeConfig {
             batch_receipt_ttl: days(DEFAULT_BATCH_RECEIPT_TTL_DAYS),
             projects_refresh_interval: Duration::from_millis(DEFAULT_PROJECTS_REFRESH_MS),
             rate_limit: RateLimitConfig::default(),
+            backup: None,
         }
     }
 }

@@ -13,7 +13,7 @@ use chrono::{DateTime, Utc};
 use serde_json::value::RawValue;
 
 /// Server-side facts stored with each event.
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Enrichment {
     pub browser: Option<String>,
     pub browser_version: Option<String>,

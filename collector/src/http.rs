@@ -6,6 +6,7 @@
 //! batch's receipt) -> respond. `POST /v1/batch/status`: authenticate -> rate limit -> decode
 //! (16 KiB) -> look receipts up -> respond.
 //! Also `/healthz`, `/readyz`, `/metrics`, `/v1/stats` (and the stats API of [`analytics`]),
+//! `/v1/export` ([`export`]),
 //! CORS, the dashboard page ([`crate::dashboard`]), and the optional static files.
 
 use std::collections::HashSet;
@@ -35,6 +36,7 @@ use crate::config::ServeConfig;
 use crate::decode::{self, BodyMemory, DecodeError, Encoding, Held};
 use crate::enrich::{self, EnrichError, Enricher};
 use crate::error::{ApiError, UNAVAILABLE_RETRY_AFTER_SECS};
+use crate::export;
 use crate::limits::{MAX_BATCH_STATUS_BODY_BYTES, MAX_BODY_BYTES};
 use crate::metrics;
 use crate::ratelimit::RateLimiter;
@@ -120,6 +122,13 @@ pub fn router(state: AppState) -> Router {
             get(get_timeseries).options(preflight),
         )
         .route("/v1/stats/breakdown", get(get_breakdown).options(preflight))
+        .route(
+            "/v1/export",
+            // gzip when the client accepts it (the stream is compressed as it goes).
+            get(get_export)
+                .options(preflight)
+                .layer(tower_http::compression::CompressionLayer::new()),
+        )
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(render_metrics))
@@ -473,6 +482,58 @@ async fn preflight(
         header::ACCESS_CONTROL_MAX_AGE,
         HeaderValue::from_static("86400"),
     );
+    response
+}
+
+/// `GET /v1/export?from=&to=&format=ndjson|csv` with the read key: the project's events in
+/// `ts` order (all of them by default), streamed from a database cursor.
+async fn get_export(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    uri: axum::http::Uri,
+) -> Response {
+    let origin = header_str(&headers, &header::ORIGIN);
+    let prepared = (|| {
+        let key = auth::request_key(&uri, &headers).ok_or(AuthError::MissingKey)?;
+        let project = state.projects.by_read_key(&key)?;
+        auth::check_origin(&project, origin)?;
+        let format = match auth::query_param(&uri, "format") {
+            None => export::Format::Ndjson,
+            Some(f) => export::Format::parse(&f)
+                .ok_or_else(|| ApiError::BadQuery("format must be ndjson or csv".into()))?,
+        };
+        let (all_from, all_to) = export::all_time();
+        let time = |name: &str, default| match auth::query_param(&uri, name) {
+            Some(v) => stats::parse_time(&v),
+            None => Ok(default),
+        };
+        let (from, to) = (time("from", all_from)?, time("to", all_to)?);
+        if from > to {
+            return Err(ApiError::BadQuery("from is after to".into()));
+        }
+        Ok::<_, ApiError>((project, format, from, to))
+    })();
+    let (project, format, from, to) = match prepared {
+        Ok(p) => p,
+        Err(e) => return cors_answer(origin, Err::<(), _>(e)),
+    };
+    let rows = state.store.export_events(project.id, from, to);
+    let mut response = Body::from_stream(export::byte_stream(rows, format)).into_response();
+    let h = response.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static(format.content_type()),
+    );
+    let file = format!(
+        "attachment; filename=\"tracklet-events.{}\"",
+        format.extension()
+    );
+    if let Ok(v) = HeaderValue::from_str(&file) {
+        h.insert(header::CONTENT_DISPOSITION, v);
+    }
+    if let Some(origin) = origin {
+        add_cors_headers(h, origin);
+    }
     response
 }
 

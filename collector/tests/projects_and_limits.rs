@@ -125,6 +125,17 @@ impl EventStore for Counting {
             .maintain_partitions(now, months_ahead, retention_months)
             .await
     }
+    fn export_events(
+        &self,
+        project_id: Uuid,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+    ) -> tracklet_collector::store::BoxStream<
+        'static,
+        Result<tracklet_collector::export::StoredEvent, StoreError>,
+    > {
+        self.inner.export_events(project_id, from, to)
+    }
 }
 
 /// A collector over a [`Counting`] store, reloading projects every `refresh`.

@@ -17,6 +17,10 @@ use uuid::Uuid;
 use crate::analytics::{Dimension, Interval, Query, SummaryRow};
 use crate::config::DbConfig;
 use crate::enrich::Enrichment;
+use crate::export::StoredEvent;
+
+/// A stream that owns what it reads from.
+pub type BoxStream<'a, T> = futures_util::stream::BoxStream<'a, T>;
 
 /// A project: who may write (write key, origins), who may read (read key), and how fast.
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -329,6 +333,15 @@ pub trait EventStore: Send + Sync + 'static {
         by: &Dimension,
         limit: u32,
     ) -> Result<Vec<(String, i64, i64)>, StoreError>;
+    /// The project's events with `from <= ts < to`, in `ts` order (then id), read from a
+    /// cursor as the stream is polled (constant memory whatever the count). Owns what it
+    /// needs: the stream may outlive the call (an HTTP body).
+    fn export_events(
+        &self,
+        project_id: Uuid,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+    ) -> BoxStream<'static, Result<StoredEvent, StoreError>>;
     /// Creates monthly partitions from last month to `months_ahead` after `now`'s month, and
     /// drops data older than `retention_months` full months (0 keeps everything).
     async fn maintain_partitions(
@@ -377,6 +390,55 @@ pub(crate) fn sorted_receipts(receipts: &[BatchReceipt]) -> Vec<&BatchReceipt> {
     sorted.sort_unstable();
     sorted.dedup_by(|a, b| (a.project_id, &a.batch_id) == (b.project_id, &b.batch_id));
     sorted
+}
+
+/// Runs `rows` (a cursor borrowing `pool`) on a task of its own that owns `pool`, handing
+/// the rows over through a small bounded channel: the stream returned owns everything it
+/// needs, and the cursor advances only as fast as the stream is read. Dropping the stream
+/// stops the task.
+pub(crate) fn owned_stream<P, F>(
+    pool: P,
+    rows: F,
+) -> BoxStream<'static, Result<StoredEvent, StoreError>>
+where
+    P: Send + Sync + 'static,
+    F: for<'p> FnOnce(&'p P) -> BoxStream<'p, Result<StoredEvent, StoreError>> + Send + 'static,
+{
+    let (sender, receiver) = tokio::sync::mpsc::channel(256);
+    tokio::spawn(async move {
+        use futures_util::StreamExt;
+        let mut rows = rows(&pool);
+        while let Some(row) = rows.next().await {
+            let failed = row.is_err();
+            if sender.send(row).await.is_err() || failed {
+                break;
+            }
+        }
+    });
+    Box::pin(futures_util::stream::unfold(receiver, |mut r| async move {
+        r.recv().await.map(|row| (row, r))
+    }))
+}
+
+/// The enrichment columns of an `events` row (same names and types in both backends).
+pub(crate) fn enrichment_from_row<'r, R>(row: &'r R) -> Result<Enrichment, sqlx::Error>
+where
+    R: sqlx::Row,
+    &'r str: sqlx::ColumnIndex<R>,
+    Option<String>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    bool: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+{
+    Ok(Enrichment {
+        browser: row.try_get("browser")?,
+        browser_version: row.try_get("browser_version")?,
+        os: row.try_get("os")?,
+        device_type: row.try_get("device_type")?,
+        is_bot: row.try_get("is_bot")?,
+        bot_reason: row.try_get("bot_reason")?,
+        ip: row.try_get("ip")?,
+        country: row.try_get("country")?,
+        city: row.try_get("city")?,
+    })
 }
 
 /// First instant of the month `offset` months after the month of `t` (negative: before).

@@ -8,16 +8,18 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Datelike, Utc};
+use futures_util::StreamExt;
 use serde_json::value::RawValue;
 use sqlx::postgres::{PgListener, PgPool, PgPoolOptions};
 use sqlx::Row;
 use uuid::Uuid;
 
 use crate::analytics::{self, Dialect, Dimension, Interval, Query, Statement, SummaryRow, Value};
+use crate::export::StoredEvent;
 
 use super::{
-    claim_inserted, month_start, sorted_receipts, BatchReceipt, EventRow, EventStore, KeyKind,
-    PartitionReport, Project, Stats, StoreError,
+    claim_inserted, enrichment_from_row, month_start, owned_stream, sorted_receipts, BatchReceipt,
+    BoxStream, EventRow, EventStore, KeyKind, PartitionReport, Project, Stats, StoreError,
 };
 
 pub struct PgStore {
@@ -446,6 +448,28 @@ impl EventStore for PgStore {
             .await
     }
 
+    fn export_events(
+        &self,
+        project_id: Uuid,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+    ) -> BoxStream<'static, Result<StoredEvent, StoreError>> {
+        owned_stream(self.pool.clone(), move |pool: &PgPool| {
+            sqlx::query(
+                "SELECT id, name, ts, time, sent_at, received_at, anonymous_id, session_id, \
+                     user_id, props::text AS props, context::text AS context, browser, \
+                     browser_version, os, device_type, is_bot, bot_reason, ip, country, city \
+                 FROM events WHERE project_id = $1 AND ts >= $2 AND ts < $3 ORDER BY ts, id",
+            )
+            .bind(project_id)
+            .bind(from)
+            .bind(to)
+            .fetch(pool)
+            .map(|row| Ok(stored_event_from_row(&row?)?))
+            .boxed()
+        })
+    }
+
     async fn maintain_partitions(
         &self,
         now: DateTime<Utc>,
@@ -521,6 +545,28 @@ impl EventStore for PgStore {
         tx.commit().await?;
         Ok(report)
     }
+}
+
+fn stored_event_from_row(row: &sqlx::postgres::PgRow) -> Result<StoredEvent, sqlx::Error> {
+    let json = |column: &str| -> Result<Option<Box<RawValue>>, sqlx::Error> {
+        row.try_get::<Option<String>, _>(column)?
+            .map(|text| RawValue::from_string(text).map_err(|e| sqlx::Error::Decode(Box::new(e))))
+            .transpose()
+    };
+    Ok(StoredEvent {
+        id: row.try_get("id")?,
+        name: row.try_get("name")?,
+        ts: row.try_get("ts")?,
+        time: row.try_get("time")?,
+        sent_at: row.try_get("sent_at")?,
+        received_at: row.try_get("received_at")?,
+        anonymous_id: row.try_get("anonymous_id")?,
+        session_id: row.try_get("session_id")?,
+        user_id: row.try_get("user_id")?,
+        props: json("props")?,
+        context: json("context")?,
+        enrichment: enrichment_from_row(row)?,
+    })
 }
 
 #[cfg(test)]

@@ -10,15 +10,18 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
+use futures_util::StreamExt;
+use serde_json::value::RawValue;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions};
 use sqlx::Row;
 use uuid::Uuid;
 
 use crate::analytics::{self, Dialect, Dimension, Interval, Query, Statement, SummaryRow, Value};
+use crate::export::StoredEvent;
 
 use super::{
-    claim_inserted, month_start, sorted_receipts, BatchReceipt, EventRow, EventStore, KeyKind,
-    PartitionReport, Project, Stats, StoreError,
+    claim_inserted, enrichment_from_row, month_start, owned_stream, sorted_receipts, BatchReceipt,
+    BoxStream, EventRow, EventStore, KeyKind, PartitionReport, Project, Stats, StoreError,
 };
 
 pub struct SqliteStore {
@@ -317,6 +320,28 @@ impl EventStore for SqliteStore {
             .await
     }
 
+    fn export_events(
+        &self,
+        project_id: Uuid,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+    ) -> BoxStream<'static, Result<StoredEvent, StoreError>> {
+        owned_stream(self.pool.clone(), move |pool: &SqlitePool| {
+            sqlx::query(
+                "SELECT id, name, ts, time, sent_at, received_at, anonymous_id, session_id, \
+                     user_id, props, context, browser, browser_version, os, device_type, \
+                     is_bot, bot_reason, ip, country, city \
+                 FROM events WHERE project_id = ? AND ts >= ? AND ts < ? ORDER BY ts, id",
+            )
+            .bind(project_id.to_string())
+            .bind(ms(from))
+            .bind(ms(to))
+            .fetch(pool)
+            .map(|row| Ok(stored_event_from_row(&row?)?))
+            .boxed()
+        })
+    }
+
     async fn maintain_partitions(
         &self,
         now: DateTime<Utc>,
@@ -332,4 +357,33 @@ impl EventStore for SqliteStore {
         }
         Ok(PartitionReport::default())
     }
+}
+
+fn stored_event_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<StoredEvent, sqlx::Error> {
+    let decode = |e: Box<dyn std::error::Error + Send + Sync>| sqlx::Error::Decode(e);
+    let time = |column: &str| -> Result<DateTime<Utc>, sqlx::Error> {
+        let ms: i64 = row.try_get(column)?;
+        DateTime::from_timestamp_millis(ms)
+            .ok_or_else(|| decode(format!("{column} out of range").into()))
+    };
+    let json = |column: &str| -> Result<Option<Box<RawValue>>, sqlx::Error> {
+        row.try_get::<Option<String>, _>(column)?
+            .map(|text| RawValue::from_string(text).map_err(|e| decode(Box::new(e))))
+            .transpose()
+    };
+    let id: String = row.try_get("id")?;
+    Ok(StoredEvent {
+        id: Uuid::parse_str(&id).map_err(|e| decode(Box::new(e)))?,
+        name: row.try_get("name")?,
+        ts: time("ts")?,
+        time: time("time")?,
+        sent_at: time("sent_at")?,
+        received_at: time("received_at")?,
+        anonymous_id: row.try_get("anonymous_id")?,
+        session_id: row.try_get("session_id")?,
+        user_id: row.try_get("user_id")?,
+        props: json("props")?,
+        context: json("context")?,
+        enrichment: enrichment_from_row(row)?,
+    })
 }
