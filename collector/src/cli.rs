@@ -1,4 +1,5 @@
-//! The command line: `serve`, `migrate`, `projects add|list|remove`, `export`, `import`.
+//! The command line: `serve`, `migrate`, `projects add|list|remove`, `export`, `import`,
+//! `destinations ...` (webhooks).
 //!
 //! Every flag has a `TRACKLET_*` environment equivalent (and `DATABASE_URL`); the parsed
 //! arguments become the structs of [`crate::config`] here, once, and are passed down.
@@ -22,6 +23,7 @@ use crate::shutdown::Shutdown;
 use crate::stats;
 use crate::store::{self, EventStore, Project};
 use crate::transport;
+use crate::webhooks;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -93,6 +95,59 @@ pub enum Command {
     /// Store the events of an NDJSON export (gzipped or not) in a project, skipping the
     /// event ids already stored; prints `{"read", "stored", "duplicates"}`.
     Import(ImportArgs),
+    /// Manage webhook destinations (signed deliveries of committed events).
+    Destinations(DestinationsArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct DestinationsArgs {
+    /// Allow destination URLs resolving to loopback, private or link-local addresses.
+    #[arg(long, env = "TRACKLET_ALLOW_PRIVATE_DESTINATIONS", global = true)]
+    pub allow_private_destinations: bool,
+    #[command(subcommand)]
+    pub command: DestinationsCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DestinationsCommand {
+    /// Add a destination; prints its id and its secret (shown this once).
+    Add {
+        /// The project's name or id.
+        #[arg(long)]
+        project: String,
+        /// Where deliveries are POSTed (http or https).
+        #[arg(long)]
+        url: String,
+        /// Only these event names, comma-separated (default: every event).
+        #[arg(long, value_delimiter = ',')]
+        events: Vec<String>,
+        /// Events per delivery, at most.
+        #[arg(long, default_value_t = webhooks::DEFAULT_BATCH_SIZE,
+              value_parser = clap::value_parser!(u32).range(1..=webhooks::MAX_BATCH_SIZE as i64))]
+        batch_size: u32,
+    },
+    /// Print every destination as a JSON array (without secrets).
+    List,
+    /// Remove a destination and its queued deliveries.
+    Remove { id: uuid::Uuid },
+    /// Stop queueing and sending deliveries to a destination.
+    Disable { id: uuid::Uuid },
+    /// Queue and send again (deliveries queued before it was disabled are sent).
+    Enable { id: uuid::Uuid },
+    /// A new secret (printed once); the previous one keeps signing for 24 hours.
+    RotateSecret { id: uuid::Uuid },
+    /// Per destination: pending, in flight, delivered, failed, last error, next attempt.
+    Status { id: Option<uuid::Uuid> },
+    /// Queue a destination's failed deliveries again (same webhook-id).
+    Replay {
+        id: uuid::Uuid,
+        /// Deliveries created from this time on (ms since the epoch, RFC 3339 or YYYY-MM-DD).
+        #[arg(long)]
+        from: Option<String>,
+        /// Deliveries created before this time.
+        #[arg(long)]
+        to: Option<String>,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -229,6 +284,59 @@ pub struct ServeArgs {
     /// Backups kept per project; older ones are deleted after each run.
     #[arg(long, env = "TRACKLET_BACKUP_KEEP", default_value_t = 7, value_parser = clap::value_parser!(u32).range(1..))]
     pub backup_keep: u32,
+    #[command(flatten)]
+    pub webhooks: WebhookArgs,
+}
+
+/// `serve`'s webhook delivery flags.
+#[derive(Debug, Args)]
+pub struct WebhookArgs {
+    /// Webhook requests in flight per destination (all collectors sharing the database).
+    #[arg(long, env = "TRACKLET_WEBHOOK_CONCURRENCY", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+    pub webhook_concurrency: u32,
+    /// Webhook requests in flight in this collector, all destinations together.
+    #[arg(long, env = "TRACKLET_WEBHOOK_MAX_IN_FLIGHT", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
+    pub webhook_max_in_flight: u32,
+    /// Waits before each retry, comma-separated; after the last retry a delivery fails.
+    #[arg(long, env = "TRACKLET_WEBHOOK_RETRY_SCHEDULE", default_value = webhooks::DEFAULT_RETRY_SCHEDULE, value_parser = webhooks::parse_schedule)]
+    pub webhook_retry_schedule: std::vec::Vec<Duration>,
+    /// Time allowed per attempt (connect to last byte).
+    #[arg(long, env = "TRACKLET_WEBHOOK_TIMEOUT", default_value = "15s", value_parser = humantime::parse_duration)]
+    pub webhook_timeout: Duration,
+    /// How long a claimed delivery stays claimed: a collector that dies mid-attempt lets
+    /// its deliveries go after this (keep it above --webhook-timeout).
+    #[arg(long, env = "TRACKLET_WEBHOOK_LEASE", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub webhook_lease: Duration,
+    /// How often due deliveries are looked for.
+    #[arg(long, env = "TRACKLET_WEBHOOK_POLL", default_value = "500ms", value_parser = humantime::parse_duration)]
+    pub webhook_poll: Duration,
+    /// Days delivered deliveries are kept (failed ones are kept until replayed or removed).
+    #[arg(long, env = "TRACKLET_WEBHOOK_KEEP_DELIVERED_DAYS", default_value_t = 7, value_parser = clap::value_parser!(u32).range(1..))]
+    pub webhook_keep_delivered_days: u32,
+    /// Send no webhooks from this collector (others sharing the database do).
+    #[arg(long, env = "TRACKLET_NO_WEBHOOK_WORKERS")]
+    pub no_webhook_workers: bool,
+    /// Allow destination URLs resolving to loopback, private or link-local addresses.
+    #[arg(long, env = "TRACKLET_ALLOW_PRIVATE_DESTINATIONS")]
+    pub allow_private_destinations: bool,
+}
+
+impl WebhookArgs {
+    pub fn to_config(&self) -> webhooks::WebhookConfig {
+        webhooks::WebhookConfig {
+            concurrency: self.webhook_concurrency,
+            max_in_flight: self.webhook_max_in_flight,
+            retry_schedule: self.webhook_retry_schedule.clone(),
+            timeout: self.webhook_timeout.max(Duration::from_millis(100)),
+            lease: self
+                .webhook_lease
+                .max(self.webhook_timeout + Duration::from_secs(1)),
+            poll_interval: self.webhook_poll.max(Duration::from_millis(10)),
+            allow_private: self.allow_private_destinations,
+            keep_delivered: config::days(self.webhook_keep_delivered_days),
+            disabled: self.no_webhook_workers,
+        }
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -307,6 +415,7 @@ impl ServeArgs {
                 every: self.backup_every.max(Duration::from_secs(1)),
                 keep: self.backup_keep as usize,
             }),
+            webhooks: self.webhooks.to_config(),
         }
     }
 }
@@ -337,6 +446,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Projects { command } => projects(&db, command).await,
         Command::Export(args) => export_command(&db, args).await,
         Command::Import(args) => import_command(&db, args).await,
+        Command::Destinations(args) => destinations_command(&db, args).await,
     }
 }
 
@@ -424,6 +534,111 @@ async fn import_command(db: &DbConfig, args: ImportArgs) -> anyhow::Result<()> {
     result.map_err(Into::into)
 }
 
+async fn destinations_command(db: &DbConfig, args: DestinationsArgs) -> anyhow::Result<()> {
+    let store = open_migrated(db).await?;
+    let queue = store
+        .deliveries()
+        .context("this database has no webhook queue")?;
+    let print = |value: serde_json::Value| println!("{value}");
+    let found = |ok: bool, id: uuid::Uuid| {
+        anyhow::ensure!(ok, "no destination {id}");
+        Ok(())
+    };
+    match args.command {
+        DestinationsCommand::Add {
+            project,
+            url,
+            events,
+            batch_size,
+        } => {
+            let project = find_project(store.as_ref(), &project).await?;
+            let url =
+                webhooks::destinations::check_url(&url, args.allow_private_destinations).await?;
+            let destination = webhooks::NewDestination {
+                id: uuid::Uuid::now_v7(),
+                project_id: project.id,
+                url: url.to_string(),
+                events: events
+                    .iter()
+                    .map(|e| e.trim().to_owned())
+                    .filter(|e| !e.is_empty())
+                    .collect(),
+                batch_size,
+                secret: webhooks::signing::new_secret(),
+            };
+            queue.add_destination(&destination).await?;
+            print(serde_json::json!({
+                "id": destination.id,
+                "project": project.name,
+                "url": destination.url,
+                "events": destination.events,
+                "batch_size": destination.batch_size,
+                "secret": destination.secret,
+            }));
+        }
+        DestinationsCommand::List => {
+            println!(
+                "{}",
+                serde_json::to_string(&queue.list_destinations().await?)?
+            );
+        }
+        DestinationsCommand::Remove { id } => {
+            found(queue.remove_destination(id).await?, id)?;
+            eprintln!("removed destination {id}");
+        }
+        DestinationsCommand::Disable { id } => {
+            found(
+                queue
+                    .set_enabled(id, false, Some("disabled by hand"))
+                    .await?,
+                id,
+            )?;
+            eprintln!("disabled destination {id}");
+        }
+        DestinationsCommand::Enable { id } => {
+            found(queue.set_enabled(id, true, None).await?, id)?;
+            eprintln!("enabled destination {id}");
+        }
+        DestinationsCommand::RotateSecret { id } => {
+            let secret = webhooks::signing::new_secret();
+            let until = Utc::now()
+                + chrono::Duration::from_std(webhooks::ROTATION_OVERLAP)
+                    .unwrap_or(chrono::Duration::hours(24));
+            found(queue.rotate_secret(id, &secret, until).await?, id)?;
+            print(serde_json::json!({
+                "id": id,
+                "secret": secret,
+                "previous_secret_valid_until": until,
+            }));
+        }
+        DestinationsCommand::Status { id } => {
+            let status: Vec<_> = queue
+                .status(None, Utc::now())
+                .await?
+                .into_iter()
+                .filter(|s| id.is_none_or(|id| s.id == id))
+                .collect();
+            if let Some(id) = id {
+                anyhow::ensure!(!status.is_empty(), "no destination {id}");
+            }
+            println!("{}", serde_json::to_string(&status)?);
+        }
+        DestinationsCommand::Replay { id, from, to } => {
+            let (all_from, all_to) = export::all_time();
+            let time = |value: Option<&String>, default| match value {
+                Some(v) => stats::parse_time(v).map_err(|e| anyhow::anyhow!("{e}")),
+                None => Ok(default),
+            };
+            let (from, to) = (time(from.as_ref(), all_from)?, time(to.as_ref(), all_to)?);
+            let known = queue.list_destinations().await?.iter().any(|d| d.id == id);
+            found(known, id)?;
+            let requeued = queue.replay(id, from, to, Utc::now()).await?;
+            print(serde_json::json!({ "id": id, "requeued": requeued }));
+        }
+    }
+    Ok(())
+}
+
 async fn open_migrated(db: &DbConfig) -> anyhow::Result<Arc<dyn EventStore>> {
     let store = store::open(db).await.context("cannot open the database")?;
     store.migrate().await.context("cannot apply migrations")?;
@@ -486,6 +701,15 @@ pub async fn serve(db: &DbConfig, config: ServeConfig) -> anyhow::Result<()> {
         ))
     });
 
+    let deliveries = match (config.webhooks.disabled, store.deliveries()) {
+        (false, Some(queue)) => Some(tokio::spawn(webhooks::worker::run(
+            queue,
+            config.webhooks.clone(),
+            shutdown.clone(),
+        ))),
+        _ => None,
+    };
+
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
@@ -524,6 +748,10 @@ pub async fn serve(db: &DbConfig, config: ServeConfig) -> anyhow::Result<()> {
     receipt_cleanup.abort();
     if let Some(backups) = backups {
         backups.abort();
+    }
+    // The workers stopped claiming at shutdown and waited for their attempts in flight.
+    if let Some(deliveries) = deliveries {
+        let _ = tokio::time::timeout(shutdown_timeout, deliveries).await;
     }
     Ok(())
 }

@@ -101,6 +101,8 @@ pub struct ServeConfig {
     pub rate_limit: RateLimitConfig,
     /// Scheduled backups (`--backup-dir`), if any.
     pub backup: Option<crate::export::BackupConfig>,
+    /// Webhook delivery workers (`--webhook-*`).
+    pub webhooks: crate::webhooks::WebhookConfig,
 }
 
 /// Default of [`ServeConfig::max_connections`].
@@ -137,6 +139,7 @@ impl Default for ServeConfig {
             projects_refresh_interval: Duration::from_millis(DEFAULT_PROJECTS_REFRESH_MS),
             rate_limit: RateLimitConfig::default(),
             backup: None,
+            webhooks: crate::webhooks::WebhookConfig::default(),
         }
     }
 }

@@ -6,7 +6,7 @@
 //! batch's receipt) -> respond. `POST /v1/batch/status`: authenticate -> rate limit -> decode
 //! (16 KiB) -> look receipts up -> respond.
 //! Also `/healthz`, `/readyz`, `/metrics`, `/v1/stats` (and the stats API of [`analytics`]),
-//! `/v1/export` ([`export`]),
+//! `/v1/export` ([`export`]), `/v1/destinations/status` ([`crate::webhooks`]),
 //! CORS, the dashboard page ([`crate::dashboard`]), and the optional static files.
 
 use std::collections::HashSet;
@@ -128,6 +128,10 @@ pub fn router(state: AppState) -> Router {
             get(get_export)
                 .options(preflight)
                 .layer(tower_http::compression::CompressionLayer::new()),
+        )
+        .route(
+            "/v1/destinations/status",
+            get(get_destinations_status).options(preflight),
         )
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
@@ -535,6 +539,28 @@ async fn get_export(
         add_cors_headers(h, origin);
     }
     response
+}
+
+/// `GET /v1/destinations/status` with the read key: the project's webhook destinations and
+/// their delivery queues.
+async fn get_destinations_status(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    uri: axum::http::Uri,
+) -> Response {
+    let origin = header_str(&headers, &header::ORIGIN);
+    let result = async {
+        let key = auth::request_key(&uri, &headers).ok_or(AuthError::MissingKey)?;
+        let project = state.projects.by_read_key(&key)?;
+        auth::check_origin(&project, origin)?;
+        let destinations = match state.store.deliveries() {
+            Some(queue) => queue.status(Some(project.id), Utc::now()).await?,
+            None => Vec::new(),
+        };
+        Ok::<_, ApiError>(serde_json::json!({ "destinations": destinations }))
+    }
+    .await;
+    cors_answer(origin, result)
 }
 
 /// `GET /v1/stats?from=&to=` with the read key.

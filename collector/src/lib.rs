@@ -26,3 +26,4 @@ pub mod stats;
 pub mod store;
 pub mod transport;
 pub mod validate;
+pub mod webhooks;

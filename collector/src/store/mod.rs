@@ -306,6 +306,11 @@ pub trait EventStore: Send + Sync + 'static {
     /// The project whose write or read key is `key`.
     async fn project_by_key(&self, kind: KeyKind, key: &str)
         -> Result<Option<Project>, StoreError>;
+    /// The webhook delivery queue kept in this database (see [`crate::webhooks`]); `None`
+    /// for a store without one.
+    fn deliveries(&self) -> Option<Arc<dyn crate::webhooks::DeliveryStore>> {
+        None
+    }
     /// Signals "the projects table may have changed", when the backend can tell (Postgres:
     /// `NOTIFY` from a trigger); `None` when it cannot, and projects are then only reloaded
     /// every `--projects-refresh-ms`.

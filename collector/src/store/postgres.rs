@@ -132,6 +132,10 @@ impl EventStore for PgStore {
         Ok(())
     }
 
+    fn deliveries(&self) -> Option<std::sync::Arc<dyn crate::webhooks::DeliveryStore>> {
+        Some(std::sync::Arc::new(PgStore::from_pool(self.pool.clone())))
+    }
+
     async fn project_changes(&self) -> Option<tokio::sync::mpsc::Receiver<()>> {
         // A connection of its own, outside the pool the requests use.
         let pool = PgPoolOptions::new()
@@ -239,9 +243,10 @@ impl EventStore for PgStore {
         let receipt_project: Vec<Uuid> = receipts.iter().map(|r| r.project_id).collect();
         let receipt_batch: Vec<&str> = receipts.iter().map(|r| r.batch_id.as_str()).collect();
         let receipt_received: Vec<DateTime<Utc>> = receipts.iter().map(|r| r.received_at).collect();
-        // One statement, so one transaction and one round trip: the receipts (in the data-
-        // modifying WITH, which Postgres runs to completion after the events) are committed
-        // exactly when the events are.
+        // One statement: the receipts (in the data-modifying WITH, which Postgres runs to
+        // completion after the events) are committed exactly when the events are, and so are
+        // the webhook deliveries of the new events (the outbox, same transaction).
+        let mut tx = self.pool.begin().await?;
         let inserted: Vec<(Uuid, Uuid)> = sqlx::query_as(
             "WITH receipts AS (\
                  INSERT INTO batch_receipts (project_id, batch_id, received_at) \
@@ -288,12 +293,12 @@ impl EventStore for PgStore {
         .bind(&receipt_project)
         .bind(&receipt_batch)
         .bind(&receipt_received)
-        .fetch_all(&self.pool)
+        .fetch_all(&mut *tx)
         .await?;
-        Ok(claim_inserted(
-            rows,
-            inserted.into_iter().collect::<HashSet<_>>(),
-        ))
+        let new = claim_inserted(rows, inserted.into_iter().collect::<HashSet<_>>());
+        crate::webhooks::outbox::enqueue_postgres(&mut tx, rows, &new, Utc::now()).await?;
+        tx.commit().await?;
+        Ok(new)
     }
 
     async fn arrived_batches(

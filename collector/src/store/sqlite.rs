@@ -52,6 +52,10 @@ impl SqliteStore {
 }
 
 impl SqliteStore {
+    pub fn pool(&self) -> &SqlitePool {
+        &self.pool
+    }
+
     /// Runs one stats API statement (the handler's timeout bounds it).
     async fn analytics_rows<T>(&self, statement: Statement) -> Result<Vec<T>, StoreError>
     where
@@ -102,6 +106,12 @@ impl EventStore for SqliteStore {
             .run(&self.pool)
             .await?;
         Ok(())
+    }
+
+    fn deliveries(&self) -> Option<std::sync::Arc<dyn crate::webhooks::DeliveryStore>> {
+        Some(std::sync::Arc::new(SqliteStore {
+            pool: self.pool.clone(),
+        }))
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
@@ -163,8 +173,11 @@ impl EventStore for SqliteStore {
             .execute(&mut *tx)
             .await?;
         }
+        let new = claim_inserted(rows, inserted);
+        // The outbox: webhook deliveries of the new events, in the same transaction.
+        crate::webhooks::outbox::enqueue_sqlite(&mut tx, rows, &new, Utc::now()).await?;
         tx.commit().await?;
-        Ok(claim_inserted(rows, inserted))
+        Ok(new)
     }
 
     async fn arrived_batches(
