@@ -30,7 +30,7 @@ pub struct Subscriber {
 impl Subscriber {
     fn wants(&self, row: &EventRow) -> bool {
         row.project_id == self.project_id
-            && (self.events.is_empty() || self.events.iter().any(|n| *n == row.name))
+            && (self.events.is_empty() || self.events.contains(&row.name))
     }
 }
 
