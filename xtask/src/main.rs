@@ -49,8 +49,9 @@ enum Cmd {
     /// Benchmarks (numbers for the README; they never fail on speed).
     Bench {
         /// `sdk` (track() cost and wire bytes in headless Chromium), `core` (the sans-IO
-        /// core on the host: bursts, restores), `collector`, or `size-floor` (what the SDK's
-        /// chosen crates weigh on their own, xtask/size-floor).
+        /// core on the host: bursts, restores), `collector`, `webhooks` (ingest with one
+        /// webhook destination against none, and the delivery rate), or `size-floor` (what
+        /// the SDK's chosen crates weigh on their own, xtask/size-floor).
         what: String,
     },
     /// Print the gzip size of the script-tag build and fail above the ceiling.
@@ -608,9 +609,26 @@ fn bench(what: &str) -> Result<()> {
             let db = postgres_url()?;
             run(Command::new(build_server_bins()?.join("tracklet-loadgen")).env("DATABASE_URL", db))
         }
+        "webhooks" => {
+            // Ingest without, then with, one webhook destination (same settings; the second
+            // run also reports the delivery rate). Shorter phases than `collector`.
+            let db = postgres_url()?;
+            let loadgen = build_server_bins()?.join("tracklet-loadgen");
+            for webhook in [false, true] {
+                let mut command = Command::new(&loadgen);
+                command
+                    .env("DATABASE_URL", &db)
+                    .args(["--duration-secs", "10", "--no-half-load"]);
+                if webhook {
+                    command.arg("--webhook");
+                }
+                run(&mut command)?;
+            }
+            Ok(())
+        }
         "size-floor" => size_floor(),
         other => {
-            bail!("unknown benchmark {other:?}: use `sdk`, `core`, `collector` or `size-floor`")
+            bail!("unknown benchmark {other:?}: use `sdk`, `core`, `collector`, `webhooks` or `size-floor`")
         }
     }
 }

@@ -11,6 +11,11 @@
 //! 3. **COPY**: the same number of rows written with `COPY` (batches of 50,000) into a table
 //!    with the same columns and primary key, as the raw ceiling.
 //!
+//! With `--webhook`, the project has one webhook destination, a receiver in this process on
+//! 127.0.0.1 answering 204 at once: the max phase then measures ingest with the outbox
+//! written in every commit, and the run also reports how fast the deliveries drained
+//! (deliveries and events per second, from the phase's start to the last delivery).
+//!
 //! Request bodies are generated and gzipped before each phase (every event id distinct), so
 //! the timed windows only send bytes and read answers. The collector's and the load
 //! generator's CPU time are read from `/proc`, and the collector's peak RSS from its `VmHWM`.
@@ -72,6 +77,10 @@ struct Args {
     /// Extra arguments for `tracklet-collector serve`, e.g. `--commit-max-rows=4000`.
     #[arg(long, allow_hyphen_values = true, num_args = 1)]
     collector_arg: Vec<String>,
+    /// Give the project one webhook destination (a receiver in this process) and report
+    /// the delivery rate too. Skips the half-load phase.
+    #[arg(long)]
+    webhook: bool,
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -149,6 +158,8 @@ impl Collector {
             .arg("serve")
             .arg("--listen")
             .arg(addr.to_string())
+            // The webhook receiver of --webhook is on 127.0.0.1.
+            .args(args.webhook.then_some("--allow-private-destinations"))
             .args(&args.collector_arg)
             .env("DATABASE_URL", url)
             .env("TRACKLET_LOG", "error")
@@ -363,6 +374,22 @@ async fn bench(args: &Args, url: &str) -> anyhow::Result<()> {
     // Unlimited (0), not serve's --rate-limit-default: the benchmark measures the collector.
     let project = Project::new("bench", vec![], Some(0));
     store.add_project(&project).await?;
+    let receiver = if args.webhook {
+        let receiver = WebhookReceiver::start().await?;
+        let destination = tracklet_collector::webhooks::NewDestination {
+            id: uuid::Uuid::now_v7(),
+            project_id: project.id,
+            url: format!("http://{}/hook", receiver.addr),
+            events: vec![],
+            batch_size: tracklet_collector::webhooks::DEFAULT_BATCH_SIZE,
+            secret: tracklet_collector::webhooks::signing::new_secret(),
+        };
+        tracklet_collector::webhooks::DeliveryStore::add_destination(&store, &destination).await?;
+        println!("webhook: one destination, receiver on {}", receiver.addr);
+        Some(receiver)
+    } else {
+        None
+    };
     store.pool().close().await;
 
     let (collector, addr) = Collector::start(args, url)?;
@@ -387,11 +414,16 @@ async fn bench(args: &Args, url: &str) -> anyhow::Result<()> {
         db,
     };
     fresh_checkpoint(args, &mut watch).await?;
+    let max_started = Instant::now();
     let max = closed_loop(args, &batch_url, bodies, &mut watch).await?;
     print_phase("max", &max);
+    let drained = match &receiver {
+        Some(receiver) => Some(receiver.drain(max.accepted, max_started).await),
+        None => None,
+    };
 
     // Phase 2: open loop at half of the measured rate.
-    let half = if args.no_half_load || max.accepted == 0 {
+    let half = if args.no_half_load || args.webhook || max.accepted == 0 {
         None
     } else {
         let rate = max.events_per_sec() / 2.0 / args.batch as f64;
@@ -448,6 +480,17 @@ async fn bench(args: &Args, url: &str) -> anyhow::Result<()> {
     }
     println!("| `COPY` ceiling (same rows) | {copy_rate:.0} rows/s | — | — | — | — | — |");
     println!();
+    if let Some(d) = &drained {
+        println!(
+            "webhook deliveries: {} deliveries, {} of {} events delivered in {:.1} s from the max phase's start: {:.0} deliveries/s, {:.0} events/s",
+            d.deliveries,
+            d.events,
+            max.accepted,
+            d.secs,
+            d.deliveries as f64 / d.secs.max(1e-9),
+            d.events as f64 / d.secs.max(1e-9)
+        );
+    }
     println!(
         "collector / COPY: {:.2}; collector peak RSS (VmHWM): {peak_rss:.1} MiB; loadgen CPU share at max: {:.0} % of the machine's busy time",
         max.events_per_sec() / copy_rate,
@@ -700,4 +743,79 @@ fn copy_row(project: uuid::Uuid, i: u64) -> String {
         i % 1000,
         i % 500
     )
+}
+
+/// The webhook receiver of `--webhook`: answers 204 at once and counts deliveries and
+/// events (by counting the `"anonymous_id"` keys, not parsing: its CPU is the benchmark's).
+struct WebhookReceiver {
+    addr: SocketAddr,
+    counts: Arc<WebhookCounts>,
+}
+
+#[derive(Default)]
+struct WebhookCounts {
+    deliveries: std::sync::atomic::AtomicU64,
+    events: std::sync::atomic::AtomicU64,
+    last: std::sync::Mutex<Option<Instant>>,
+}
+
+struct Drained {
+    deliveries: u64,
+    events: u64,
+    secs: f64,
+}
+
+impl WebhookReceiver {
+    async fn start() -> anyhow::Result<WebhookReceiver> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let counts = Arc::new(WebhookCounts::default());
+        let state = counts.clone();
+        let app = axum::Router::new().fallback(move |body: Bytes| {
+            let counts = state.clone();
+            async move {
+                let events = memchr::memmem::find_iter(&body, b"\"anonymous_id\"").count();
+                counts.events.fetch_add(events as u64, Ordering::Relaxed);
+                counts.deliveries.fetch_add(1, Ordering::Relaxed);
+                if let Ok(mut last) = counts.last.lock() {
+                    *last = Some(Instant::now());
+                }
+                axum::http::StatusCode::NO_CONTENT
+            }
+        });
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Ok(WebhookReceiver { addr, counts })
+    }
+
+    /// Waits until `expected` events arrived, or nothing arrived for 30 s.
+    async fn drain(&self, expected: u64, since: Instant) -> Drained {
+        let mut seen = (0, Instant::now());
+        loop {
+            let events = self.counts.events.load(Ordering::Relaxed);
+            if events >= expected {
+                break;
+            }
+            if events != seen.0 {
+                seen = (events, Instant::now());
+            } else if seen.1.elapsed() > Duration::from_secs(30) {
+                println!("webhook: no delivery for 30 s, {events} of {expected} events arrived");
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let last = self
+            .counts
+            .last
+            .lock()
+            .ok()
+            .and_then(|l| *l)
+            .unwrap_or(since);
+        Drained {
+            deliveries: self.counts.deliveries.load(Ordering::Relaxed),
+            events: self.counts.events.load(Ordering::Relaxed),
+            secs: last.duration_since(since).as_secs_f64(),
+        }
+    }
 }

@@ -206,8 +206,7 @@ impl DeliveryStore for PgStore {
         finish: &Finish,
     ) -> Result<bool, StoreError> {
         let (state, status, error, next) = finish_columns(finish);
-        let mut tx = self.pool().begin().await?;
-        let done = sqlx::query(
+        let update = sqlx::query(
             "UPDATE webhook_deliveries SET state = $4, last_status = $5, last_error = $6, \
                  next_attempt_at = COALESCE($7, next_attempt_at), lease_owner = NULL, \
                  lease_until = NULL, finished_at = CASE WHEN $4 = 'pending' THEN NULL ELSE $8 END \
@@ -220,27 +219,28 @@ impl DeliveryStore for PgStore {
         .bind(status)
         .bind(error)
         .bind(next)
-        .bind(now)
-        .execute(&mut *tx)
-        .await?;
-        if done.rows_affected() == 0 {
+        .bind(now);
+        let Some(error) = error else {
+            // Delivered: the delivery alone changes, one statement without a transaction.
+            return Ok(update.execute(self.pool()).await?.rows_affected() > 0);
+        };
+        let mut tx = self.pool().begin().await?;
+        if update.execute(&mut *tx).await?.rows_affected() == 0 {
             return Ok(false);
         }
-        if let Some(error) = error {
-            let disable = matches!(finish, Finish::Gone { .. });
-            sqlx::query(
-                "UPDATE webhook_destinations SET last_error = $2, last_error_at = $3, \
-                     enabled = enabled AND NOT $4, \
-                     disabled_reason = CASE WHEN $4 THEN $2 ELSE disabled_reason END \
-                 WHERE id = $1",
-            )
-            .bind(claimed.destination_id)
-            .bind(error)
-            .bind(now)
-            .bind(disable)
-            .execute(&mut *tx)
-            .await?;
-        }
+        let disable = matches!(finish, Finish::Gone { .. });
+        sqlx::query(
+            "UPDATE webhook_destinations SET last_error = $2, last_error_at = $3, \
+                 enabled = enabled AND NOT $4, \
+                 disabled_reason = CASE WHEN $4 THEN $2 ELSE disabled_reason END \
+             WHERE id = $1",
+        )
+        .bind(claimed.destination_id)
+        .bind(error)
+        .bind(now)
+        .bind(disable)
+        .execute(&mut *tx)
+        .await?;
         tx.commit().await?;
         Ok(true)
     }
