@@ -465,6 +465,10 @@ async fn retries_until_every_committed_event_arrives_signed() {
         "{metrics}"
     );
     assert!(metrics.contains("tracklet_deliveries_total{result=\"retry\"}"));
+    assert!(
+        metrics.contains("tracklet_deliveries_queue_depth"),
+        "{metrics}"
+    );
 }
 
 #[tokio::test]

@@ -48,3 +48,7 @@ CREATE TABLE webhook_deliveries (
 -- Claims look for due pending rows per destination.
 CREATE INDEX webhook_deliveries_due ON webhook_deliveries (destination_id, next_attempt_at)
     WHERE state = 'pending';
+
+-- The periodic delete of delivered rows past their retention.
+CREATE INDEX webhook_deliveries_delivered ON webhook_deliveries (finished_at)
+    WHERE state = 'delivered';

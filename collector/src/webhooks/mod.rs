@@ -171,6 +171,8 @@ pub trait DeliveryStore: Send + Sync + 'static {
         project: Option<Uuid>,
         now: DateTime<Utc>,
     ) -> Result<Vec<DestinationStatus>, StoreError>;
+    /// Deliveries waiting or in flight, all destinations (the queue depth gauge).
+    async fn queue_depth(&self) -> Result<i64, StoreError>;
     /// Deletes delivered deliveries finished before `before` (at most `limit`).
     async fn delete_delivered_before(
         &self,

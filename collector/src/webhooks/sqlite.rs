@@ -314,6 +314,14 @@ impl DeliveryStore for SqliteStore {
         Ok(status)
     }
 
+    async fn queue_depth(&self) -> Result<i64, StoreError> {
+        Ok(
+            sqlx::query_scalar("SELECT count(*) FROM webhook_deliveries WHERE state = 'pending'")
+                .fetch_one(self.pool())
+                .await?,
+        )
+    }
+
     async fn delete_delivered_before(
         &self,
         before: DateTime<Utc>,

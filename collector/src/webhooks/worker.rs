@@ -27,8 +27,10 @@ use crate::shutdown::Shutdown;
 pub const RESPONSE_CAP: usize = 4096;
 /// Characters of an answer kept as the last error.
 const ERROR_CHARS: usize = 300;
-/// How often the queue depth gauge and the cleanup of old delivered rows run.
-const UPKEEP_INTERVAL: Duration = Duration::from_secs(10);
+/// How often the queue depth gauge is refreshed.
+const GAUGE_INTERVAL: Duration = Duration::from_secs(10);
+/// How often delivered deliveries past their retention are deleted.
+const CLEANUP_INTERVAL: Duration = Duration::from_secs(3600);
 /// Longest `Retry-After` honoured.
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(24 * 3600);
 
@@ -284,7 +286,8 @@ pub async fn run(store: Arc<dyn DeliveryStore>, config: WebhookConfig, shutdown:
     let slots = Arc::new(Semaphore::new(config.max_in_flight.max(1) as usize));
     let wake = Arc::new(Notify::new());
     let mut tasks = JoinSet::new();
-    let mut next_upkeep = tokio::time::Instant::now();
+    let (mut next_gauge, mut next_cleanup) =
+        (tokio::time::Instant::now(), tokio::time::Instant::now());
     loop {
         tokio::select! {
             _ = tokio::time::sleep(config.poll_interval) => {}
@@ -292,9 +295,17 @@ pub async fn run(store: Arc<dyn DeliveryStore>, config: WebhookConfig, shutdown:
             _ = shutdown.wait() => break,
         }
         while tasks.try_join_next().is_some() {}
-        if tokio::time::Instant::now() >= next_upkeep {
-            next_upkeep = tokio::time::Instant::now() + UPKEEP_INTERVAL;
-            upkeep(store.as_ref(), &config).await;
+        let now = tokio::time::Instant::now();
+        if now >= next_gauge {
+            next_gauge = now + GAUGE_INTERVAL;
+            match store.queue_depth().await {
+                Ok(depth) => metrics::gauge!("tracklet_deliveries_queue_depth").set(depth as f64),
+                Err(e) => tracing::debug!(error = %e, "cannot read the delivery queue depth"),
+            }
+        }
+        if now >= next_cleanup {
+            next_cleanup = now + CLEANUP_INTERVAL;
+            delete_old_deliveries(store.as_ref(), &config).await;
         }
         let free = slots.available_permits() as u32;
         if free == 0 {
@@ -332,20 +343,21 @@ pub async fn run(store: Arc<dyn DeliveryStore>, config: WebhookConfig, shutdown:
     }
 }
 
-/// The queue depth gauge, and old delivered deliveries deleted.
-async fn upkeep(store: &dyn DeliveryStore, config: &WebhookConfig) {
-    let now = Utc::now();
-    match store.status(None, now).await {
-        Ok(status) => {
-            let depth: i64 = status.iter().map(|s| s.pending + s.in_flight).sum();
-            metrics::gauge!("tracklet_deliveries_queue_depth").set(depth as f64);
-        }
-        Err(e) => tracing::debug!(error = %e, "cannot read the delivery queue depth"),
-    }
+/// Deletes delivered deliveries older than `--webhook-keep-delivered-days`, in bounded
+/// steps.
+async fn delete_old_deliveries(store: &dyn DeliveryStore, config: &WebhookConfig) {
     let keep =
         chrono::Duration::from_std(config.keep_delivered).unwrap_or(chrono::Duration::days(7));
-    if let Err(e) = store.delete_delivered_before(now - keep, 10_000).await {
-        tracing::debug!(error = %e, "cannot delete old delivered deliveries");
+    let before = Utc::now() - keep;
+    loop {
+        match store.delete_delivered_before(before, 10_000).await {
+            Ok(10_000) => continue,
+            Ok(_) => return,
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot delete old delivered deliveries");
+                return;
+            }
+        }
     }
 }
 
