@@ -21,6 +21,9 @@ const LISTS = {
   entry_pages: ['entry_page', 'visitors'],
   exit_pages: ['exit_page', 'visitors'],
   referrers: ['referrer', 'visitors'],
+  utm_sources: ['utm_source', 'visitors'],
+  utm_mediums: ['utm_medium', 'visitors'],
+  utm_campaigns: ['utm_campaign', 'visitors'],
   browsers: ['browser', 'visitors'],
   os: ['os', 'visitors'],
   devices: ['device', 'visitors'],
@@ -97,9 +100,10 @@ before(async () => {
   }
   const home = (path, referrer) => ({ path, ...(referrer ? { referrer } : {}) });
   const wk = projects[0].write_key;
+  const campaign = 'https://shop.example/?utm_source=newsletter&utm_medium=email&utm_campaign=launch';
   // Desktop Chrome: visitor A (two sessions) and visitor C.
   await postBatch(wk, CHROME_WINDOWS, [
-    event('page_view', 'visitor-a', 'session-1', 30, home('/', 'https://www.google.com/search?q=x')),
+    event('page_view', 'visitor-a', 'session-1', 30, { ...home('/', 'https://www.google.com/search?q=x'), url: campaign }),
     event('page_view', 'visitor-a', 'session-1', 29, home('/pricing')),
     event('Signup', 'visitor-a', 'session-1', 28, home('/pricing'), { plan: 'pro' }),
     event('page_view', 'visitor-a', 'session-4', 10, home('/docs')),
@@ -191,6 +195,8 @@ test('signed in with the read key, every figure and list equals the stats API; a
   const all = await assertMatchesApi(page, rk);
   assert.deepEqual([all.visitors, all.sessions, all.pageviews, all.events], [4, 5, 7, 10]);
   assert.ok((await page.$$eval('[data-list="pages"] li[data-key]', (l) => l.length)) === 3);
+  const utm = await page.$eval('[data-list="utm_sources"] li[data-key]', (li) => [li.dataset.key, li.dataset.value]);
+  assert.deepEqual(utm, ['newsletter', '1']);
   // The chart: both series and the previous period, dashed by its class.
   assert.equal(await page.$$eval('#chart svg path.line', (p) => p.length), 4);
   assert.equal(await page.$$eval('#chart svg path.previous', (p) => p.length), 2);
