@@ -24,7 +24,7 @@ const LISTS = {
 const METRICS = ['visitors', 'sessions', 'pageviews', 'events', 'bounce_rate', 'avg_session_seconds'];
 
 const $ = (sel) => document.querySelector(sel);
-const state = { filters: [], propEvent: null, prop: '', loadId: 0 };
+const state = { filters: [], propEvent: null, prop: '', funnel: '', loadId: 0 };
 
 // ---- keys -----------------------------------------------------------------------------
 
@@ -214,11 +214,19 @@ async function load() {
           return json('/v1/stats/breakdown', key, p).then((b) => b.rows, (e) => ({ error: e.message }));
         })()
       : Promise.resolve(null);
+  const funnel = state.funnel
+    ? (() => {
+        const p = new URLSearchParams(params);
+        p.set('steps', state.funnel);
+        return json('/v1/stats/funnel', key, p).catch((e) => ({ error: e.message }));
+      })()
+    : Promise.resolve(null);
   try {
-    const [summary, series, propRows, ...rows] = await Promise.all([
+    const [summary, series, propRows, funnelAnswer, ...rows] = await Promise.all([
       json('/v1/stats/summary', key, params),
       json('/v1/stats/timeseries', key, params),
       props,
+      funnel,
       ...lists,
     ]);
     if (id !== state.loadId) return;
@@ -226,6 +234,7 @@ async function load() {
     renderChart(series);
     for (const [list, r] of rows) renderList(list, r);
     renderProps(propRows);
+    renderFunnel(funnelAnswer);
     dash.dataset.from = rng.from;
     dash.dataset.to = rng.to;
     dash.dataset.query = params.toString();
@@ -317,6 +326,49 @@ function renderProps(rows) {
     ol.replaceChildren(li);
   } else if (rows) fillList(ol, rows, 'events', null);
   else ol.replaceChildren();
+}
+
+/** The steps of the funnel form as `steps=` text (empty rows skipped), or an error. */
+function funnelSteps() {
+  const steps = [];
+  for (let i = 1; i <= 5; i++) {
+    const value = document.querySelector(`[data-step-value="${i}"]`).value.trim();
+    if (!value) continue;
+    if (value.includes(',')) return { error: `Step ${i}: a step cannot contain a comma.` };
+    steps.push(`${document.querySelector(`[data-step-kind="${i}"]`).value}:${value}`);
+  }
+  if (steps.length < 2) return { error: 'A funnel needs at least two steps.' };
+  return { steps: steps.join(',') };
+}
+
+/** One row per step: sessions (`data-value`), visitors, and the conversion from the step before. */
+function renderFunnel(answer) {
+  const ol = document.querySelector('[data-list="funnel"]');
+  $('#funnel-error').textContent = answer && answer.error ? `Could not load the funnel: ${answer.error}` : '';
+  if (!answer || answer.error) {
+    ol.replaceChildren();
+    return;
+  }
+  const first = Math.max(1, answer.steps[0]?.sessions || 0);
+  ol.replaceChildren(
+    ...answer.steps.map((s, i) => {
+      const li = document.createElement('li');
+      li.dataset.key = s.step;
+      li.dataset.value = String(s.sessions);
+      li.dataset.conversion = String(s.conversion);
+      const bar = document.createElement('span');
+      bar.className = 'bar';
+      bar.style.width = `${(100 * s.sessions) / first}%`;
+      const k = document.createElement('span');
+      k.className = 'key';
+      k.textContent = `${i + 1}. ${s.step}`;
+      const n = document.createElement('span');
+      n.className = 'value';
+      n.textContent = `${s.sessions} sessions · ${s.visitors} visitors${i ? ` · ${plain(s.conversion * 100)}% of step ${i}` : ''}`;
+      li.append(bar, k, n);
+      return li;
+    }),
+  );
 }
 
 function svg(name, attrs = {}) {
@@ -415,6 +467,16 @@ function init() {
     load();
   });
   $('#apply-range').addEventListener('click', load);
+  $('#funnel-form').addEventListener('submit', (e) => {
+    e.preventDefault();
+    const f = funnelSteps();
+    if (f.error) {
+      $('#funnel-error').textContent = f.error;
+      return;
+    }
+    state.funnel = f.steps;
+    load();
+  });
   $('#prop-form').addEventListener('submit', (e) => {
     e.preventDefault();
     state.prop = $('#prop').value.trim();

@@ -120,6 +120,7 @@ pub fn router(state: AppState) -> Router {
             get(get_timeseries).options(preflight),
         )
         .route("/v1/stats/breakdown", get(get_breakdown).options(preflight))
+        .route("/v1/stats/funnel", get(get_funnel).options(preflight))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(render_metrics))
@@ -613,6 +614,22 @@ async fn get_breakdown(
                 })
                 .collect(),
         })
+    }
+    .await;
+    cors_answer(header_str(&headers, &header::ORIGIN), result)
+}
+
+/// `GET /v1/stats/funnel?steps=` with the read key.
+async fn get_funnel(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    uri: axum::http::Uri,
+) -> Response {
+    let result = async {
+        let q = analytics_query(&state, &headers, &uri)?;
+        let steps = crate::funnel::parse_steps(auth::query_param(&uri, "steps").as_deref())?;
+        let rows = within_deadline(state.store.analytics_funnel(&q, &steps)).await?;
+        Ok(crate::funnel::assemble(&q, &steps, &rows))
     }
     .await;
     cors_answer(header_str(&headers, &header::ORIGIN), result)

@@ -15,6 +15,7 @@ pub mod dashboard;
 pub mod decode;
 pub mod enrich;
 pub mod error;
+pub mod funnel;
 pub mod http;
 pub mod limits;
 pub mod metrics;

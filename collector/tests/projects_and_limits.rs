@@ -115,6 +115,13 @@ impl EventStore for Counting {
     ) -> Result<Vec<(String, i64, i64)>, StoreError> {
         self.inner.analytics_breakdown(q, by, limit).await
     }
+    async fn analytics_funnel(
+        &self,
+        q: &analytics::Query,
+        steps: &[tracklet_collector::funnel::Step],
+    ) -> Result<Vec<(i64, i64, i64)>, StoreError> {
+        self.inner.analytics_funnel(q, steps).await
+    }
     async fn maintain_partitions(
         &self,
         now: DateTime<Utc>,

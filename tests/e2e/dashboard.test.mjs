@@ -258,6 +258,35 @@ test('signed in with the read key, every figure and list equals the stats API; a
   await page.close();
 });
 
+test('a funnel of a page and an event: the rows equal the funnel API', async () => {
+  const { page, problems } = await openDashboard();
+  const rk = projects[0].read_key;
+  await signIn(page, rk);
+  await ready(page);
+  // One step only: refused in the page, nothing asked.
+  await page.fill('[data-step-value="1"]', '/pricing');
+  await page.click('#funnel-form button[type=submit]');
+  assert.match(await page.textContent('#funnel-error'), /at least two steps/);
+  await page.selectOption('[data-step-kind="2"]', 'event');
+  await page.fill('[data-step-value="2"]', 'Signup');
+  await page.selectOption('[data-step-kind="3"]', 'page');
+  await page.fill('[data-step-value="3"]', '/docs');
+  await page.click('#funnel-form button[type=submit]');
+  await page.waitForSelector('[data-list="funnel"] li[data-key]');
+  const query = await ready(page);
+  const q = new URLSearchParams(query);
+  q.set('steps', 'page:/pricing,event:Signup,page:/docs');
+  const { steps } = await api('/v1/stats/funnel', rk, q);
+  const shown = await page.$$eval('[data-list="funnel"] li[data-key]', (lis) =>
+    lis.map((li) => [li.dataset.key, Number(li.dataset.value), Number(li.dataset.conversion)]),
+  );
+  assert.deepEqual(shown, steps.map((s) => [s.step, s.sessions, s.conversion]));
+  // Sessions 1 and 3 viewed /pricing then signed up; only session 3 went on to /docs.
+  assert.deepEqual(shown.map((r) => r[1]), [2, 2, 1]);
+  assert.deepEqual(problems, []);
+  await page.close();
+});
+
 test('several read keys: the project picker switches between them', async () => {
   const { page } = await openDashboard();
   await signIn(page, projects[0].read_key);

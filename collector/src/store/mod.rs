@@ -329,6 +329,12 @@ pub trait EventStore: Send + Sync + 'static {
         by: &Dimension,
         limit: u32,
     ) -> Result<Vec<(String, i64, i64)>, StoreError>;
+    /// Funnel rows (see [`crate::funnel::funnel_sql`]).
+    async fn analytics_funnel(
+        &self,
+        q: &Query,
+        steps: &[crate::funnel::Step],
+    ) -> Result<Vec<(i64, i64, i64)>, StoreError>;
     /// Creates monthly partitions from last month to `months_ahead` after `now`'s month, and
     /// drops data older than `retention_months` full months (0 keeps everything).
     async fn maintain_partitions(

@@ -446,6 +446,15 @@ impl EventStore for PgStore {
             .await
     }
 
+    async fn analytics_funnel(
+        &self,
+        q: &Query,
+        steps: &[crate::funnel::Step],
+    ) -> Result<Vec<(i64, i64, i64)>, StoreError> {
+        self.analytics_rows(crate::funnel::funnel_sql(Dialect::Postgres, q, steps))
+            .await
+    }
+
     async fn maintain_partitions(
         &self,
         now: DateTime<Utc>,

@@ -317,6 +317,15 @@ impl EventStore for SqliteStore {
             .await
     }
 
+    async fn analytics_funnel(
+        &self,
+        q: &Query,
+        steps: &[crate::funnel::Step],
+    ) -> Result<Vec<(i64, i64, i64)>, StoreError> {
+        self.analytics_rows(crate::funnel::funnel_sql(Dialect::Sqlite, q, steps))
+            .await
+    }
+
     async fn maintain_partitions(
         &self,
         now: DateTime<Utc>,
