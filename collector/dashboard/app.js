@@ -221,12 +221,14 @@ async function load() {
         return json('/v1/stats/funnel', key, p).catch((e) => ({ error: e.message }));
       })()
     : Promise.resolve(null);
+  const health = json('/v1/stats/health', key, new URLSearchParams(rng)).catch((e) => ({ error: e.message }));
   try {
-    const [summary, series, propRows, funnelAnswer, ...rows] = await Promise.all([
+    const [summary, series, propRows, funnelAnswer, healthAnswer, ...rows] = await Promise.all([
       json('/v1/stats/summary', key, params),
       json('/v1/stats/timeseries', key, params),
       props,
       funnel,
+      health,
       ...lists,
     ]);
     if (id !== state.loadId) return;
@@ -235,6 +237,7 @@ async function load() {
     for (const [list, r] of rows) renderList(list, r);
     renderProps(propRows);
     renderFunnel(funnelAnswer);
+    renderHealth(healthAnswer);
     dash.dataset.from = rng.from;
     dash.dataset.to = rng.to;
     dash.dataset.query = params.toString();
@@ -368,6 +371,46 @@ function renderFunnel(answer) {
       li.append(bar, k, n);
       return li;
     }),
+  );
+}
+
+const HEALTH = ['accepted', 'duplicates', 'rejected', 'sdk_dropped', 'rate_limited'];
+
+/** Ingest health: totals, rejections by reason, the hours (newest first, at most 48). */
+function renderHealth(h) {
+  const cell = (name) => document.querySelector(`[data-health="${name}"]`);
+  if (!h || h.error) {
+    for (const name of [...HEALTH, 'queue_depth', 'last_commit']) cell(name).textContent = '–';
+    document.querySelector('[data-list="rejected"]').replaceChildren();
+    document.querySelector('[data-list="health"]').replaceChildren();
+    return;
+  }
+  for (const name of HEALTH) cell(name).textContent = String(h.totals[name]);
+  cell('queue_depth').textContent = String(h.queue_depth);
+  cell('last_commit').textContent = h.last_commit ? h.last_commit.replace('T', ' ').slice(0, 19) + ' UTC' : 'none yet';
+  const reasons = Object.entries(h.totals.rejected_by_reason)
+    .map(([key, n]) => ({ key, events: n }))
+    .sort((a, b) => b.events - a.events);
+  fillList(document.querySelector('[data-list="rejected"]'), reasons, 'events', null);
+  document.querySelector('[data-list="health"]').replaceChildren(
+    ...h.hours
+      .slice(-48)
+      .reverse()
+      .map((hour) => {
+        const tr = document.createElement('tr');
+        tr.dataset.key = hour.t;
+        tr.dataset.value = String(hour.accepted);
+        const th = document.createElement('th');
+        th.scope = 'row';
+        th.textContent = hour.t.slice(0, 13).replace('T', ' ') + ':00';
+        tr.append(th);
+        for (const name of HEALTH) {
+          const td = document.createElement('td');
+          td.textContent = String(hour[name]);
+          tr.append(td);
+        }
+        return tr;
+      }),
   );
 }
 

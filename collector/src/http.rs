@@ -35,6 +35,7 @@ use crate::config::ServeConfig;
 use crate::decode::{self, BodyMemory, DecodeError, Encoding, Held};
 use crate::enrich::{self, EnrichError, Enricher};
 use crate::error::{ApiError, UNAVAILABLE_RETRY_AFTER_SECS};
+use crate::health::{Counter, IngestHealth};
 use crate::limits::{MAX_BATCH_STATUS_BODY_BYTES, MAX_BODY_BYTES};
 use crate::metrics;
 use crate::ratelimit::RateLimiter;
@@ -57,6 +58,8 @@ pub struct AppState {
     /// Bytes all request bodies may hold at once, compressed and inflated (bounds memory).
     body_memory: BodyMemory,
     metrics: PrometheusHandle,
+    /// Ingest health counts waiting for their flush ([`crate::health`]).
+    health: Arc<IngestHealth>,
 }
 
 /// Why the state could not be built (the server does not start).
@@ -81,7 +84,10 @@ impl AppState {
         let projects =
             ProjectDirectory::start(store.clone(), config.projects_refresh_interval).await?;
         let (committer, task) = GroupCommitter::start(store.clone(), config.commit.clone());
+        let health = Arc::new(IngestHealth::default());
+        IngestHealth::start_flushing(health.clone(), store.clone());
         let state = AppState {
+            health,
             projects,
             limiter: Arc::new(RateLimiter::new(config.rate_limit.clone())),
             inflight: Arc::new(tokio::sync::Semaphore::new(config.max_inflight_batches)),
@@ -121,6 +127,7 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/v1/stats/breakdown", get(get_breakdown).options(preflight))
         .route("/v1/stats/funnel", get(get_funnel).options(preflight))
+        .route("/v1/stats/health", get(get_health).options(preflight))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(render_metrics))
@@ -238,7 +245,14 @@ async fn receive_batch(state: &AppState, request: Request) -> Result<BatchRespon
     let project = writing_project(state, &parts.uri, headers).await?;
     // Refuse at once, before the body, when the project or the client has no tokens left.
     let client_ip = request_client_ip(state, &parts);
-    state.limiter.check_open(&project, client_ip)?;
+    state
+        .limiter
+        .check_open(&project, client_ip)
+        .inspect_err(|_| {
+            state
+                .health
+                .add(project.id, received_at, Counter::RateLimited, 1)
+        })?;
 
     // Read the body first (at most 1 MiB, within the body deadline), holding no shared
     // permit: a client trickling its body slowly holds only its own connection, never a
@@ -295,6 +309,12 @@ async fn receive_batch(state: &AppState, request: Request) -> Result<BatchRespon
     let duplicates = (inserted.len() as u64 - accepted) + repeats;
     metrics::events_accepted(accepted);
     metrics::events_duplicate(duplicates);
+    state
+        .health
+        .add(project.id, received_at, Counter::Accepted, accepted);
+    state
+        .health
+        .add(project.id, received_at, Counter::Duplicates, duplicates);
     Ok(BatchResponse {
         accepted,
         duplicates,
@@ -331,17 +351,31 @@ fn decode_batch(
     metrics::batch_received(envelope.events.len());
     if envelope.dropped > 0 {
         metrics::sdk_dropped(envelope.dropped);
+        state.health.add(
+            project.id,
+            received_at,
+            Counter::SdkDropped,
+            envelope.dropped,
+        );
     }
 
     // Back-pressure: the batch costs its full event count (project and client address).
     state
         .limiter
-        .charge(project, client_ip, envelope.events.len())?;
+        .charge(project, client_ip, envelope.events.len())
+        .inspect_err(|_| {
+            state
+                .health
+                .add(project.id, received_at, Counter::RateLimited, 1)
+        })?;
 
     // Validate each event on its own; repeats of an id within the batch are stored once.
     let validated = validate::validate_batch(&envelope.events);
     for (_, code) in &validated.rejected {
         metrics::event_rejected(code);
+        state
+            .health
+            .add(project.id, received_at, Counter::Rejected(code), 1);
     }
     let mut seen = HashSet::with_capacity(validated.valid.len());
     let (unique, repeats): (Vec<_>, Vec<_>) =
@@ -630,6 +664,27 @@ async fn get_funnel(
         let steps = crate::funnel::parse_steps(auth::query_param(&uri, "steps").as_deref())?;
         let rows = within_deadline(state.store.analytics_funnel(&q, &steps)).await?;
         Ok(crate::funnel::assemble(&q, &steps, &rows))
+    }
+    .await;
+    cors_answer(header_str(&headers, &header::ORIGIN), result)
+}
+
+/// `GET /v1/stats/health` with the read key: the project's ingest counts per hour, and this
+/// collector's commit queue.
+async fn get_health(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    uri: axum::http::Uri,
+) -> Response {
+    let result = async {
+        let q = analytics_query(&state, &headers, &uri)?;
+        let rows = within_deadline(state.store.analytics_health(&q)).await?;
+        Ok(crate::health::Health::assemble(
+            &q,
+            &rows,
+            state.committer.queued_rows(),
+            state.committer.feed().last_commit(),
+        ))
     }
     .await;
     cors_answer(header_str(&headers, &header::ORIGIN), result)

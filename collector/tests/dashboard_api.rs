@@ -287,3 +287,94 @@ on_both_backends!(funnels_match_hand_counts, |backend| async move {
     let a = app.get("/v1/stats/funnel?steps=page:/a,page:/b").await;
     assert_eq!(a.status, StatusCode::UNAUTHORIZED);
 });
+
+/// Polls `GET /v1/stats/health` (counts are flushed about once a second) until `done`.
+async fn health_until(app: &TestApp, done: impl Fn(&Value) -> bool) -> Value {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let a = get(app, "/v1/stats/health", "").await;
+        if done(&a.json) {
+            return a.json;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "health never got there: {}",
+            a.text
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+on_both_backends!(ingest_health_counts_each_outcome, |backend| async move {
+    // 1 event/s, a bucket of 2: the first (full-bucket) batch of 33 passes and leaves 31 s of
+    // debt, so the next two batches are refused with 429.
+    let app = app_with(
+        backend,
+        tracklet_collector::config::ServeConfig::default(),
+        Some(1),
+    )
+    .await;
+    let sent_at = Utc::now().timestamp_millis() as u64;
+    let mut events: Vec<Value> = (0..30).map(event).collect();
+    events.push(event(0)); // a repeat within the batch: a duplicate
+    let mut bad_id = event(100);
+    bad_id["id"] = json!("not-a-uuid");
+    let mut no_name = event(101);
+    no_name["name"] = json!("");
+    events.extend([bad_id, no_name]);
+    let body =
+        serde_json::to_vec(&json!({"sent_at": sent_at, "dropped": 7, "events": events})).unwrap();
+    let a = app.post(body).await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.text);
+    assert_eq!(
+        (&a.json["accepted"], &a.json["duplicates"]),
+        (&json!(30), &json!(1))
+    );
+    for n in 0..2 {
+        let a = app.post(batch(sent_at, vec![event(200 + n)])).await;
+        assert_eq!(a.status, StatusCode::TOO_MANY_REQUESTS, "{}", a.text);
+    }
+
+    let h = health_until(&app, |h| h["totals"]["rate_limited"] == 2).await;
+    assert_eq!(
+        h["totals"],
+        json!({
+            "accepted": 30,
+            "duplicates": 1,
+            "rejected": 2,
+            "rejected_by_reason": {"empty_field": 1, "invalid_id": 1},
+            "sdk_dropped": 7,
+            "rate_limited": 2
+        })
+    );
+    // Per hour (one, or two when the test crossed an hour), adding up to the totals.
+    let hours = h["hours"].as_array().unwrap();
+    assert!((1..=2).contains(&hours.len()), "{h}");
+    let accepted: i64 = hours.iter().map(|x| x["accepted"].as_i64().unwrap()).sum();
+    assert_eq!(accepted, 30);
+    assert!(hours[0]["t"].as_str().unwrap().ends_with(":00:00Z"), "{h}");
+    assert_eq!(h["queue_depth"], 0);
+    let last = chrono::DateTime::parse_from_rfc3339(h["last_commit"].as_str().unwrap()).unwrap();
+    assert!((Utc::now() - last.with_timezone(&Utc)).num_seconds() < 60);
+
+    // Counts add up across flushes (upserted, not replaced).
+    let a = app
+        .send(
+            Request::post(app.batch_uri())
+                .header("content-type", "text/plain")
+                .body(Body::from(batch(sent_at, vec![event(300)])))
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(a.status, StatusCode::TOO_MANY_REQUESTS, "{}", a.text);
+    health_until(&app, |h| h["totals"]["rate_limited"] == 3).await;
+
+    // A range before any batch: nothing; the write key does not read it.
+    let a = get(&app, "/v1/stats/health", "from=2020-01-01&to=2020-02-01").await;
+    assert_eq!(a.json["hours"], json!([]));
+    assert_eq!(a.json["totals"]["accepted"], 0);
+    let a = app
+        .get(&format!("/v1/stats/health?key={}", app.project.write_key))
+        .await;
+    assert_eq!(a.status, StatusCode::UNAUTHORIZED);
+});

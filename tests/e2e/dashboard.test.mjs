@@ -331,3 +331,44 @@ test('the dashboard serves its script and stylesheet with their types and the CS
     assert.match(r.headers.get('content-security-policy'), /default-src 'self'/);
   }
 });
+
+test('ingest health: the figures, rejections and hours equal the health API', async () => {
+  // The blog gets a batch with one event the collector rejects and three the SDK dropped.
+  const r = await fetch(`${origin}/v1/batch?key=${projects[1].write_key}`, {
+    method: 'POST',
+    headers: { 'Content-Type': 'text/plain', Origin: BLOG, 'User-Agent': CHROME_WINDOWS },
+    body: JSON.stringify({
+      sent_at: Date.now(),
+      dropped: 3,
+      events: [event('page_view', 'visitor-y', 'session-y', 1, { path: '/blog/2' }), { ...event('x', 'v', 's', 1, {}), id: 'nope' }],
+    }),
+  });
+  assert.equal(r.status, 200, await r.text());
+  const rk = projects[1].read_key;
+  // Counts reach the table about once a second.
+  let h;
+  for (const deadline = Date.now() + 10000; ; ) {
+    h = await api('/v1/stats/health', rk, '');
+    if (h.totals.sdk_dropped === 3) break;
+    assert.ok(Date.now() < deadline, JSON.stringify(h));
+    await new Promise((res) => setTimeout(res, 100));
+  }
+  assert.deepEqual([h.totals.accepted, h.totals.rejected, h.totals.rejected_by_reason], [2, 1, { invalid_id: 1 }]);
+  const { page, problems } = await openDashboard();
+  await signIn(page, rk);
+  const query = await ready(page);
+  const p = new URLSearchParams(query);
+  h = await api('/v1/stats/health', rk, new URLSearchParams({ from: p.get('from'), to: p.get('to') }));
+  for (const name of ['accepted', 'duplicates', 'rejected', 'sdk_dropped', 'rate_limited']) {
+    assert.equal(await page.textContent(`[data-health="${name}"]`), String(h.totals[name]), name);
+  }
+  assert.equal(await page.textContent('[data-health="queue_depth"]'), '0');
+  assert.match(await page.textContent('[data-health="last_commit"]'), /^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC$/);
+  const rejected = await page.$$eval('[data-list="rejected"] li[data-key]', (l) => l.map((li) => [li.dataset.key, li.dataset.value]));
+  assert.deepEqual(rejected, [['invalid_id', '1']]);
+  const hours = await page.$$eval('[data-list="health"] tr[data-key]', (l) => l.map((tr) => [tr.dataset.key, Number(tr.dataset.value)]));
+  assert.deepEqual(hours, h.hours.slice(-48).reverse().map((x) => [x.t, x.accepted]));
+  await page.screenshot({ path: join(root, 'target/dashboard-health.png'), fullPage: true });
+  assert.deepEqual(problems, []);
+  await page.close();
+});

@@ -1,0 +1,183 @@
+//! What was just committed: the committer's last commit time (for `GET /v1/stats/health`) and
+//! a bounded broadcast of the newly stored events (for `GET /v1/stats/live`, Server-Sent
+//! Events; see `docs/stats-api.md`).
+//!
+//! The group committer calls [`CommitFeed::committed`] after each successful commit. Sending
+//! on a tokio broadcast channel never waits: a listener that falls more than
+//! [`LIVE_CAPACITY`] events behind loses the oldest ones (and is told so), so a slow
+//! dashboard can never hold ingest back. With no listener, nothing is built at all.
+
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use tokio::sync::broadcast;
+use uuid::Uuid;
+
+use crate::analytics::{Builder, Dialect, Query, Statement, Value};
+use crate::store::EventRow;
+
+/// Events the live channel holds for its slowest listener.
+pub const LIVE_CAPACITY: usize = 1024;
+
+/// One committed event as the live view shows it.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct LiveEvent {
+    #[serde(skip)]
+    pub project_id: Uuid,
+    pub id: Uuid,
+    pub name: String,
+    /// Skew-corrected time.
+    pub time: DateTime<Utc>,
+    pub anonymous_id: String,
+    pub session_id: String,
+    pub path: Option<String>,
+    pub browser: Option<String>,
+    pub os: Option<String>,
+    pub device: Option<String>,
+    pub country: Option<String>,
+}
+
+/// `context.path`, read without building the rest of the context.
+#[derive(serde::Deserialize)]
+struct ContextPath<'a> {
+    #[serde(borrow)]
+    path: Option<std::borrow::Cow<'a, str>>,
+}
+
+impl LiveEvent {
+    pub fn from_row(row: &EventRow) -> LiveEvent {
+        let path = row.context.as_ref().and_then(|c| {
+            serde_json::from_str::<ContextPath>(c.get())
+                .ok()?
+                .path
+                .map(|p| p.into_owned())
+        });
+        let e = &row.enrichment;
+        LiveEvent {
+            project_id: row.project_id,
+            id: row.id,
+            name: row.name.clone(),
+            time: row.time,
+            anonymous_id: row.anonymous_id.clone(),
+            session_id: row.session_id.clone(),
+            path,
+            browser: e.browser.clone(),
+            os: e.os.clone(),
+            device: e.device_type.clone(),
+            country: e.country.clone(),
+        }
+    }
+}
+
+/// Shared by the group committer (writes) and the handlers (read, subscribe).
+#[derive(Debug)]
+pub struct CommitFeed {
+    /// ms since the epoch of the last successful commit; 0 before the first.
+    last_commit_ms: AtomicI64,
+    sender: broadcast::Sender<Arc<LiveEvent>>,
+}
+
+impl Default for CommitFeed {
+    fn default() -> Self {
+        CommitFeed {
+            last_commit_ms: AtomicI64::new(0),
+            sender: broadcast::channel(LIVE_CAPACITY).0,
+        }
+    }
+}
+
+impl CommitFeed {
+    /// Called after `rows` were committed; `inserted[i]` tells whether `rows[i]` was new.
+    /// Bots are not sent (the stats leave them out too).
+    pub fn committed(&self, rows: &[EventRow], inserted: &[bool]) {
+        self.last_commit_ms
+            .store(Utc::now().timestamp_millis(), Ordering::Relaxed);
+        if self.sender.receiver_count() == 0 {
+            return;
+        }
+        for (row, new) in rows.iter().zip(inserted) {
+            if *new && !row.enrichment.is_bot {
+                // Err only means nobody listens any more.
+                let _ = self.sender.send(Arc::new(LiveEvent::from_row(row)));
+            }
+        }
+    }
+
+    /// When this process last committed, if it has.
+    pub fn last_commit(&self) -> Option<DateTime<Utc>> {
+        match self.last_commit_ms.load(Ordering::Relaxed) {
+            0 => None,
+            ms => DateTime::from_timestamp_millis(ms),
+        }
+    }
+
+    /// Every event committed from now on (all projects; the listener picks its own).
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<LiveEvent>> {
+        self.sender.subscribe()
+    }
+}
+
+/// A recent event as [`recent_sql`] returns it: id, name, time (ms since the epoch), anonymous
+/// id, session id, path, browser, OS, device, country.
+pub type RecentRow = (
+    String,
+    String,
+    i64,
+    String,
+    String,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+);
+
+/// The project's newest events of the query's range (bots left out), newest first, at most
+/// `limit`; times and ids in one spelling on both backends.
+pub fn recent_sql(dialect: Dialect, q: &Query, limit: u32) -> Statement {
+    let mut b = Builder::new(dialect);
+    let base = b.base(q);
+    let path = b.context_field("path");
+    let (id, ms) = match dialect {
+        Dialect::Postgres => ("id::text", "(extract(epoch FROM time) * 1000)::int8"),
+        Dialect::Sqlite => ("id", "time"),
+    };
+    let limit = b.bind(Value::Int(i64::from(limit)));
+    let sql = format!(
+        "SELECT {id}, name, {ms}, anonymous_id, session_id, {path}, browser, os, device_type, \
+             country \
+         FROM events WHERE {base} ORDER BY time DESC, id DESC LIMIT {limit}"
+    );
+    b.finish(sql)
+}
+
+/// Distinct visitors of the query's range (bots left out), as one row.
+pub fn visitors_sql(dialect: Dialect, q: &Query) -> Statement {
+    let mut b = Builder::new(dialect);
+    let base = b.base(q);
+    b.finish(format!(
+        "SELECT count(DISTINCT anonymous_id) FROM events WHERE {base}"
+    ))
+}
+
+impl LiveEvent {
+    /// A [`RecentRow`] of `project_id` (None when its id or time cannot be read).
+    pub fn from_recent(project_id: Uuid, row: RecentRow) -> Option<LiveEvent> {
+        let (id, name, time, anonymous_id, session_id, path, browser, os, device, country) = row;
+        Some(LiveEvent {
+            project_id,
+            id: id.parse().ok()?,
+            name,
+            time: DateTime::from_timestamp_millis(time)?,
+            anonymous_id,
+            session_id,
+            path,
+            browser,
+            os,
+            device,
+            country,
+        })
+    }
+}
