@@ -101,7 +101,94 @@ function showSignedIn() {
       return o;
     }),
   );
-  if (signedIn) load();
+  if (signedIn) {
+    load();
+    startLive();
+  } else stopLive();
+}
+
+// ---- live view (Server-Sent Events) -----------------------------------------------------
+
+// EventSource cannot send an Authorization header: the read key goes in `?key=`, same-origin.
+const LIVE_ROWS = 50;
+const live = { source: null, key: null, ids: new Set() };
+
+function setLiveState(text) {
+  const el = $('#live-state');
+  el.dataset.liveState = text;
+  el.textContent = { connecting: 'connecting…', open: '● live', reconnecting: 'reconnecting…', closed: 'stopped' }[text] || '';
+}
+function parseData(m) {
+  try {
+    return JSON.parse(m.data);
+  } catch {
+    return null;
+  }
+}
+function stopLive() {
+  live.source?.close();
+  live.source = null;
+  live.key = null;
+  setLiveState('idle');
+}
+function startLive() {
+  const key = currentKey();
+  if (!key || (live.source && live.key === key)) return;
+  stopLive();
+  live.key = key;
+  const es = new EventSource(`/v1/stats/live?key=${encodeURIComponent(key)}`);
+  live.source = es;
+  setLiveState('connecting');
+  es.addEventListener('open', () => setLiveState('open'));
+  es.addEventListener('error', () => setLiveState(es.readyState === EventSource.CLOSED ? 'closed' : 'reconnecting'));
+  es.addEventListener('snapshot', (m) => {
+    const s = parseData(m);
+    if (!s) return;
+    $('[data-live="visitors"]').textContent = String(s.visitors);
+    live.ids = new Set();
+    const ol = document.querySelector('[data-list="live"]');
+    ol.replaceChildren();
+    // Newest first in the snapshot: add the oldest first so each goes on top.
+    for (const e of s.events.slice().reverse()) addLive(e);
+    if (!s.events.length) {
+      const li = document.createElement('li');
+      li.className = 'empty';
+      li.textContent = 'No events in the last 30 minutes';
+      ol.append(li);
+    }
+  });
+  es.addEventListener('event', (m) => {
+    const e = parseData(m);
+    if (e) addLive(e);
+  });
+  es.addEventListener('visitors', (m) => {
+    const v = parseData(m);
+    if (v) $('[data-live="visitors"]').textContent = String(v.visitors);
+  });
+  es.addEventListener('lagged', () => setLiveState('open'));
+}
+
+/** Puts one event on top of the live list (once per id), keeping the newest LIVE_ROWS. */
+function addLive(e) {
+  if (live.ids.has(e.id)) return;
+  live.ids.add(e.id);
+  const ol = document.querySelector('[data-list="live"]');
+  ol.querySelector('li.empty')?.remove();
+  const li = document.createElement('li');
+  li.dataset.key = e.id;
+  li.dataset.value = e.name;
+  const time = document.createElement('time');
+  time.dateTime = e.time;
+  time.textContent = new Date(e.time).toLocaleTimeString();
+  const name = document.createElement('span');
+  name.className = 'key';
+  name.textContent = e.path ? `${e.name} · ${e.path}` : e.name;
+  const who = document.createElement('span');
+  who.className = 'value';
+  who.textContent = [e.browser, e.country].filter(Boolean).join(' · ');
+  li.append(time, name, who);
+  ol.prepend(li);
+  while (ol.children.length > LIVE_ROWS) ol.lastElementChild.remove();
 }
 
 // ---- range and filters ------------------------------------------------------------------
@@ -483,6 +570,7 @@ function init() {
     state.propEvent = null;
     $('#prop-form').hidden = true;
     load();
+    startLive();
   });
   $('#add-key').addEventListener('click', () => {
     $('#signin').hidden = false;

@@ -355,6 +355,13 @@ pub async fn serve(db: &DbConfig, config: ServeConfig) -> anyhow::Result<()> {
     tracing::info!(address = %listener.local_addr()?, backend = store.backend(), "listening");
     let upkeep = tokio::spawn(metrics::keep_histograms(shutdown.clone()));
 
+    // Live views (Server-Sent Events) never end by themselves: end them when shutdown starts.
+    let live = state.clone();
+    let live_shutdown = shutdown.clone();
+    tokio::spawn(async move {
+        live_shutdown.wait().await;
+        http::close_live_streams(&live);
+    });
     let server = transport::serve(listener, http::router(state), limits, shutdown.clone());
     // In-flight requests get `shutdown_timeout` to finish once shutdown starts; then the
     // remaining connections are dropped with the server future.

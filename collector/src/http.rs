@@ -128,6 +128,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/stats/breakdown", get(get_breakdown).options(preflight))
         .route("/v1/stats/funnel", get(get_funnel).options(preflight))
         .route("/v1/stats/health", get(get_health).options(preflight))
+        .route("/v1/stats/live", get(get_live).options(preflight))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(render_metrics))
@@ -688,6 +689,56 @@ async fn get_health(
     }
     .await;
     cors_answer(header_str(&headers, &header::ORIGIN), result)
+}
+
+/// `GET /v1/stats/live` with the read key (`?key=`, as `EventSource` cannot send headers, or
+/// `Authorization: Bearer`): Server-Sent Events, see [`crate::live::sse_events`]. Refusals
+/// and a failed first read are ordinary JSON errors, before the stream starts.
+async fn get_live(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    uri: axum::http::Uri,
+) -> Response {
+    let origin = header_str(&headers, &header::ORIGIN);
+    let result = async {
+        let key = auth::request_key(&uri, &headers).ok_or(AuthError::MissingKey)?;
+        let project = state.projects.by_read_key(&key)?;
+        auth::check_origin(&project, origin)?;
+        let source = state
+            .committer
+            .feed()
+            .source(project.id, state.store.clone());
+        let q = crate::live::live_query(project.id, Utc::now());
+        let (visitors, recent) =
+            within_deadline(state.store.analytics_live(&q, crate::live::RECENT_EVENTS)).await?;
+        let snapshot = crate::live::Snapshot {
+            visitors,
+            window_minutes: crate::live::LIVE_WINDOW.num_minutes(),
+            events: recent
+                .into_iter()
+                .filter_map(|row| crate::live::LiveEvent::from_recent(project.id, row))
+                .collect(),
+        };
+        Ok::<_, ApiError>(crate::live::sse_events(snapshot, source))
+    }
+    .await;
+    match result {
+        Ok(events) => {
+            let mut response = axum::response::sse::Sse::new(events)
+                .keep_alive(axum::response::sse::KeepAlive::default())
+                .into_response();
+            if let Some(origin) = origin {
+                add_cors_headers(response.headers_mut(), origin);
+            }
+            response
+        }
+        Err(e) => cors_answer::<()>(origin, Err(e)),
+    }
+}
+
+/// Ends every live stream (`GET /v1/stats/live`), so connections can close at shutdown.
+pub fn close_live_streams(state: &AppState) {
+    state.committer.feed().close();
 }
 
 async fn healthz() -> Json<serde_json::Value> {

@@ -9,14 +9,16 @@
 
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
+use axum::response::sse::Event as SseEvent;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, watch};
 use uuid::Uuid;
 
 use crate::analytics::{Builder, Dialect, Query, Statement, Value};
-use crate::store::EventRow;
+use crate::store::{EventRow, EventStore};
 
 /// Events the live channel holds for its slowest listener.
 pub const LIVE_CAPACITY: usize = 1024;
@@ -77,6 +79,8 @@ pub struct CommitFeed {
     /// ms since the epoch of the last successful commit; 0 before the first.
     last_commit_ms: AtomicI64,
     sender: broadcast::Sender<Arc<LiveEvent>>,
+    /// Set at shutdown: every live stream ends, so connections can close.
+    closed: watch::Sender<bool>,
 }
 
 impl Default for CommitFeed {
@@ -84,6 +88,7 @@ impl Default for CommitFeed {
         CommitFeed {
             last_commit_ms: AtomicI64::new(0),
             sender: broadcast::channel(LIVE_CAPACITY).0,
+            closed: watch::Sender::new(false),
         }
     }
 }
@@ -116,6 +121,11 @@ impl CommitFeed {
     /// Every event committed from now on (all projects; the listener picks its own).
     pub fn subscribe(&self) -> broadcast::Receiver<Arc<LiveEvent>> {
         self.sender.subscribe()
+    }
+
+    /// Ends every live stream (at shutdown: a stream never ends by itself).
+    pub fn close(&self) {
+        self.closed.send_replace(true);
     }
 }
 
@@ -179,5 +189,141 @@ impl LiveEvent {
             device,
             country,
         })
+    }
+}
+
+/// How far back the live view starts, and what "visitors now" counts.
+pub const LIVE_WINDOW: chrono::Duration = chrono::Duration::minutes(30);
+/// Events sent in the first message.
+pub const RECENT_EVENTS: u32 = 50;
+/// How often "visitors now" may be counted again (when events came) ...
+const RECOUNT_EVERY: Duration = Duration::from_secs(5);
+/// ... and at least this often (visitors leave the window).
+const RECOUNT_AT_LEAST: Duration = Duration::from_secs(60);
+
+/// The live view's range: the last [`LIVE_WINDOW`] up to a moment from now.
+pub fn live_query(project_id: Uuid, now: DateTime<Utc>) -> Query {
+    Query {
+        project_id,
+        from: now - LIVE_WINDOW,
+        to: now + chrono::Duration::seconds(1),
+        filters: crate::analytics::Filters::default(),
+    }
+}
+
+/// The first message: visitors of the last 30 minutes and the newest events, newest first.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Snapshot {
+    pub visitors: i64,
+    pub window_minutes: i64,
+    pub events: Vec<LiveEvent>,
+}
+
+/// What a live stream needs besides its snapshot.
+pub struct LiveSource {
+    pub project_id: Uuid,
+    pub events: broadcast::Receiver<Arc<LiveEvent>>,
+    pub closed: watch::Receiver<bool>,
+    pub store: Arc<dyn EventStore>,
+}
+
+impl CommitFeed {
+    /// A source for one live stream of `project_id` (subscribe before reading the snapshot,
+    /// so no event committed meanwhile is missed; one may come twice: the page dedupes by id).
+    pub fn source(&self, project_id: Uuid, store: Arc<dyn EventStore>) -> LiveSource {
+        LiveSource {
+            project_id,
+            events: self.subscribe(),
+            closed: self.closed.subscribe(),
+            store,
+        }
+    }
+}
+
+struct StreamState {
+    source: LiveSource,
+    first: Option<Snapshot>,
+    visitors: i64,
+    recount: tokio::time::Interval,
+    dirty: bool,
+    counted_at: tokio::time::Instant,
+}
+
+/// The Server-Sent Events of one live view: `snapshot` first, then one `event` per committed
+/// event of the project, `visitors` when the count of the last 30 minutes changes, `lagged`
+/// (with the number missed) when this listener fell behind. Ends at shutdown.
+pub fn sse_events(
+    snapshot: Snapshot,
+    source: LiveSource,
+) -> impl futures_util::Stream<Item = Result<SseEvent, std::convert::Infallible>> + Send {
+    let mut recount = tokio::time::interval(RECOUNT_EVERY);
+    recount.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let state = StreamState {
+        source,
+        visitors: snapshot.visitors,
+        first: Some(snapshot),
+        recount,
+        dirty: false,
+        counted_at: tokio::time::Instant::now(),
+    };
+    futures_util::stream::unfold(state, |mut s| async move {
+        if let Some(first) = s.first.take() {
+            return Some((Ok(json_event("snapshot", &first)), s));
+        }
+        loop {
+            let closed = *s.source.closed.borrow_and_update();
+            if closed {
+                return None;
+            }
+            tokio::select! {
+                received = s.source.events.recv() => match received {
+                    Ok(event) if event.project_id == s.source.project_id => {
+                        s.dirty = true;
+                        return Some((Ok(json_event("event", event.as_ref())), s));
+                    }
+                    Ok(_) => {}
+                    Err(broadcast::error::RecvError::Lagged(missed)) => {
+                        s.dirty = true;
+                        let missed = serde_json::json!({ "missed": missed });
+                        return Some((Ok(json_event("lagged", &missed)), s));
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return None,
+                },
+                _ = s.recount.tick() => {
+                    if !s.dirty && s.counted_at.elapsed() < RECOUNT_AT_LEAST {
+                        continue;
+                    }
+                    s.dirty = false;
+                    s.counted_at = tokio::time::Instant::now();
+                    let q = live_query(s.source.project_id, Utc::now());
+                    let counted = tokio::time::timeout(
+                        crate::analytics::QUERY_TIMEOUT,
+                        s.source.store.analytics_live(&q, 1),
+                    )
+                    .await;
+                    // A failed count keeps the last one (the page shows no database error).
+                    if let Ok(Ok((visitors, _))) = counted {
+                        if visitors != s.visitors {
+                            s.visitors = visitors;
+                            let v = serde_json::json!({ "visitors": visitors });
+                            return Some((Ok(json_event("visitors", &v)), s));
+                        }
+                    }
+                }
+                changed = s.source.closed.changed() => {
+                    if changed.is_err() {
+                        return None;
+                    }
+                }
+            }
+        }
+    })
+}
+
+fn json_event(name: &str, data: &impl Serialize) -> SseEvent {
+    let event = SseEvent::default().event(name);
+    match event.clone().json_data(data) {
+        Ok(e) => e,
+        Err(_) => event.data("{}"),
     }
 }

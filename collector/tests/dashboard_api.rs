@@ -378,3 +378,162 @@ on_both_backends!(ingest_health_counts_each_outcome, |backend| async move {
         .await;
     assert_eq!(a.status, StatusCode::UNAUTHORIZED);
 });
+
+/// Reads a Server-Sent Events body: the next `(event, data)` that is not a keep-alive.
+struct SseReader {
+    body: axum::body::Body,
+    buffer: String,
+}
+
+impl SseReader {
+    async fn next(&mut self) -> (String, Value) {
+        use http_body_util::BodyExt;
+        loop {
+            if let Some(end) = self.buffer.find("\n\n") {
+                let block: String = self.buffer.drain(..end + 2).collect();
+                let (mut name, mut data) = (String::new(), String::new());
+                for line in block.lines() {
+                    if let Some(v) = line.strip_prefix("event: ") {
+                        name = v.to_owned();
+                    } else if let Some(v) = line.strip_prefix("data: ") {
+                        data.push_str(v);
+                    }
+                }
+                if !name.is_empty() {
+                    return (name, serde_json::from_str(&data).unwrap());
+                }
+                continue;
+            }
+            let frame = tokio::time::timeout(std::time::Duration::from_secs(10), self.body.frame())
+                .await
+                .expect("an event within 10 s")
+                .expect("the stream goes on")
+                .unwrap();
+            if let Ok(bytes) = frame.into_data() {
+                self.buffer.push_str(std::str::from_utf8(&bytes).unwrap());
+            }
+        }
+    }
+}
+
+on_both_backends!(
+    live_sends_the_last_30_minutes_then_each_commit,
+    |backend| async move {
+        use tower::ServiceExt;
+        let app = app(backend).await;
+        let s = Utc::now().timestamp_millis() as u64;
+        let visit =
+            |n, secs, anon: &str, name: &str| ev(n, s, secs, (anon, "s-live"), name, ("/live", ""));
+        // Two visitors in the last 30 minutes, one an hour ago; a bot now.
+        post_as(
+            &app,
+            None,
+            s,
+            vec![
+                visit(1, 3600, "old", "page_view"),
+                visit(2, 600, "A", "page_view"),
+                visit(3, 60, "B", "page_view"),
+                visit(4, 30, "B", "Clicked"),
+            ],
+        )
+        .await;
+        post_as(
+            &app,
+            Some(GOOGLEBOT),
+            s,
+            vec![visit(5, 10, "bot", "page_view")],
+        )
+        .await;
+
+        let response = app
+            .router
+            .clone()
+            .oneshot(
+                Request::get(format!("/v1/stats/live?key={}", app.project.read_key))
+                    .body(Body::empty())
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(response.headers()["content-type"], "text/event-stream");
+        let mut sse = SseReader {
+            body: response.into_body(),
+            buffer: String::new(),
+        };
+        let (name, snapshot) = sse.next().await;
+        assert_eq!(name, "snapshot");
+        assert_eq!(snapshot["visitors"], 2);
+        assert_eq!(snapshot["window_minutes"], 30);
+        let names: Vec<_> = snapshot["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| {
+                (
+                    e["name"].clone(),
+                    e["anonymous_id"].clone(),
+                    e["path"].clone(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            names,
+            vec![
+                (json!("Clicked"), json!("B"), json!("/live")),
+                (json!("page_view"), json!("B"), json!("/live")),
+                (json!("page_view"), json!("A"), json!("/live")),
+            ]
+        );
+
+        // Committed after the stream started: a bot's event is not sent, the next one is.
+        let s2 = Utc::now().timestamp_millis() as u64;
+        post_as(
+            &app,
+            Some(GOOGLEBOT),
+            s2,
+            vec![ev(6, s2, 1, ("bot", "s-bot"), "page_view", ("/x", ""))],
+        )
+        .await;
+        post_as(
+            &app,
+            None,
+            s2,
+            vec![ev(7, s2, 1, ("C", "s-c"), "Signup", ("/pricing", ""))],
+        )
+        .await;
+        let (name, event) = sse.next().await;
+        assert_eq!(name, "event");
+        assert_eq!(event["id"], "0190b6f0-0000-7000-8000-000000000007");
+        assert_eq!(
+            (&event["name"], &event["path"], &event["anonymous_id"]),
+            (&json!("Signup"), &json!("/pricing"), &json!("C"))
+        );
+        // A retry of the same event is a duplicate: not sent again. The next new one is.
+        let a = app
+            .post(batch(
+                s2,
+                vec![ev(7, s2, 1, ("C", "s-c"), "Signup", ("/pricing", ""))],
+            ))
+            .await;
+        assert_eq!(a.json["duplicates"], 1, "{}", a.text);
+        post_as(
+            &app,
+            None,
+            s2,
+            vec![ev(8, s2, 0, ("C", "s-c"), "page_view", ("/thanks", ""))],
+        )
+        .await;
+        let (name, event) = sse.next().await;
+        assert_eq!(
+            (name.as_str(), &event["path"]),
+            ("event", &json!("/thanks"))
+        );
+
+        // The write key, or none, is refused before any stream.
+        for key in [format!("key={}", app.project.write_key), String::new()] {
+            let a = app.get(&format!("/v1/stats/live?{key}")).await;
+            assert_eq!(a.status, StatusCode::UNAUTHORIZED, "{}", a.text);
+        }
+    }
+);

@@ -372,3 +372,36 @@ test('ingest health: the figures, rejections and hours equal the health API', as
   assert.deepEqual(problems, []);
   await page.close();
 });
+
+test('live view: the last 30 minutes on sign-in, then a newly posted event appears at the top', async () => {
+  const { page, problems } = await openDashboard();
+  await signIn(page, projects[0].read_key);
+  await ready(page);
+  await page.waitForSelector('#live-state[data-live-state="open"]');
+  // The snapshot: the shop's events of the last 30 minutes (visitors A to D, some at the
+  // window's edge), newest first.
+  await page.waitForFunction(() => document.querySelectorAll('[data-list="live"] li[data-key]').length > 0);
+  const first = await page.$$eval('[data-list="live"] li[data-key]', (l) =>
+    l.map((li) => [li.dataset.value, Date.parse(li.querySelector('time').dateTime)]),
+  );
+  assert.ok(first.length >= 6 && first.length <= 10, JSON.stringify(first));
+  assert.equal(first[0][0], 'page_view', 'the newest event (session 4, ten minutes ago) is on top');
+  const times = first.map((r) => r[1]);
+  assert.deepEqual(times, times.slice().sort((x, y) => y - x), 'newest first');
+  assert.match(await page.textContent('[data-live="visitors"]'), /^[1-4]$/);
+  // An event committed now is pushed to the open page.
+  const name = `Live ${randomUUID().slice(0, 8)}`;
+  await postBatch(projects[0].write_key, SAFARI_IPHONE, [event(name, 'visitor-live', 'session-live', 0, { path: '/live' })]);
+  await page.waitForSelector(`[data-list="live"] li[data-value="${name}"]`, { timeout: 10000 });
+  assert.equal(await page.$eval('[data-list="live"] li[data-key]', (li) => li.dataset.value), name);
+  assert.match(await page.$eval(`[data-list="live"] li[data-value="${name}"]`, (li) => li.textContent), /\/live/);
+  // Another project's event is not shown.
+  await postBatch(projects[1].write_key, CHROME_WINDOWS, [event('Blog only', 'visitor-z', 'session-z', 0, { path: '/b' })], BLOG);
+  const after = `After ${randomUUID().slice(0, 8)}`;
+  await postBatch(projects[0].write_key, SAFARI_IPHONE, [event(after, 'visitor-live', 'session-live', 0, { path: '/live' })]);
+  await page.waitForSelector(`[data-list="live"] li[data-value="${after}"]`, { timeout: 10000 });
+  assert.equal(await page.$$eval('[data-list="live"] li[data-value="Blog only"]', (l) => l.length), 0);
+  await page.screenshot({ path: join(root, 'target/dashboard-live.png') });
+  assert.deepEqual(problems, []);
+  await page.close();
+});
