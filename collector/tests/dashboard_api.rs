@@ -379,14 +379,29 @@ on_both_backends!(ingest_health_counts_each_outcome, |backend| async move {
     assert_eq!(a.status, StatusCode::UNAUTHORIZED);
 });
 
-/// Reads a Server-Sent Events body: the next `(event, data)` that is not a keep-alive.
+/// Reads a Server-Sent Events body.
 struct SseReader {
     body: axum::body::Body,
     buffer: String,
+    /// The last `visitors` count received.
+    visitors: Option<Value>,
 }
 
 impl SseReader {
+    /// The next message that is not a `visitors` recount (those are kept in `visitors`:
+    /// they come whenever the count changes).
     async fn next(&mut self) -> (String, Value) {
+        loop {
+            let (name, data) = self.next_any().await;
+            if name != "visitors" {
+                return (name, data);
+            }
+            self.visitors = Some(data["visitors"].clone());
+        }
+    }
+
+    /// The next `(event, data)` that is not a keep-alive.
+    async fn next_any(&mut self) -> (String, Value) {
         use http_body_util::BodyExt;
         loop {
             if let Some(end) = self.buffer.find("\n\n") {
@@ -460,6 +475,7 @@ on_both_backends!(
         let mut sse = SseReader {
             body: response.into_body(),
             buffer: String::new(),
+            visitors: None,
         };
         let (name, snapshot) = sse.next().await;
         assert_eq!(name, "snapshot");
@@ -529,6 +545,12 @@ on_both_backends!(
             (name.as_str(), &event["path"]),
             ("event", &json!("/thanks"))
         );
+        // Visitor C came: "visitors now" is counted again (A, B and C; the bot never).
+        while sse.visitors != Some(json!(3)) {
+            let (name, data) = sse.next_any().await;
+            assert_eq!(name, "visitors", "{data}");
+            sse.visitors = Some(data["visitors"].clone());
+        }
 
         // The write key, or none, is refused before any stream.
         for key in [format!("key={}", app.project.write_key), String::new()] {
