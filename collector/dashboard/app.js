@@ -1,9 +1,9 @@
-// Tracklet dashboard: plain ES module, no framework, nothing loaded from elsewhere.
+// Tracklet dashboard: plain ES module, no framework, nothing loaded from elsewhere. The chart
+// is uPlot (vendored: collector/dashboard/vendor/, loaded before this module as `uPlot`).
 // Reads the stats API (docs/stats-api.md) with a read key kept in sessionStorage.
 
 const KEYS = 'tracklet.dashboard.keys';
 const CURRENT = 'tracklet.dashboard.current';
-const SVG = 'http://www.w3.org/2000/svg';
 const DAY = 86400000;
 
 // data-list name -> [breakdown `by`, filter it adds when a row is clicked, value shown]
@@ -501,63 +501,66 @@ function renderHealth(h) {
   );
 }
 
-function svg(name, attrs = {}) {
-  const el = document.createElementNS(SVG, name);
-  for (const [k, v] of Object.entries(attrs)) el.setAttribute(k, String(v));
-  return el;
+/** A CSS custom property of the page (the colours follow light and dark mode). */
+function cssVar(name) {
+  return getComputedStyle(document.documentElement).getPropertyValue(name).trim();
 }
 
 /**
- * A line chart of visitors and page views (solid) and the previous period (dashed), as an
- * SVG element. `series` is the /v1/stats/timeseries answer.
+ * uPlot's options and data for a /v1/stats/timeseries answer: visitors and page views, and
+ * the previous period (dashed) drawn over the same x positions, bucket by bucket.
  */
-export function lineChart(series, { width = 960, height = 240 } = {}) {
-  const pad = { l: 40, r: 12, t: 12, b: 28 };
+export function chartSpec(series, { width, height }) {
   const cur = series.buckets;
   const prev = series.previous?.buckets || [];
-  const n = Math.max(cur.length, prev.length, 2);
-  const top = Math.max(1, ...cur.flatMap((b) => [b.visitors, b.pageviews]), ...prev.flatMap((b) => [b.visitors, b.pageviews]));
-  const x = (i) => pad.l + (i * (width - pad.l - pad.r)) / (n - 1);
-  const y = (v) => height - pad.b - (v * (height - pad.t - pad.b)) / top;
-  const root = svg('svg', { viewBox: `0 0 ${width} ${height}`, role: 'img', class: 'line-chart' });
-  const total = (k) => cur.reduce((a, b) => a + b[k], 0);
-  const title = svg('title');
-  title.textContent = `Visitors and page views per ${series.interval} from ${series.from.slice(0, 10)} to ${series.to.slice(0, 10)}: ${total('pageviews')} page views in all, at most ${Math.max(0, ...cur.map((b) => b.visitors))} visitors in one ${series.interval}`;
-  root.append(title);
-  for (const frac of [0, 0.5, 1]) {
-    const v = Math.round(top * frac);
-    root.append(svg('line', { x1: pad.l, x2: width - pad.r, y1: y(v), y2: y(v), class: 'grid' }));
-    const t = svg('text', { x: pad.l - 6, y: y(v) + 4, 'text-anchor': 'end', class: 'axis' });
-    t.textContent = String(v);
-    root.append(t);
-  }
-  const label = (b) => (series.interval === 'hour' ? b.t.slice(11, 16) : b.t.slice(5, 10));
-  if (cur.length) {
-    for (const [i, anchor] of [[0, 'start'], [cur.length - 1, 'end']]) {
-      const t = svg('text', { x: x(i), y: height - 8, 'text-anchor': anchor, class: 'axis' });
-      t.textContent = label(cur[i]);
-      root.append(t);
-    }
-  }
-  const path = (buckets, k, cls) => {
-    if (!buckets.length) return;
-    const d = buckets.map((b, i) => `${i ? 'L' : 'M'}${x(i).toFixed(1)},${y(b[k]).toFixed(1)}`).join(' ');
-    root.append(svg('path', { d, class: cls, fill: 'none' }));
+  const xs = cur.map((b) => Date.parse(b.t) / 1000);
+  const at = (buckets, k) => cur.map((_, i) => (i < buckets.length ? buckets[i][k] : null));
+  const [accent, accent2, muted, line] = ['--accent', '--accent-2', '--muted', '--line'].map(cssVar);
+  const hourly = series.interval === 'hour';
+  const axis = { stroke: muted, grid: { stroke: line, width: 1 }, ticks: { stroke: line, width: 1 } };
+  const opts = {
+    width,
+    height,
+    // Buckets are UTC hours or days: label them in UTC.
+    tzDate: (ts) => uPlot.tzDate(new Date(ts * 1000), 'Etc/UTC'),
+    cursor: { drag: { x: false, y: false } },
+    legend: { live: true },
+    scales: { x: { time: true }, y: { range: (u, min, max) => [0, Math.max(1, max)] } },
+    axes: [
+      { ...axis, values: hourly ? '{HH}:{mm}' : '{MM}-{DD}' },
+      { ...axis, size: 44, values: (u, ticks) => ticks.map((v) => (Number.isInteger(v) ? String(v) : '')) },
+    ],
+    series: [
+      { value: hourly ? '{YYYY}-{MM}-{DD} {HH}:{mm} UTC' : '{YYYY}-{MM}-{DD}' },
+      { label: 'Visitors', stroke: accent, width: 2 },
+      { label: 'Page views', stroke: accent2, width: 2 },
+      { label: 'Visitors (previous)', stroke: accent, width: 1.5, dash: [5, 4], alpha: 0.55 },
+      { label: 'Page views (previous)', stroke: accent2, width: 1.5, dash: [5, 4], alpha: 0.55 },
+    ],
   };
-  path(prev, 'pageviews', 'line pageviews previous');
-  path(prev, 'visitors', 'line visitors previous');
-  path(cur, 'pageviews', 'line pageviews');
-  path(cur, 'visitors', 'line visitors');
-  return root;
+  const data = [xs, at(cur, 'visitors'), at(cur, 'pageviews'), at(prev, 'visitors'), at(prev, 'pageviews')];
+  return { opts, data };
 }
 
-/** Drawn at the container's own width, so the labels keep their size on a phone. */
+/** Drawn at the container's own width (again on resize and on a colour scheme change). */
 function renderChart(series) {
   state.series = series;
   const box = $('#chart');
   const width = Math.max(280, Math.round(box.clientWidth || 960));
-  const height = Math.round(Math.min(260, Math.max(160, width * 0.28)));
-  box.replaceChildren(lineChart(series, { width, height }));
+  const height = Math.round(Math.min(260, Math.max(170, width * 0.28)));
+  const { opts, data } = chartSpec(series, { width, height });
+  state.chart?.destroy();
+  box.replaceChildren();
+  state.chart = new uPlot(opts, data, box);
+  const cur = series.buckets;
+  const total = (k) => cur.reduce((a, b) => a + b[k], 0);
+  box.setAttribute(
+    'aria-label',
+    `Visitors and page views per ${series.interval} from ${series.from.slice(0, 10)} to ${series.to.slice(0, 10)}: ${total('pageviews')} page views in all, at most ${Math.max(0, ...cur.map((b) => b.visitors))} visitors in one ${series.interval}`,
+  );
+  box.dataset.points = String(cur.length);
+  box.dataset.series = opts.series.slice(1).map((s) => s.label).join(',');
+  box.dataset.pageviews = String(total('pageviews'));
 }
 
 // ---- wiring -----------------------------------------------------------------------------
@@ -614,10 +617,12 @@ function init() {
     load();
   });
   let resizing;
+  const redraw = () => state.series && !$('#dash').hidden && renderChart(state.series);
   window.addEventListener('resize', () => {
     clearTimeout(resizing);
-    resizing = setTimeout(() => state.series && !$('#dash').hidden && renderChart(state.series), 150);
+    resizing = setTimeout(redraw, 150);
   });
+  window.matchMedia('(prefers-color-scheme: dark)').addEventListener('change', redraw);
   showSignedIn();
 }
 

@@ -4,7 +4,7 @@
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn, execFileSync } from 'node:child_process';
-import { existsSync, mkdirSync } from 'node:fs';
+import { existsSync, mkdirSync, readFileSync } from 'node:fs';
 import { randomUUID } from 'node:crypto';
 import { join } from 'node:path';
 import { root, need, freePort, freshDatabase, launchBrowser } from './harness.mjs';
@@ -165,6 +165,16 @@ async function ready(page, want = () => true) {
   }
 }
 
+/** Pixels of the chart's canvas that are not transparent (its lines, axes and grid). */
+async function inkedPixels(page) {
+  return page.$eval('#chart .uplot canvas', (c) => {
+    const { data } = c.getContext('2d').getImageData(0, 0, c.width, c.height);
+    let n = 0;
+    for (let i = 3; i < data.length; i += 4) if (data[i] > 0) n++;
+    return n;
+  });
+}
+
 /** Every figure and list on the page equals the API's answer for the page's own query. */
 async function assertMatchesApi(page, readKey) {
   const query = await page.$eval('#dash', (d) => d.dataset.query);
@@ -197,17 +207,28 @@ test('signed in with the read key, every figure and list equals the stats API; a
   assert.ok((await page.$$eval('[data-list="pages"] li[data-key]', (l) => l.length)) === 3);
   const utm = await page.$eval('[data-list="utm_sources"] li[data-key]', (li) => [li.dataset.key, li.dataset.value]);
   assert.deepEqual(utm, ['newsletter', '1']);
-  // The chart: both series and the previous period, dashed by its class.
-  assert.equal(await page.$$eval('#chart svg path.line', (p) => p.length), 4);
-  assert.equal(await page.$$eval('#chart svg path.previous', (p) => p.length), 2);
+  // The chart (uPlot): both series and the previous period, over the API's buckets, drawn.
+  const series = await api('/v1/stats/timeseries', rk, query);
+  const chart = await page.$eval('#chart', (c) => ({ ...c.dataset }));
+  assert.equal(chart.series, 'Visitors,Page views,Visitors (previous),Page views (previous)');
+  assert.equal(Number(chart.points), series.buckets.length);
+  assert.equal(Number(chart.pageviews), 7);
+  assert.ok((await inkedPixels(page)) > 500, 'the chart canvas has lines on it');
 
   await page.screenshot({ path: join(root, 'target/dashboard.png'), fullPage: true });
   // A phone-sized viewport: nothing wider than the screen.
   await page.setViewportSize({ width: 390, height: 844 });
-  await page.waitForFunction(() => Number(document.querySelector('#chart svg').getAttribute('viewBox').split(' ')[2]) < 400);
+  await page.waitForFunction(() => document.querySelector('#chart .uplot').getBoundingClientRect().width < 400);
   assert.equal(await page.evaluate(() => document.documentElement.scrollWidth <= 390), true, 'no horizontal scroll at 390 px');
   await page.screenshot({ path: join(root, 'target/dashboard-mobile.png'), fullPage: true });
   await page.setViewportSize({ width: 1280, height: 900 });
+  // Dark mode: dark page, the chart drawn again in the dark scheme's colours.
+  await page.emulateMedia({ colorScheme: 'dark' });
+  await page.waitForFunction(() => getComputedStyle(document.body).backgroundColor === 'rgb(17, 21, 28)');
+  await page.waitForFunction(() => document.querySelector('#chart .uplot').getBoundingClientRect().width > 1000);
+  assert.ok((await inkedPixels(page)) > 500, 'the chart is drawn in dark mode');
+  await page.screenshot({ path: join(root, 'target/dashboard-dark.png'), fullPage: true });
+  await page.emulateMedia({ colorScheme: 'light' });
 
   // Click the /pricing row of the pages list: a chip, and every figure follows the filter.
   await page.click('[data-list="pages"] li[data-key="/pricing"] button');
@@ -404,4 +425,24 @@ test('live view: the last 30 minutes on sign-in, then a newly posted event appea
   await page.screenshot({ path: join(root, 'target/dashboard-live.png') });
   assert.deepEqual(problems, []);
   await page.close();
+});
+
+test('the vendored uPlot is byte for byte the pinned npm package, and is what the collector serves', async () => {
+  const pinned = JSON.parse(readFileSync(join(root, 'package.json'), 'utf8')).devDependencies.uplot;
+  assert.match(pinned, /^\d+\.\d+\.\d+$/, 'uplot is pinned to an exact version in package.json');
+  const pkg = join(root, 'node_modules/uplot');
+  need(existsSync(pkg), 'node_modules/uplot is missing: npm install');
+  assert.equal(JSON.parse(readFileSync(join(pkg, 'package.json'), 'utf8')).version, pinned, 'npm install (node_modules/uplot is not the pinned version)');
+  for (const [vendored, original, served] of [
+    ['uPlot.iife.min.js', 'dist/uPlot.iife.min.js', '/dashboard/vendor/uPlot.iife.min.js'],
+    ['uPlot.min.css', 'dist/uPlot.min.css', '/dashboard/vendor/uPlot.min.css'],
+    ['uPlot.LICENSE', 'LICENSE', '/dashboard/vendor/uPlot.LICENSE'],
+  ]) {
+    const mine = readFileSync(join(root, 'collector/dashboard/vendor', vendored));
+    assert.ok(mine.equals(readFileSync(join(pkg, original))), `${vendored} differs from uplot@${pinned}'s ${original}: npm run vendor-uplot`);
+    const r = await fetch(origin + served);
+    assert.equal(r.status, 200);
+    assert.ok(Buffer.from(await r.arrayBuffer()).equals(mine), `${served} is the vendored file`);
+  }
+  assert.match(readFileSync(join(root, 'collector/dashboard/vendor/uPlot.iife.min.js'), 'utf8'), new RegExp(`^/\\*! https://github.com/leeoniya/uPlot \\(v${pinned.replace(/\./g, '\\.')}\\)`));
 });
