@@ -352,6 +352,7 @@ pub async fn serve(db: &DbConfig, config: ServeConfig) -> anyhow::Result<()> {
     // Fails when the projects cannot be loaded: serving without them would refuse every key.
     let (state, committer) = AppState::new(config, store.clone()).await?;
     let projects = state.projects();
+    let health = state.ingest_health();
     tracing::info!(address = %listener.local_addr()?, backend = store.backend(), "listening");
     let upkeep = tokio::spawn(metrics::keep_histograms(shutdown.clone()));
 
@@ -380,6 +381,8 @@ pub async fn serve(db: &DbConfig, config: ServeConfig) -> anyhow::Result<()> {
         Ok(_) => tracing::info!("commit queue drained; bye"),
         Err(_) => tracing::warn!("commit queue not drained in time"),
     }
+    // The ingest health counts of the last requests (normally written once a second).
+    health.flush(store.as_ref()).await;
     projects.stop();
     maintenance.abort();
     receipt_cleanup.abort();

@@ -105,6 +105,11 @@ impl AppState {
     pub fn projects(&self) -> Arc<ProjectDirectory> {
         self.projects.clone()
     }
+
+    /// The ingest health counts not yet written (flushed once more at shutdown).
+    pub fn ingest_health(&self) -> Arc<IngestHealth> {
+        self.health.clone()
+    }
 }
 
 /// The collector's routes; files of `static_dir` (if any) are the fallback, GET only.
