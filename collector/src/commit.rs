@@ -248,10 +248,11 @@ async fn commit_jobs(
     }
     match insert_with_retry(store, &rows, &receipts, config).await {
         Ok(inserted) => {
-            feed.committed(&rows, &inserted);
             for (range, _, reply, _capacity) in answers {
                 let _ = reply.send(Ok(inserted.get(range).unwrap_or_default().to_vec()));
             }
+            // After the answers: the requests never wait for the live view.
+            feed.committed(&rows, &inserted);
         }
         Err(e) if !e.is_outage() && answers.len() > 1 => {
             tracing::warn!(error = %e, jobs = answers.len(), "group commit refused; committing requests one by one");

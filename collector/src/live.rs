@@ -5,10 +5,12 @@
 //! The group committer calls [`CommitFeed::committed`] after each successful commit. Sending
 //! on a tokio broadcast channel never waits: a listener that falls more than
 //! [`LIVE_CAPACITY`] events behind loses the oldest ones (and is told so), so a slow
-//! dashboard can never hold ingest back. With no listener, nothing is built at all.
+//! dashboard can never hold ingest back. Events are built only for projects someone is
+//! watching; with no listener, nothing is built at all.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::response::sse::Event as SseEvent;
@@ -81,6 +83,8 @@ pub struct CommitFeed {
     sender: broadcast::Sender<Arc<LiveEvent>>,
     /// Set at shutdown: every live stream ends, so connections can close.
     closed: watch::Sender<bool>,
+    /// Open live streams per project (only these projects' events are built and sent).
+    watched: Mutex<HashMap<Uuid, usize>>,
 }
 
 impl Default for CommitFeed {
@@ -89,6 +93,7 @@ impl Default for CommitFeed {
             last_commit_ms: AtomicI64::new(0),
             sender: broadcast::channel(LIVE_CAPACITY).0,
             closed: watch::Sender::new(false),
+            watched: Mutex::new(HashMap::new()),
         }
     }
 }
@@ -102,8 +107,11 @@ impl CommitFeed {
         if self.sender.receiver_count() == 0 {
             return;
         }
+        let Ok(watched) = self.watched.lock() else {
+            return;
+        };
         for (row, new) in rows.iter().zip(inserted) {
-            if *new && !row.enrichment.is_bot {
+            if *new && !row.enrichment.is_bot && watched.contains_key(&row.project_id) {
                 // Err only means nobody listens any more.
                 let _ = self.sender.send(Arc::new(LiveEvent::from_row(row)));
             }
@@ -225,18 +233,42 @@ pub struct LiveSource {
     pub events: broadcast::Receiver<Arc<LiveEvent>>,
     pub closed: watch::Receiver<bool>,
     pub store: Arc<dyn EventStore>,
+    /// Counted in `feed.watched` while this lives.
+    feed: Arc<CommitFeed>,
+}
+
+impl Drop for LiveSource {
+    fn drop(&mut self) {
+        if let Ok(mut watched) = self.feed.watched.lock() {
+            if let Some(n) = watched.get_mut(&self.project_id) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    watched.remove(&self.project_id);
+                }
+            }
+        }
+    }
 }
 
 impl CommitFeed {
     /// A source for one live stream of `project_id` (subscribe before reading the snapshot,
     /// so no event committed meanwhile is missed; one may come twice: the page dedupes by id).
-    pub fn source(&self, project_id: Uuid, store: Arc<dyn EventStore>) -> LiveSource {
+    pub fn source(self: &Arc<Self>, project_id: Uuid, store: Arc<dyn EventStore>) -> LiveSource {
+        if let Ok(mut watched) = self.watched.lock() {
+            *watched.entry(project_id).or_default() += 1;
+        }
         LiveSource {
             project_id,
             events: self.subscribe(),
             closed: self.closed.subscribe(),
             store,
+            feed: self.clone(),
         }
+    }
+
+    /// Projects with an open live stream.
+    pub fn watched_projects(&self) -> usize {
+        self.watched.lock().map_or(0, |w| w.len())
     }
 }
 
@@ -325,5 +357,68 @@ fn json_event(name: &str, data: &impl Serialize) -> SseEvent {
     match event.clone().json_data(data) {
         Ok(e) => e,
         Err(_) => event.data("{}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(project_id: Uuid, n: u128, is_bot: bool) -> EventRow {
+        let t = Utc::now();
+        EventRow {
+            project_id,
+            id: Uuid::from_u128(n),
+            name: format!("e{n}"),
+            ts: t,
+            sent_at: t,
+            received_at: t,
+            time: t,
+            anonymous_id: "a".into(),
+            session_id: "s".into(),
+            user_id: None,
+            props: None,
+            context: serde_json::value::RawValue::from_string(r#"{"path":"/p"}"#.into()).ok(),
+            enrichment: Arc::new(crate::enrich::Enrichment {
+                is_bot,
+                ..Default::default()
+            }),
+        }
+    }
+
+    #[tokio::test]
+    async fn only_watched_projects_new_human_events_are_sent() {
+        let store: Arc<dyn EventStore> = Arc::new(
+            crate::store::sqlite::SqliteStore::open_url("sqlite::memory:")
+                .await
+                .unwrap(),
+        );
+        let feed = Arc::new(CommitFeed::default());
+        assert_eq!(feed.last_commit(), None);
+        let (a, b) = (Uuid::from_u128(1), Uuid::from_u128(2));
+        let mut source = feed.source(a, store.clone());
+        let rows = [
+            row(b, 10, false),
+            row(a, 11, true),
+            row(a, 12, false),
+            row(a, 13, false),
+        ];
+        feed.committed(&rows, &[true, true, false, true]);
+        assert!(feed.last_commit().is_some());
+        let got = source.events.try_recv().unwrap();
+        assert_eq!(
+            (got.id, got.path.as_deref()),
+            (Uuid::from_u128(13), Some("/p"))
+        );
+        assert!(
+            source.events.try_recv().is_err(),
+            "b's, the bot's and the duplicate are not sent"
+        );
+        assert_eq!(feed.watched_projects(), 1);
+        let second = feed.source(a, store);
+        drop(source);
+        assert_eq!(feed.watched_projects(), 1);
+        drop(second);
+        assert_eq!(feed.watched_projects(), 0);
     }
 }
