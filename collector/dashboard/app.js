@@ -462,20 +462,25 @@ function renderFunnel(answer) {
 }
 
 const HEALTH = ['accepted', 'duplicates', 'rejected', 'sdk_dropped', 'rate_limited'];
+const HEALTH_FIGURES = [...HEALTH, 'batches_rejected'];
 
 /** Ingest health: totals, rejections by reason, the hours (newest first, at most 48). */
 function renderHealth(h) {
   const cell = (name) => document.querySelector(`[data-health="${name}"]`);
   if (!h || h.error) {
-    for (const name of [...HEALTH, 'queue_depth', 'last_commit']) cell(name).textContent = '–';
+    for (const name of [...HEALTH_FIGURES, 'queue_depth', 'last_commit']) cell(name).textContent = '–';
     document.querySelector('[data-list="rejected"]').replaceChildren();
     document.querySelector('[data-list="health"]').replaceChildren();
     return;
   }
-  for (const name of HEALTH) cell(name).textContent = String(h.totals[name]);
+  for (const name of HEALTH_FIGURES) cell(name).textContent = String(h.totals[name]);
   cell('queue_depth').textContent = String(h.queue_depth);
   cell('last_commit').textContent = h.last_commit ? h.last_commit.replace('T', ' ').slice(0, 19) + ' UTC' : 'none yet';
-  const reasons = Object.entries(h.totals.rejected_by_reason)
+  // Events by reason, then whole batches (`batch:<code>`).
+  const reasons = [
+    ...Object.entries(h.totals.rejected_by_reason),
+    ...Object.entries(h.totals.batches_rejected_by_reason).map(([code, n]) => [`batch:${code}`, n]),
+  ]
     .map(([key, n]) => ({ key, events: n }))
     .sort((a, b) => b.events - a.events);
   fillList(document.querySelector('[data-list="rejected"]'), reasons, 'events', null);

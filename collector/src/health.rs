@@ -30,6 +30,8 @@ pub enum Counter {
     Duplicates,
     /// Events refused by validation, by the rejection's reason code.
     Rejected(&'static str),
+    /// Whole batches refused for their content (413, 400, ...), by the answer's error code.
+    BatchRejected(&'static str),
     /// Events the SDK dropped for space before sending (the batches' `dropped`).
     SdkDropped,
     /// Batches refused with 429 by the rate limits.
@@ -43,6 +45,7 @@ impl Counter {
             Counter::Accepted => "accepted".to_owned(),
             Counter::Duplicates => "duplicates".to_owned(),
             Counter::Rejected(reason) => format!("rejected:{reason}"),
+            Counter::BatchRejected(code) => format!("batch_rejected:{code}"),
             Counter::SdkDropped => "sdk_dropped".to_owned(),
             Counter::RateLimited => "rate_limited".to_owned(),
         }
@@ -174,6 +177,9 @@ pub struct HealthHour {
     /// Events rejected, in all and by reason code.
     pub rejected: i64,
     pub rejected_by_reason: std::collections::BTreeMap<String, i64>,
+    /// Whole batches refused for their content, in all and by error code.
+    pub batches_rejected: i64,
+    pub batches_rejected_by_reason: std::collections::BTreeMap<String, i64>,
     pub sdk_dropped: i64,
     pub rate_limited: i64,
 }
@@ -191,6 +197,12 @@ impl HealthHour {
                     *self
                         .rejected_by_reason
                         .entry(reason.to_owned())
+                        .or_default() += count;
+                } else if let Some(code) = other.strip_prefix("batch_rejected:") {
+                    self.batches_rejected += count;
+                    *self
+                        .batches_rejected_by_reason
+                        .entry(code.to_owned())
                         .or_default() += count;
                 }
             }

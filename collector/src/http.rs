@@ -266,7 +266,10 @@ async fn receive_batch(state: &AppState, request: Request) -> Result<BatchRespon
     // Every byte of body held, compressed or inflated, counts against the collector's body
     // memory until the body is dropped (503 when it is all taken).
     let mut held = state.body_memory.hold(project.id);
-    let (raw, encoding) = read_raw_body(state, headers, body, MAX_BODY_BYTES, &mut held).await?;
+    let (raw, encoding) = read_raw_body(state, headers, body, MAX_BODY_BYTES, &mut held)
+        .await
+        .map_err(ApiError::from)
+        .inspect_err(|e| count_refused_batch(state, &project, received_at, e))?;
 
     // Bounded work in progress: shed load rather than buffer without limit. The permit covers
     // inflating and decoding (the memory-hungry part, up to 10 MiB per batch); once the rows
@@ -305,12 +308,18 @@ async fn receive_batch(state: &AppState, request: Request) -> Result<BatchRespon
             decoded
         })
         .await
-        .map_err(|e| ApiError::Internal(format!("decoding task failed: {e}")))??
-    };
+        .map_err(|e| ApiError::Internal(format!("decoding task failed: {e}")))?
+    }
+    .inspect_err(|e| count_refused_batch(state, &project, received_at, e))?;
     drop(inflight);
 
     // Group commit: returns only once the rows are committed.
-    let inserted = state.committer.commit(rows, receipt).await?;
+    let inserted = state
+        .committer
+        .commit(rows, receipt)
+        .await
+        .map_err(ApiError::from)
+        .inspect_err(|e| count_refused_batch(state, &project, received_at, e))?;
     let accepted = inserted.iter().filter(|new| **new).count() as u64;
     let duplicates = (inserted.len() as u64 - accepted) + repeats;
     metrics::events_accepted(accepted);
@@ -326,6 +335,17 @@ async fn receive_batch(state: &AppState, request: Request) -> Result<BatchRespon
         duplicates,
         rejected,
     })
+}
+
+/// Counts a whole batch refused for its content (a 4xx other than 429, which is counted as
+/// rate-limited) in the project's ingest health, by its error code.
+fn count_refused_batch(state: &AppState, project: &Project, at: DateTime<Utc>, e: &ApiError) {
+    let (status, code, _) = e.status_code_and_retry();
+    if status.is_client_error() && status != StatusCode::TOO_MANY_REQUESTS {
+        state
+            .health
+            .add(project.id, at, Counter::BatchRejected(code), 1);
+    }
 }
 
 /// A batch decoded, validated and enriched: what waits for the commit and what is answered.

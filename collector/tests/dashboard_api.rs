@@ -276,6 +276,9 @@ on_both_backends!(ingest_health_counts_each_outcome, |backend| async move {
     )
     .await;
     let sent_at = Utc::now().timestamp_millis() as u64;
+    // A body that is not a batch: refused whole (before the rate limit charges anything).
+    let a = app.post(b"not a batch".to_vec()).await;
+    assert_eq!(a.status, StatusCode::BAD_REQUEST, "{}", a.text);
     let mut events: Vec<Value> = (0..30).map(event).collect();
     events.push(event(0)); // a repeat within the batch: a duplicate
     let mut bad_id = event(100);
@@ -304,6 +307,8 @@ on_both_backends!(ingest_health_counts_each_outcome, |backend| async move {
             "duplicates": 1,
             "rejected": 2,
             "rejected_by_reason": {"empty_field": 1, "invalid_id": 1},
+            "batches_rejected": 1,
+            "batches_rejected_by_reason": {"malformed": 1},
             "sdk_dropped": 7,
             "rate_limited": 2
         })

@@ -365,13 +365,20 @@ test('ingest health: the figures, rejections and hours equal the health API', as
     }),
   });
   assert.equal(r.status, 200, await r.text());
+  // And a body that is not a batch at all.
+  const bad = await fetch(`${origin}/v1/batch?key=${projects[1].write_key}`, {
+    method: 'POST',
+    headers: { 'Content-Type': 'text/plain', Origin: BLOG },
+    body: 'not a batch',
+  });
+  assert.equal(bad.status, 400);
   const rk = projects[1].read_key;
   // Counts reach the table about once a second (a batch's counts may span two flushes: the
   // SDK's dropped count is taken before the commit, the accepted one after).
   let h;
   for (const deadline = Date.now() + 10000; ; ) {
     h = await api('/v1/stats/health', rk, '');
-    if (h.totals.sdk_dropped === 3 && h.totals.accepted === 2) break;
+    if (h.totals.sdk_dropped === 3 && h.totals.accepted === 2 && h.totals.batches_rejected === 1) break;
     assert.ok(Date.now() < deadline, JSON.stringify(h));
     await new Promise((res) => setTimeout(res, 100));
   }
@@ -381,13 +388,13 @@ test('ingest health: the figures, rejections and hours equal the health API', as
   const query = await ready(page);
   const p = new URLSearchParams(query);
   h = await api('/v1/stats/health', rk, new URLSearchParams({ from: p.get('from'), to: p.get('to') }));
-  for (const name of ['accepted', 'duplicates', 'rejected', 'sdk_dropped', 'rate_limited']) {
+  for (const name of ['accepted', 'duplicates', 'rejected', 'batches_rejected', 'sdk_dropped', 'rate_limited']) {
     assert.equal(await page.textContent(`[data-health="${name}"]`), String(h.totals[name]), name);
   }
   assert.equal(await page.textContent('[data-health="queue_depth"]'), '0');
   assert.match(await page.textContent('[data-health="last_commit"]'), /^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC$/);
   const rejected = await page.$$eval('[data-list="rejected"] li[data-key]', (l) => l.map((li) => [li.dataset.key, li.dataset.value]));
-  assert.deepEqual(rejected, [['invalid_id', '1']]);
+  assert.deepEqual(rejected, [['invalid_id', '1'], ['batch:malformed', '1']]);
   const hours = await page.$$eval('[data-list="health"] tr[data-key]', (l) => l.map((tr) => [tr.dataset.key, Number(tr.dataset.value)]));
   assert.deepEqual(hours, h.hours.slice(-48).reverse().map((x) => [x.t, x.accepted]));
   await page.screenshot({ path: join(root, 'target/dashboard-health.png'), fullPage: true });
