@@ -254,7 +254,14 @@ function api(path, key, params) {
     cache: 'no-store',
   });
 }
+/**
+ * What to tell the user about a failed answer: the API's own message for a refused request
+ * (4xx: our words about the query), never a server error's text (it may carry the database's).
+ */
 async function errorText(r) {
+  if (r.status >= 500) {
+    return 'the collector or its database is busy or unavailable; try again in a moment';
+  }
   try {
     const body = await r.json();
     return body.message || body.error || '';

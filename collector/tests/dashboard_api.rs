@@ -525,3 +525,39 @@ on_both_backends!(
         }
     }
 );
+
+/// A funnel, a health read and a live view stuck behind locks are stopped by the statement
+/// timeout: 503 with Retry-After (never a 4xx, never a stream), and served again after.
+#[tokio::test]
+async fn new_endpoints_answer_503_past_the_statement_timeout() {
+    use sqlx::Connection;
+    let app = app(Backend::Postgres).await;
+    let url = &app.db.as_ref().unwrap().url;
+    let mut locker = sqlx::PgConnection::connect(url).await.unwrap();
+    let mut tx = locker.begin().await.unwrap();
+    sqlx::query("LOCK TABLE events, ingest_health IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    let key = &app.project.read_key;
+    let uris = [
+        format!("/v1/stats/funnel?key={key}&steps=page:/a,event:b"),
+        format!("/v1/stats/health?key={key}"),
+        format!("/v1/stats/live?key={key}"),
+    ];
+    let answers = futures_util::future::join_all(uris.iter().map(|u| app.get(u))).await;
+    for (uri, a) in uris.iter().zip(&answers) {
+        assert_eq!(
+            a.status,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "{uri}: {}",
+            a.text
+        );
+        assert_eq!(a.json["error"], "unavailable", "{uri}");
+        assert!(a.headers.get("retry-after").is_some(), "{uri}");
+    }
+    tx.rollback().await.unwrap();
+    for uri in &uris[..2] {
+        assert_eq!(app.get(uri).await.status, StatusCode::OK, "{uri}");
+    }
+}

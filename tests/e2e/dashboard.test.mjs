@@ -454,3 +454,26 @@ test('the vendored uPlot is byte for byte the pinned npm package, and is what th
   }
   assert.match(readFileSync(join(root, 'collector/dashboard/vendor/uPlot.iife.min.js'), 'utf8'), new RegExp(`^/\\*! https://github.com/leeoniya/uPlot \\(v${pinned.replace(/\./g, '\\.')}\\)`));
 });
+
+test('a database failure shows a plain message, never the database error, and the next load works', async () => {
+  const { page } = await openDashboard();
+  await signIn(page, projects[0].read_key);
+  await ready(page);
+  // Every stats query now waits on a lock until its statement timeout (5 s): 503.
+  await db.query('BEGIN');
+  try {
+    await db.query('LOCK TABLE events IN ACCESS EXCLUSIVE MODE');
+    await page.selectOption('#range', '7d');
+    await page.waitForFunction(() => document.querySelector('#dash').dataset.state === 'error', null, { timeout: 20000 });
+    const status = await page.textContent('#status');
+    assert.match(status, /^Could not load: 503 the collector or its database is busy or unavailable/);
+    const text = await page.textContent('body');
+    assert.doesNotMatch(text, /statement|canceling|sqlx|database failed|error returned from database/i);
+  } finally {
+    await db.query('ROLLBACK');
+  }
+  await page.selectOption('#range', '30d');
+  await ready(page);
+  await assertMatchesApi(page, projects[0].read_key);
+  await page.close();
+});
