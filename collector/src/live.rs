@@ -205,7 +205,7 @@ pub const LIVE_WINDOW: chrono::Duration = chrono::Duration::minutes(30);
 /// Events sent in the first message.
 pub const RECENT_EVENTS: u32 = 50;
 /// How often "visitors now" may be counted again (when events came) ...
-const RECOUNT_EVERY: Duration = Duration::from_secs(5);
+const RECOUNT_EVERY: Duration = Duration::from_secs(2);
 /// ... and at least this often (visitors leave the window).
 const RECOUNT_AT_LEAST: Duration = Duration::from_secs(60);
 
