@@ -498,9 +498,17 @@ pub async fn serve(db: &DbConfig, config: ServeConfig) -> anyhow::Result<()> {
     // Fails when the projects cannot be loaded: serving without them would refuse every key.
     let (state, committer) = AppState::new(config, store.clone()).await?;
     let projects = state.projects();
+    let health = state.ingest_health();
     tracing::info!(address = %listener.local_addr()?, backend = store.backend(), "listening");
     let upkeep = tokio::spawn(metrics::keep_histograms(shutdown.clone()));
 
+    // Live views (Server-Sent Events) never end by themselves: end them when shutdown starts.
+    let live = state.clone();
+    let live_shutdown = shutdown.clone();
+    tokio::spawn(async move {
+        live_shutdown.wait().await;
+        http::close_live_streams(&live);
+    });
     let server = transport::serve(listener, http::router(state), limits, shutdown.clone());
     // In-flight requests get `shutdown_timeout` to finish once shutdown starts; then the
     // remaining connections are dropped with the server future.
@@ -519,6 +527,8 @@ pub async fn serve(db: &DbConfig, config: ServeConfig) -> anyhow::Result<()> {
         Ok(_) => tracing::info!("commit queue drained; bye"),
         Err(_) => tracing::warn!("commit queue not drained in time"),
     }
+    // The ingest health counts of the last requests (normally written once a second).
+    health.flush(store.as_ref()).await;
     projects.stop();
     maintenance.abort();
     receipt_cleanup.abort();

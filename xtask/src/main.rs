@@ -473,8 +473,11 @@ fn demo(listen: SocketAddr) -> Result<()> {
     let _ = std::fs::remove_dir_all(&site);
     copy_dir(&root.join("examples"), &site)?;
     copy_dir(&root.join("npm/dist"), &site.join("dist"))?;
-    let config =
-        format!("window.TRACKLET_CONFIG = {{ endpoint: location.origin, apiKey: {key:?} }};\n");
+    // Events leave the page within half a second, so the dashboard's live view shows the
+    // example's buttons at once.
+    let config = format!(
+        "window.TRACKLET_CONFIG = {{ endpoint: location.origin, apiKey: {key:?}, maxWaitTime: 500 }};\n"
+    );
     for dir in walk(&site)
         .iter()
         .filter(|p| p.ends_with("index.html"))
