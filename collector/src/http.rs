@@ -37,6 +37,7 @@ use crate::enrich::{self, EnrichError, Enricher};
 use crate::error::{ApiError, UNAVAILABLE_RETRY_AFTER_SECS};
 use crate::limits::{MAX_BATCH_STATUS_BODY_BYTES, MAX_BODY_BYTES};
 use crate::metrics;
+use crate::queue::publisher::EventPublisher;
 use crate::ratelimit::RateLimiter;
 use crate::receipts;
 use crate::stats;
@@ -57,6 +58,8 @@ pub struct AppState {
     /// Bytes all request bodies may hold at once, compressed and inflated (bounds memory).
     body_memory: BodyMemory,
     metrics: PrometheusHandle,
+    /// `--queue`: accepted events are published to JetStream instead of committed here.
+    publisher: Option<Arc<EventPublisher>>,
 }
 
 /// Why the state could not be built (the server does not start).
@@ -91,8 +94,15 @@ impl AppState {
             committer,
             enricher: Arc::new(enricher),
             metrics: metrics::install(),
+            publisher: None,
         };
         Ok((state, task))
+    }
+
+    /// Publishes accepted batches to the queue (`serve --queue`) instead of committing them.
+    pub fn with_publisher(mut self, publisher: Arc<EventPublisher>) -> AppState {
+        self.publisher = Some(publisher);
+        self
     }
 
     /// The projects kept in memory (to stop their reloading at shutdown, or reload now).
@@ -288,10 +298,17 @@ async fn receive_batch(state: &AppState, request: Request) -> Result<BatchRespon
     };
     drop(inflight);
 
-    // Group commit: returns only once the rows are committed.
-    let inserted = state.committer.commit(rows, receipt).await?;
-    let accepted = inserted.iter().filter(|new| **new).count() as u64;
-    let duplicates = (inserted.len() as u64 - accepted) + repeats;
+    // With a queue: returns once JetStream has acknowledged the rows (a sink commits them;
+    // events stored before are then dropped there, and counted here as accepted).
+    let (accepted, duplicates) = if let Some(publisher) = &state.publisher {
+        let published = publisher.publish(project.id, rows, receipt).await?;
+        (published.events, published.duplicates + repeats)
+    } else {
+        // Group commit: returns only once the rows are committed.
+        let inserted = state.committer.commit(rows, receipt).await?;
+        let accepted = inserted.iter().filter(|new| **new).count() as u64;
+        (accepted, (inserted.len() as u64 - accepted) + repeats)
+    };
     metrics::events_accepted(accepted);
     metrics::events_duplicate(duplicates);
     Ok(BatchResponse {
@@ -630,14 +647,27 @@ async fn readyz(State(state): State<AppState>) -> Response {
         Err(_) => Err("database ping timed out".to_owned()),
     };
     let queue_ok = state.committer.below_high_water();
-    let ready = database.is_ok() && queue_ok;
-    let body = Json(serde_json::json!({
+    // With --queue, the batches go to JetStream: its connection is what readiness means.
+    let stream = state
+        .publisher
+        .as_ref()
+        .map(|p| (p.stream_name(), p.is_connected()));
+    let stream_ok = stream.is_none_or(|(_, connected)| connected);
+    let ready = database.is_ok() && queue_ok && stream_ok;
+    let mut body = serde_json::json!({
         "status": if ready { "ready" } else { "not_ready" },
         "backend": state.store.backend(),
         "database": database.err().unwrap_or_else(|| "ok".to_owned()),
         "queued_rows": state.committer.queued_rows(),
         "queue_below_high_water": queue_ok,
-    }));
+    });
+    if let Some((name, connected)) = stream {
+        body["stream"] = serde_json::json!({
+            "name": name,
+            "status": if connected { "ok" } else { "unreachable" },
+        });
+    }
+    let body = Json(body);
     if ready {
         (StatusCode::OK, body).into_response()
     } else {
