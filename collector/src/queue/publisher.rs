@@ -22,6 +22,8 @@ use crate::store::{BatchReceipt, EventRow};
 
 /// Room left in a message for the headers and the protocol line, under `max_payload`.
 const HEADER_ROOM: usize = 4 * 1024;
+/// Longest wait at start for the first connection to NATS.
+const STARTUP_CONNECT_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// What a publish did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -59,6 +61,12 @@ impl EventPublisher {
             stream_ready: AtomicBool::new(false),
             ensure_lock: tokio::sync::Mutex::new(()),
         };
+        // Give the first connection a moment, so a collector whose NATS is up serves its
+        // first request; a NATS still down after that is a 503 per request until it is up.
+        let connecting = tokio::time::Instant::now() + STARTUP_CONNECT_WAIT;
+        while !publisher.is_connected() && tokio::time::Instant::now() < connecting {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
         // Create the stream now when NATS is up already; otherwise at the first publish.
         if publisher.is_connected() {
             if let Err(e) = publisher.ready_stream().await {
