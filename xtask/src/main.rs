@@ -49,7 +49,8 @@ enum Cmd {
     /// Benchmarks (numbers for the README; they never fail on speed).
     Bench {
         /// `sdk` (track() cost and wire bytes in headless Chromium), `core` (the sans-IO
-        /// core on the host: bursts, restores) or `collector`.
+        /// core on the host: bursts, restores), `collector`, or `queue` (collectors into NATS
+        /// JetStream on 127.0.0.1:4222, sinks into Postgres).
         what: String,
     },
     /// Print the gzip size of the script-tag build and fail above the ceiling.
@@ -539,6 +540,13 @@ fn bench(what: &str) -> Result<()> {
             let db = postgres_url()?;
             run(Command::new(build_server_bins()?.join("tracklet-loadgen")).env("DATABASE_URL", db))
         }
-        other => bail!("unknown benchmark {other:?}: use `sdk`, `core` or `collector`"),
+        "queue" => {
+            let db = postgres_url()?;
+            run(Command::new(build_server_bins()?.join("tracklet-loadgen"))
+                .args(["--queue", "nats://127.0.0.1:4222", "--duration-secs", "15"])
+                .args(["--max-events", "1500000"])
+                .env("DATABASE_URL", db))
+        }
+        other => bail!("unknown benchmark {other:?}: use `sdk`, `core`, `collector` or `queue`"),
     }
 }
