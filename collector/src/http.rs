@@ -639,7 +639,8 @@ async fn healthz() -> Json<serde_json::Value> {
     Json(serde_json::json!({ "status": "ok" }))
 }
 
-/// Ready when the database answers and the commit queue is below its high-water mark.
+/// Ready when the database answers and the commit queue is below its high-water mark; with
+/// `--queue`, when NATS is connected (the database's state is reported, not required).
 async fn readyz(State(state): State<AppState>) -> Response {
     let database = match tokio::time::timeout(Duration::from_secs(2), state.store.ping()).await {
         Ok(Ok(())) => Ok(()),
@@ -653,7 +654,9 @@ async fn readyz(State(state): State<AppState>) -> Response {
         .as_ref()
         .map(|p| (p.stream_name(), p.is_connected()));
     let stream_ok = stream.is_none_or(|(_, connected)| connected);
-    let ready = database.is_ok() && queue_ok && stream_ok;
+    // With --queue a batch needs JetStream, not the database (projects are held in memory):
+    // a database outage must not take every collector out of the balancer.
+    let ready = (database.is_ok() || stream.is_some()) && queue_ok && stream_ok;
     let mut body = serde_json::json!({
         "status": if ready { "ready" } else { "not_ready" },
         "backend": state.store.backend(),

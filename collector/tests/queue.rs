@@ -413,7 +413,10 @@ async fn database_unavailable_for_ten_seconds_while_collectors_keep_acknowledgin
         assert_eq!(a.status, 200, "batch {n} during the outage: {}", a.json);
         acknowledged.extend(ids);
     }
-    // ...while the sink is not ready and reports the backlog.
+    // ...and stays ready: batches need JetStream, not the database.
+    let ready = client.get(server.url("/readyz")).send().await.unwrap();
+    assert_eq!(ready.status(), 200, "{:?}", ready.text().await);
+    // Meanwhile the sink is not ready and reports the backlog.
     let seen_backlog = loop {
         let (status, body) = sink.readyz().await;
         if status == 503 && body["lag"]["stream_messages"].as_u64().unwrap_or(0) > 0 {

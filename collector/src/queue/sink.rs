@@ -329,17 +329,26 @@ async fn sink_message(
     backoff: Arc<Backoff>,
     _permit: OwnedSemaphorePermit,
 ) {
-    let decoded = QueueRecord::decode(&message.payload).and_then(QueueRecord::into_rows);
-    let (rows, receipt) = match decoded {
-        Ok(decoded) => decoded,
-        Err(e) => {
-            tracing::error!(error = %e, subject = %message.subject, "unreadable queue message; terminating it");
-            metrics::sink_messages("unreadable", 1);
-            let _ = message.ack_with(AckKind::Term).await;
-            return;
+    let result = loop {
+        let decoded = QueueRecord::decode(&message.payload).and_then(QueueRecord::into_rows);
+        let (rows, receipt) = match decoded {
+            Ok(decoded) => decoded,
+            Err(e) => {
+                tracing::error!(error = %e, subject = %message.subject, "unreadable queue message; terminating it");
+                metrics::sink_messages("unreadable", 1);
+                let _ = message.ack_with(AckKind::Term).await;
+                return;
+            }
+        };
+        match committer.commit(rows, receipt).await {
+            // The commit queue is bounded in rows and bytes; the in-flight messages may hold
+            // more for a moment. Not a database failure: wait for room (the rows are read
+            // again from the message, which `commit` consumed them from).
+            Err(CommitError::QueueFull) => tokio::time::sleep(Duration::from_millis(10)).await,
+            other => break other,
         }
     };
-    match committer.commit(rows, receipt).await {
+    match result {
         Ok(inserted) => {
             backoff.succeeded();
             let stored = inserted.iter().filter(|new| **new).count() as u64;
@@ -356,6 +365,10 @@ async fn sink_message(
             tracing::error!(error = %e, subject = %message.subject, "the database refused a queue message's rows; terminating it");
             metrics::sink_messages("refused", 1);
             let _ = message.ack_with(AckKind::Term).await;
+        }
+        Err(CommitError::Stopped) => {
+            // Shutting down: hand it back for another sink at once.
+            let _ = message.ack_with(AckKind::Nak(None)).await;
         }
         Err(e) => {
             let delay = backoff.failed();
