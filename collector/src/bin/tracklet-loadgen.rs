@@ -19,8 +19,9 @@
 //! With `--queue nats://127.0.0.1:4222` (`cargo xtask bench queue`) it measures the queue
 //! instead (see [`bench_queue`]): the same max phase committed directly, for comparison; one
 //! collector acknowledging into JetStream with no sink running; one sink, then two, draining
-//! that backlog; and half of the collector's rate in open loop with two sinks running, with
-//! probes measuring the lag from a collector's 200 to the row in Postgres.
+//! that backlog; half of the collector's rate in open loop with no sink running (its latency);
+//! and half of one sink's rate with one sink running, with probes measuring the lag from a
+//! collector's 200 to the row in Postgres.
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -945,12 +946,34 @@ async fn queue_phases(
     let two_rate = refill.accepted as f64 / two_secs;
     println!("two sinks: {} events committed in {two_secs:.1} s = {two_rate:.0} events/s; sinks {two_sink_cores:.2} cores, Postgres {:.2}, machine {:.2}", refill.accepted, two_cpu.postgres, two_cpu.machine);
 
-    // 4. Half of the collector's rate, open loop, with the two sinks running; lag probes.
+    drop(sinks);
+
+    // 4. Half of the collector's rate, open loop, no sink running: the collector's own
+    //    latency at half load (the goal's measure), as in `bench collector`.
     let rate = acked.events_per_sec() / 2.0 / args.batch as f64;
     let n = (rate * args.duration_secs as f64).ceil() as usize;
-    let bodies = make_bodies(3, n.max(1), args.batch);
     println!(
-        "half: {rate:.0} requests/s open loop for {} s, with two sinks and lag probes",
+        "half: {rate:.0} requests/s open loop for {} s, no sink running",
+        args.duration_secs
+    );
+    let half = open_loop(
+        args,
+        &batch_url,
+        make_bodies(3, n.max(1), args.batch),
+        rate,
+        &mut watch,
+    )
+    .await?;
+    print_phase("half (into JetStream)", &half);
+
+    // 5. End to end: half of what one sink commits, one sink running (after it has drained
+    //    phase 4's backlog), with lag probes.
+    let sink = Collector::sink(args, url, queue_args)?;
+    drain(js, stream, &[&sink], &mut watch).await?;
+    let e2e_rate = one_rate / 2.0 / args.batch as f64;
+    let n = (e2e_rate * args.duration_secs as f64).ceil() as usize;
+    println!(
+        "end to end: {e2e_rate:.0} requests/s open loop for {} s, one sink running, lag probes",
         args.duration_secs
     );
     fresh_checkpoint(args, &mut watch).await?;
@@ -960,10 +983,18 @@ async fn queue_phases(
         project.id,
         Instant::now() + Duration::from_secs(args.duration_secs),
     ));
-    let half = open_loop(args, &batch_url, bodies, rate, &mut watch).await?;
+    let e2e = open_loop(
+        args,
+        &batch_url,
+        make_bodies(5, n.max(1), args.batch),
+        e2e_rate,
+        &mut watch,
+    )
+    .await?;
     let mut lags = probes.await??;
-    print_phase("half (into JetStream)", &half);
-    let (_, _, _) = drain(js, stream, &[&sinks[0], &sinks[1]], &mut watch).await?;
+    print_phase("end to end (into JetStream, one sink)", &e2e);
+    let max_backlog = stream_messages(js, stream).await?;
+    drain(js, stream, &[&sink], &mut watch).await?;
     lags.sort();
     let lag_pct = |p: f64| {
         lags.get(((lags.len() as f64 * p) as usize).min(lags.len().saturating_sub(1)))
@@ -971,8 +1002,8 @@ async fn queue_phases(
             .unwrap_or_default()
     };
     let (lag_p50, lag_p99, lag_max) = (lag_pct(0.5), lag_pct(0.99), lag_pct(1.0));
-    println!("end-to-end lag (200 to row visible), {} probes: p50 {lag_p50:.1} ms, p99 {lag_p99:.1} ms, max {lag_max:.1} ms", lags.len());
-    drop(sinks);
+    println!("end-to-end lag (200 to row visible), {} probes: p50 {lag_p50:.1} ms, p99 {lag_p99:.1} ms, max {lag_max:.1} ms; {max_backlog} messages in the stream when the load stopped", lags.len());
+    drop(sink);
     drop(collector);
 
     // Everything acknowledged is stored, once.
@@ -980,8 +1011,12 @@ async fn queue_phases(
         .bind(project.id)
         .fetch_one(&mut probe)
         .await?;
-    let acknowledged =
-        direct.accepted + acked.accepted + refill.accepted + half.accepted + lags.len() as u64;
+    let acknowledged = direct.accepted
+        + acked.accepted
+        + refill.accepted
+        + half.accepted
+        + e2e.accepted
+        + lags.len() as u64;
     println!("stored {stored} events; acknowledged {acknowledged}");
     anyhow::ensure!(
         stored as u64 == acknowledged,
@@ -1010,12 +1045,20 @@ async fn queue_phases(
         refill.accepted, two_cpu.postgres, two_cpu.machine
     );
     println!(
-        "| half load into JetStream, open loop, two sinks running | {:.0} | {:.1} ms | {:.1} ms | collector {:.2}, machine {:.2} |",
+        "| half of the collector's rate, open loop, no sink running | {:.0} | {:.1} ms | {:.1} ms | collector {:.2}, machine {:.2} |",
         half.events_per_sec(), half.p50_ms, half.p99_ms, half.cpu.collector, half.cpu.machine
     );
     println!(
-        "| end-to-end lag at half load (200 to row visible, {} probes) | — | {lag_p50:.1} ms | {lag_p99:.1} ms (max {lag_max:.1} ms) | |",
+        "| half of one sink's rate, open loop, one sink running | {:.0} | {:.1} ms | {:.1} ms | collector {:.2}, Postgres {:.2}, machine {:.2} |",
+        e2e.events_per_sec(), e2e.p50_ms, e2e.p99_ms, e2e.cpu.collector, e2e.cpu.postgres, e2e.cpu.machine
+    );
+    println!(
+        "| end-to-end lag then (200 to row visible, {} probes) | — | {lag_p50:.1} ms | {lag_p99:.1} ms (max {lag_max:.1} ms) | |",
         lags.len()
+    );
+    println!(
+        "\nfailed (non-200) requests: direct {}, into JetStream {} and {}, half {}, end to end {}",
+        direct.failed, acked.failed, refill.failed, half.failed, e2e.failed
     );
     Ok(())
 }
