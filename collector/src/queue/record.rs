@@ -313,7 +313,7 @@ mod tests {
             time: t,
             anonymous_id: format!("anon-{n}"),
             session_id: "s".into(),
-            user_id: (n % 2 == 0).then(|| "u".to_owned()),
+            user_id: n.is_multiple_of(2).then(|| "u".to_owned()),
             props: RawValue::from_string(format!(r#"{{"n":{n},"pad":"{}"}}"#, "x".repeat(200)))
                 .ok(),
             context: None,
