@@ -529,3 +529,47 @@ async fn a_full_stream_is_503_until_a_sink_drains_it() {
     acknowledged.extend(send_all(&[&server], &key, vec![body]).await);
     assert_stored_exactly_once(&db, project, &acknowledged).await;
 }
+
+#[tokio::test]
+async fn a_sink_commits_into_the_embedded_sqlite_file_too() {
+    let stream = TestStream::create().await;
+    let path = std::env::temp_dir().join(format!(
+        "tracklet-queue-{}.sqlite3",
+        Uuid::new_v4().simple()
+    ));
+    let url = format!("sqlite:{}", path.display());
+    let project = add_project_cli(&url, "shop");
+    let key = project["write_key"].as_str().unwrap().to_owned();
+    let args = stream.args(256);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let server = Server::start(&url, &args).await;
+    let _sink = Sink::start(&url, &stream, &[]).await;
+    let (batch_ids, bodies): (Vec<_>, Vec<_>) = (0..20).map(|n| numbered_batch(6, n, 20)).unzip();
+    let acknowledged = send_all(&[&server], &key, bodies).await;
+    assert_eq!(acknowledged.len(), 400);
+    // The batch status answer comes from receipts the sink wrote with the rows.
+    let started = Instant::now();
+    while arrived(&server, &key, &batch_ids).await.len() < batch_ids.len() {
+        assert!(
+            started.elapsed() < STORE_DEADLINE,
+            "receipts missing after {STORE_DEADLINE:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
+    let ids: Vec<String> = sqlx::query_scalar("SELECT id FROM events")
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    pool.close().await;
+    let stored: HashSet<Uuid> = ids.iter().filter_map(|id| id.parse().ok()).collect();
+    assert_eq!(
+        stored.len(),
+        ids.len(),
+        "an event stored twice (or an unreadable id)"
+    );
+    assert_eq!(stored, acknowledged);
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
+    }
+}
