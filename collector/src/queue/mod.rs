@@ -56,9 +56,19 @@ pub async fn connect(config: &QueueConfig, name: &str) -> Result<async_nats::Cli
         .reconnect_delay_callback(|attempt| {
             Duration::from_millis((100 * attempt.max(1) as u64).min(2000))
         })
-        .connect(config.url.as_str())
+        .connect(servers(&config.url))
         .await
         .map_err(|e| QueueError::Unreachable(e.to_string()))
+}
+
+/// The servers of `--queue`: one URL, or several separated by commas (a cluster's seeds;
+/// the client learns the other nodes from the first it reaches).
+fn servers(url: &str) -> Vec<String> {
+    url.split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .map(str::to_owned)
+        .collect()
 }
 
 /// True while the client has a live connection to a NATS server.
@@ -114,4 +124,18 @@ pub async fn ensure_stream(
         );
     }
     Ok(stream)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cluster_is_given_as_comma_separated_urls() {
+        assert_eq!(servers("nats://127.0.0.1:4222"), ["nats://127.0.0.1:4222"]);
+        assert_eq!(
+            servers("nats://a:4222, nats://b:4222,,nats://c:4222"),
+            ["nats://a:4222", "nats://b:4222", "nats://c:4222"]
+        );
+    }
 }
