@@ -40,6 +40,7 @@ use crate::export;
 use crate::health::{Counter, IngestHealth};
 use crate::limits::{MAX_BATCH_STATUS_BODY_BYTES, MAX_BODY_BYTES};
 use crate::metrics;
+use crate::queue::publisher::EventPublisher;
 use crate::ratelimit::RateLimiter;
 use crate::receipts;
 use crate::stats;
@@ -62,6 +63,8 @@ pub struct AppState {
     metrics: PrometheusHandle,
     /// Ingest health counts waiting for their flush ([`crate::health`]).
     health: Arc<IngestHealth>,
+    /// `--queue`: accepted events are published to JetStream instead of committed here.
+    publisher: Option<Arc<EventPublisher>>,
 }
 
 /// Why the state could not be built (the server does not start).
@@ -99,8 +102,15 @@ impl AppState {
             committer,
             enricher: Arc::new(enricher),
             metrics: metrics::install(),
+            publisher: None,
         };
         Ok((state, task))
+    }
+
+    /// Publishes accepted batches to the queue (`serve --queue`) instead of committing them.
+    pub fn with_publisher(mut self, publisher: Arc<EventPublisher>) -> AppState {
+        self.publisher = Some(publisher);
+        self
     }
 
     /// The projects kept in memory (to stop their reloading at shutdown, or reload now).
@@ -322,15 +332,26 @@ async fn receive_batch(state: &AppState, request: Request) -> Result<BatchRespon
     .inspect_err(|e| count_refused_batch(state, &project, received_at, e))?;
     drop(inflight);
 
-    // Group commit: returns only once the rows are committed.
-    let inserted = state
-        .committer
-        .commit(rows, receipt)
-        .await
-        .map_err(ApiError::from)
-        .inspect_err(|e| count_refused_batch(state, &project, received_at, e))?;
-    let accepted = inserted.iter().filter(|new| **new).count() as u64;
-    let duplicates = (inserted.len() as u64 - accepted) + repeats;
+    // With a queue: returns once JetStream has acknowledged the rows (a sink commits them;
+    // events stored before are then dropped there, and counted here as accepted).
+    let (accepted, duplicates) = if let Some(publisher) = &state.publisher {
+        let published = publisher
+            .publish(project.id, rows, receipt)
+            .await
+            .map_err(ApiError::from)
+            .inspect_err(|e| count_refused_batch(state, &project, received_at, e))?;
+        (published.events, published.duplicates + repeats)
+    } else {
+        // Group commit: returns only once the rows are committed.
+        let inserted = state
+            .committer
+            .commit(rows, receipt)
+            .await
+            .map_err(ApiError::from)
+            .inspect_err(|e| count_refused_batch(state, &project, received_at, e))?;
+        let accepted = inserted.iter().filter(|new| **new).count() as u64;
+        (accepted, (inserted.len() as u64 - accepted) + repeats)
+    };
     metrics::events_accepted(accepted);
     metrics::events_duplicate(duplicates);
     state
@@ -831,7 +852,8 @@ async fn healthz() -> Json<serde_json::Value> {
     Json(serde_json::json!({ "status": "ok" }))
 }
 
-/// Ready when the database answers and the commit queue is below its high-water mark.
+/// Ready when the database answers and the commit queue is below its high-water mark; with
+/// `--queue`, when NATS is connected (the database's state is reported, not required).
 async fn readyz(State(state): State<AppState>) -> Response {
     let database = match tokio::time::timeout(Duration::from_secs(2), state.store.ping()).await {
         Ok(Ok(())) => Ok(()),
@@ -839,14 +861,29 @@ async fn readyz(State(state): State<AppState>) -> Response {
         Err(_) => Err("database ping timed out".to_owned()),
     };
     let queue_ok = state.committer.below_high_water();
-    let ready = database.is_ok() && queue_ok;
-    let body = Json(serde_json::json!({
+    // With --queue, the batches go to JetStream: its connection is what readiness means.
+    let stream = state
+        .publisher
+        .as_ref()
+        .map(|p| (p.stream_name(), p.is_connected()));
+    let stream_ok = stream.is_none_or(|(_, connected)| connected);
+    // With --queue a batch needs JetStream, not the database (projects are held in memory):
+    // a database outage must not take every collector out of the balancer.
+    let ready = (database.is_ok() || stream.is_some()) && queue_ok && stream_ok;
+    let mut body = serde_json::json!({
         "status": if ready { "ready" } else { "not_ready" },
         "backend": state.store.backend(),
         "database": database.err().unwrap_or_else(|| "ok".to_owned()),
         "queued_rows": state.committer.queued_rows(),
         "queue_below_high_water": queue_ok,
-    }));
+    });
+    if let Some((name, connected)) = stream {
+        body["stream"] = serde_json::json!({
+            "name": name,
+            "status": if connected { "ok" } else { "unreachable" },
+        });
+    }
+    let body = Json(body);
     if ready {
         (StatusCode::OK, body).into_response()
     } else {

@@ -49,7 +49,8 @@ enum Cmd {
     /// Benchmarks (numbers for the README; they never fail on speed).
     Bench {
         /// `sdk` (track() cost and wire bytes in headless Chromium), `core` (the sans-IO
-        /// core on the host: bursts, restores), `collector`, or `size-floor` (what the SDK's
+        /// core on the host: bursts, restores), `collector`, `queue` (collectors into NATS
+        /// JetStream on 127.0.0.1:4222, sinks into Postgres), or `size-floor` (what the SDK's
         /// chosen crates weigh on their own, xtask/size-floor).
         what: String,
     },
@@ -611,9 +612,16 @@ fn bench(what: &str) -> Result<()> {
             let db = postgres_url()?;
             run(Command::new(build_server_bins()?.join("tracklet-loadgen")).env("DATABASE_URL", db))
         }
-        "size-floor" => size_floor(),
-        other => {
-            bail!("unknown benchmark {other:?}: use `sdk`, `core`, `collector` or `size-floor`")
+        "queue" => {
+            let db = postgres_url()?;
+            run(Command::new(build_server_bins()?.join("tracklet-loadgen"))
+                .args(["--queue", "nats://127.0.0.1:4222", "--duration-secs", "15"])
+                .args(["--max-events", "1500000"])
+                .env("DATABASE_URL", db))
         }
+        "size-floor" => size_floor(),
+        other => bail!(
+            "unknown benchmark {other:?}: use `sdk`, `core`, `collector`, `queue` or `size-floor`"
+        ),
     }
 }
