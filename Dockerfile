@@ -3,6 +3,10 @@
 #
 #   docker build -t tracklet-collector .
 #   docker run -e DATABASE_URL=postgres://... -p 8080:8080 tracklet-collector
+#   # past one machine (docs/deploy.md): collectors publish to NATS JetStream, sinks commit
+#   docker run -e DATABASE_URL=... -e TRACKLET_QUEUE=nats://nats:4222 -p 8080:8080 tracklet-collector
+#   docker run -e DATABASE_URL=... -e TRACKLET_QUEUE=nats://nats:4222 \
+#     -e TRACKLET_SINK_LISTEN=0.0.0.0:9091 tracklet-collector sink
 #
 # Build stage: the whole workspace (cargo needs every member's manifest), collector only.
 FROM rust:1.95-slim-trixie AS builder
@@ -27,7 +31,8 @@ WORKDIR /var/lib/tracklet
 ENV TRACKLET_LISTEN=0.0.0.0:8080 \
     TRACKLET_LOG_FORMAT=json \
     TRACKLET_SQLITE_PATH=/var/lib/tracklet/tracklet.sqlite3
-EXPOSE 8080
+# 8080: serve; 9091: a sink's /healthz, /readyz and /metrics (with TRACKLET_SINK_LISTEN).
+EXPOSE 8080 9091
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["tracklet-collector"]
 CMD ["serve"]

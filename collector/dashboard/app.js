@@ -1,9 +1,9 @@
-// Tracklet dashboard: plain ES module, no framework, nothing loaded from elsewhere.
+// Tracklet dashboard: plain ES module, no framework, nothing loaded from elsewhere. The chart
+// is uPlot (vendored: collector/dashboard/vendor/, loaded before this module as `uPlot`).
 // Reads the stats API (docs/stats-api.md) with a read key kept in sessionStorage.
 
 const KEYS = 'tracklet.dashboard.keys';
 const CURRENT = 'tracklet.dashboard.current';
-const SVG = 'http://www.w3.org/2000/svg';
 const DAY = 86400000;
 
 // data-list name -> [breakdown `by`, filter it adds when a row is clicked, value shown]
@@ -12,6 +12,9 @@ const LISTS = {
   entry_pages: ['entry_page', 'page', 'visitors'],
   exit_pages: ['exit_page', 'page', 'visitors'],
   referrers: ['referrer', 'referrer', 'visitors'],
+  utm_sources: ['utm_source', 'utm_source', 'visitors'],
+  utm_mediums: ['utm_medium', 'utm_medium', 'visitors'],
+  utm_campaigns: ['utm_campaign', 'utm_campaign', 'visitors'],
   browsers: ['browser', 'browser', 'visitors'],
   os: ['os', 'os', 'visitors'],
   devices: ['device', 'device', 'visitors'],
@@ -21,7 +24,7 @@ const LISTS = {
 const METRICS = ['visitors', 'sessions', 'pageviews', 'events', 'bounce_rate', 'avg_session_seconds'];
 
 const $ = (sel) => document.querySelector(sel);
-const state = { filters: [], propEvent: null, prop: '', loadId: 0 };
+const state = { filters: [], propEvent: null, prop: '', funnel: '', loadId: 0 };
 
 // ---- keys -----------------------------------------------------------------------------
 
@@ -98,7 +101,94 @@ function showSignedIn() {
       return o;
     }),
   );
-  if (signedIn) load();
+  if (signedIn) {
+    load();
+    startLive();
+  } else stopLive();
+}
+
+// ---- live view (Server-Sent Events) -----------------------------------------------------
+
+// EventSource cannot send an Authorization header: the read key goes in `?key=`, same-origin.
+const LIVE_ROWS = 50;
+const live = { source: null, key: null, ids: new Set() };
+
+function setLiveState(text) {
+  const el = $('#live-state');
+  el.dataset.liveState = text;
+  el.textContent = { connecting: 'connecting…', open: '● live', reconnecting: 'reconnecting…', closed: 'stopped' }[text] || '';
+}
+function parseData(m) {
+  try {
+    return JSON.parse(m.data);
+  } catch {
+    return null;
+  }
+}
+function stopLive() {
+  live.source?.close();
+  live.source = null;
+  live.key = null;
+  setLiveState('idle');
+}
+function startLive() {
+  const key = currentKey();
+  if (!key || (live.source && live.key === key)) return;
+  stopLive();
+  live.key = key;
+  const es = new EventSource(`/v1/stats/live?key=${encodeURIComponent(key)}`);
+  live.source = es;
+  setLiveState('connecting');
+  es.addEventListener('open', () => setLiveState('open'));
+  es.addEventListener('error', () => setLiveState(es.readyState === EventSource.CLOSED ? 'closed' : 'reconnecting'));
+  es.addEventListener('snapshot', (m) => {
+    const s = parseData(m);
+    if (!s) return;
+    $('[data-live="visitors"]').textContent = String(s.visitors);
+    live.ids = new Set();
+    const ol = document.querySelector('[data-list="live"]');
+    ol.replaceChildren();
+    // Newest first in the snapshot: add the oldest first so each goes on top.
+    for (const e of s.events.slice().reverse()) addLive(e);
+    if (!s.events.length) {
+      const li = document.createElement('li');
+      li.className = 'empty';
+      li.textContent = 'No events in the last 30 minutes';
+      ol.append(li);
+    }
+  });
+  es.addEventListener('event', (m) => {
+    const e = parseData(m);
+    if (e) addLive(e);
+  });
+  es.addEventListener('visitors', (m) => {
+    const v = parseData(m);
+    if (v) $('[data-live="visitors"]').textContent = String(v.visitors);
+  });
+  es.addEventListener('lagged', () => setLiveState('open'));
+}
+
+/** Puts one event on top of the live list (once per id), keeping the newest LIVE_ROWS. */
+function addLive(e) {
+  if (live.ids.has(e.id)) return;
+  live.ids.add(e.id);
+  const ol = document.querySelector('[data-list="live"]');
+  ol.querySelector('li.empty')?.remove();
+  const li = document.createElement('li');
+  li.dataset.key = e.id;
+  li.dataset.value = e.name;
+  const time = document.createElement('time');
+  time.dateTime = e.time;
+  time.textContent = new Date(e.time).toLocaleTimeString();
+  const name = document.createElement('span');
+  name.className = 'key';
+  name.textContent = e.path ? `${e.name} · ${e.path}` : e.name;
+  const who = document.createElement('span');
+  who.className = 'value';
+  who.textContent = [e.browser, e.country].filter(Boolean).join(' · ');
+  li.append(time, name, who);
+  ol.prepend(li);
+  while (ol.children.length > LIVE_ROWS) ol.lastElementChild.remove();
 }
 
 // ---- range and filters ------------------------------------------------------------------
@@ -164,7 +254,14 @@ function api(path, key, params) {
     cache: 'no-store',
   });
 }
+/**
+ * What to tell the user about a failed answer: the API's own message for a refused request
+ * (4xx: our words about the query), never a server error's text (it may carry the database's).
+ */
 async function errorText(r) {
+  if (r.status >= 500) {
+    return 'the collector or its database is busy or unavailable; try again in a moment';
+  }
   try {
     const body = await r.json();
     return body.message || body.error || '';
@@ -211,11 +308,21 @@ async function load() {
           return json('/v1/stats/breakdown', key, p).then((b) => b.rows, (e) => ({ error: e.message }));
         })()
       : Promise.resolve(null);
+  const funnel = state.funnel
+    ? (() => {
+        const p = new URLSearchParams(params);
+        p.set('steps', state.funnel);
+        return json('/v1/stats/funnel', key, p).catch((e) => ({ error: e.message }));
+      })()
+    : Promise.resolve(null);
+  const health = json('/v1/stats/health', key, new URLSearchParams(rng)).catch((e) => ({ error: e.message }));
   try {
-    const [summary, series, propRows, ...rows] = await Promise.all([
+    const [summary, series, propRows, funnelAnswer, healthAnswer, ...rows] = await Promise.all([
       json('/v1/stats/summary', key, params),
       json('/v1/stats/timeseries', key, params),
       props,
+      funnel,
+      health,
       ...lists,
     ]);
     if (id !== state.loadId) return;
@@ -223,6 +330,8 @@ async function load() {
     renderChart(series);
     for (const [list, r] of rows) renderList(list, r);
     renderProps(propRows);
+    renderFunnel(funnelAnswer);
+    renderHealth(healthAnswer);
     dash.dataset.from = rng.from;
     dash.dataset.to = rng.to;
     dash.dataset.query = params.toString();
@@ -316,63 +425,154 @@ function renderProps(rows) {
   else ol.replaceChildren();
 }
 
-function svg(name, attrs = {}) {
-  const el = document.createElementNS(SVG, name);
-  for (const [k, v] of Object.entries(attrs)) el.setAttribute(k, String(v));
-  return el;
+/** The steps of the funnel form as `steps=` text (empty rows skipped), or an error. */
+function funnelSteps() {
+  const steps = [];
+  for (let i = 1; i <= 5; i++) {
+    const value = document.querySelector(`[data-step-value="${i}"]`).value.trim();
+    if (!value) continue;
+    if (value.includes(',')) return { error: `Step ${i}: a step cannot contain a comma.` };
+    steps.push(`${document.querySelector(`[data-step-kind="${i}"]`).value}:${value}`);
+  }
+  if (steps.length < 2) return { error: 'A funnel needs at least two steps.' };
+  return { steps: steps.join(',') };
+}
+
+/** One row per step: sessions (`data-value`), visitors, and the conversion from the step before. */
+function renderFunnel(answer) {
+  const ol = document.querySelector('[data-list="funnel"]');
+  $('#funnel-error').textContent = answer && answer.error ? `Could not load the funnel: ${answer.error}` : '';
+  if (!answer || answer.error) {
+    ol.replaceChildren();
+    return;
+  }
+  const first = Math.max(1, answer.steps[0]?.sessions || 0);
+  ol.replaceChildren(
+    ...answer.steps.map((s, i) => {
+      const li = document.createElement('li');
+      li.dataset.key = s.step;
+      li.dataset.value = String(s.sessions);
+      li.dataset.conversion = String(s.conversion);
+      const bar = document.createElement('span');
+      bar.className = 'bar';
+      bar.style.width = `${(100 * s.sessions) / first}%`;
+      const k = document.createElement('span');
+      k.className = 'key';
+      k.textContent = `${i + 1}. ${s.step}`;
+      const n = document.createElement('span');
+      n.className = 'value';
+      n.textContent = `${s.sessions} sessions · ${s.visitors} visitors${i ? ` · ${plain(s.conversion * 100)}% of step ${i}` : ''}`;
+      li.append(bar, k, n);
+      return li;
+    }),
+  );
+}
+
+const HEALTH = ['accepted', 'duplicates', 'rejected', 'sdk_dropped', 'rate_limited'];
+const HEALTH_FIGURES = [...HEALTH, 'batches_rejected'];
+
+/** Ingest health: totals, rejections by reason, the hours (newest first, at most 48). */
+function renderHealth(h) {
+  const cell = (name) => document.querySelector(`[data-health="${name}"]`);
+  if (!h || h.error) {
+    for (const name of [...HEALTH_FIGURES, 'queue_depth', 'last_commit']) cell(name).textContent = '–';
+    document.querySelector('[data-list="rejected"]').replaceChildren();
+    document.querySelector('[data-list="health"]').replaceChildren();
+    return;
+  }
+  for (const name of HEALTH_FIGURES) cell(name).textContent = String(h.totals[name]);
+  cell('queue_depth').textContent = String(h.queue_depth);
+  cell('last_commit').textContent = h.last_commit ? h.last_commit.replace('T', ' ').slice(0, 19) + ' UTC' : 'none yet';
+  // Events by reason, then whole batches (`batch:<code>`).
+  const reasons = [
+    ...Object.entries(h.totals.rejected_by_reason),
+    ...Object.entries(h.totals.batches_rejected_by_reason).map(([code, n]) => [`batch:${code}`, n]),
+  ]
+    .map(([key, n]) => ({ key, events: n }))
+    .sort((a, b) => b.events - a.events);
+  fillList(document.querySelector('[data-list="rejected"]'), reasons, 'events', null);
+  document.querySelector('[data-list="health"]').replaceChildren(
+    ...h.hours
+      .slice(-48)
+      .reverse()
+      .map((hour) => {
+        const tr = document.createElement('tr');
+        tr.dataset.key = hour.t;
+        tr.dataset.value = String(hour.accepted);
+        const th = document.createElement('th');
+        th.scope = 'row';
+        th.textContent = hour.t.slice(0, 13).replace('T', ' ') + ':00';
+        tr.append(th);
+        for (const name of HEALTH) {
+          const td = document.createElement('td');
+          td.textContent = String(hour[name]);
+          tr.append(td);
+        }
+        return tr;
+      }),
+  );
+}
+
+/** A CSS custom property of the page (the colours follow light and dark mode). */
+function cssVar(name) {
+  return getComputedStyle(document.documentElement).getPropertyValue(name).trim();
 }
 
 /**
- * A line chart of visitors and page views (solid) and the previous period (dashed), as an
- * SVG element. `series` is the /v1/stats/timeseries answer.
+ * uPlot's options and data for a /v1/stats/timeseries answer: visitors and page views, and
+ * the previous period (dashed) drawn over the same x positions, bucket by bucket.
  */
-export function lineChart(series, { width = 960, height = 240 } = {}) {
-  const pad = { l: 40, r: 12, t: 12, b: 28 };
+export function chartSpec(series, { width, height }) {
   const cur = series.buckets;
   const prev = series.previous?.buckets || [];
-  const n = Math.max(cur.length, prev.length, 2);
-  const top = Math.max(1, ...cur.flatMap((b) => [b.visitors, b.pageviews]), ...prev.flatMap((b) => [b.visitors, b.pageviews]));
-  const x = (i) => pad.l + (i * (width - pad.l - pad.r)) / (n - 1);
-  const y = (v) => height - pad.b - (v * (height - pad.t - pad.b)) / top;
-  const root = svg('svg', { viewBox: `0 0 ${width} ${height}`, role: 'img', class: 'line-chart' });
-  const total = (k) => cur.reduce((a, b) => a + b[k], 0);
-  const title = svg('title');
-  title.textContent = `Visitors and page views per ${series.interval} from ${series.from.slice(0, 10)} to ${series.to.slice(0, 10)}: ${total('pageviews')} page views in all, at most ${Math.max(0, ...cur.map((b) => b.visitors))} visitors in one ${series.interval}`;
-  root.append(title);
-  for (const frac of [0, 0.5, 1]) {
-    const v = Math.round(top * frac);
-    root.append(svg('line', { x1: pad.l, x2: width - pad.r, y1: y(v), y2: y(v), class: 'grid' }));
-    const t = svg('text', { x: pad.l - 6, y: y(v) + 4, 'text-anchor': 'end', class: 'axis' });
-    t.textContent = String(v);
-    root.append(t);
-  }
-  const label = (b) => (series.interval === 'hour' ? b.t.slice(11, 16) : b.t.slice(5, 10));
-  if (cur.length) {
-    for (const [i, anchor] of [[0, 'start'], [cur.length - 1, 'end']]) {
-      const t = svg('text', { x: x(i), y: height - 8, 'text-anchor': anchor, class: 'axis' });
-      t.textContent = label(cur[i]);
-      root.append(t);
-    }
-  }
-  const path = (buckets, k, cls) => {
-    if (!buckets.length) return;
-    const d = buckets.map((b, i) => `${i ? 'L' : 'M'}${x(i).toFixed(1)},${y(b[k]).toFixed(1)}`).join(' ');
-    root.append(svg('path', { d, class: cls, fill: 'none' }));
+  const xs = cur.map((b) => Date.parse(b.t) / 1000);
+  const at = (buckets, k) => cur.map((_, i) => (i < buckets.length ? buckets[i][k] : null));
+  const [accent, accent2, muted, line] = ['--accent', '--accent-2', '--muted', '--line'].map(cssVar);
+  const hourly = series.interval === 'hour';
+  const axis = { stroke: muted, grid: { stroke: line, width: 1 }, ticks: { stroke: line, width: 1 } };
+  const opts = {
+    width,
+    height,
+    // Buckets are UTC hours or days: label them in UTC.
+    tzDate: (ts) => uPlot.tzDate(new Date(ts * 1000), 'Etc/UTC'),
+    cursor: { drag: { x: false, y: false } },
+    legend: { live: true },
+    scales: { x: { time: true }, y: { range: (u, min, max) => [0, Math.max(1, max)] } },
+    axes: [
+      { ...axis, values: hourly ? '{HH}:{mm}' : '{MM}-{DD}' },
+      { ...axis, size: 44, values: (u, ticks) => ticks.map((v) => (Number.isInteger(v) ? String(v) : '')) },
+    ],
+    series: [
+      { value: hourly ? '{YYYY}-{MM}-{DD} {HH}:{mm} UTC' : '{YYYY}-{MM}-{DD}' },
+      { label: 'Visitors', stroke: accent, width: 2 },
+      { label: 'Page views', stroke: accent2, width: 2 },
+      { label: 'Visitors (previous)', stroke: accent, width: 1.5, dash: [5, 4], alpha: 0.55 },
+      { label: 'Page views (previous)', stroke: accent2, width: 1.5, dash: [5, 4], alpha: 0.55 },
+    ],
   };
-  path(prev, 'pageviews', 'line pageviews previous');
-  path(prev, 'visitors', 'line visitors previous');
-  path(cur, 'pageviews', 'line pageviews');
-  path(cur, 'visitors', 'line visitors');
-  return root;
+  const data = [xs, at(cur, 'visitors'), at(cur, 'pageviews'), at(prev, 'visitors'), at(prev, 'pageviews')];
+  return { opts, data };
 }
 
-/** Drawn at the container's own width, so the labels keep their size on a phone. */
+/** Drawn at the container's own width (again on resize and on a colour scheme change). */
 function renderChart(series) {
   state.series = series;
   const box = $('#chart');
   const width = Math.max(280, Math.round(box.clientWidth || 960));
-  const height = Math.round(Math.min(260, Math.max(160, width * 0.28)));
-  box.replaceChildren(lineChart(series, { width, height }));
+  const height = Math.round(Math.min(260, Math.max(170, width * 0.28)));
+  const { opts, data } = chartSpec(series, { width, height });
+  state.chart?.destroy();
+  box.replaceChildren();
+  state.chart = new uPlot(opts, data, box);
+  const cur = series.buckets;
+  const total = (k) => cur.reduce((a, b) => a + b[k], 0);
+  box.setAttribute(
+    'aria-label',
+    `Visitors and page views per ${series.interval} from ${series.from.slice(0, 10)} to ${series.to.slice(0, 10)}: ${total('pageviews')} page views in all, at most ${Math.max(0, ...cur.map((b) => b.visitors))} visitors in one ${series.interval}`,
+  );
+  box.dataset.points = String(cur.length);
+  box.dataset.series = opts.series.slice(1).map((s) => s.label).join(',');
+  box.dataset.pageviews = String(total('pageviews'));
 }
 
 // ---- wiring -----------------------------------------------------------------------------
@@ -385,6 +585,7 @@ function init() {
     state.propEvent = null;
     $('#prop-form').hidden = true;
     load();
+    startLive();
   });
   $('#add-key').addEventListener('click', () => {
     $('#signin').hidden = false;
@@ -412,16 +613,28 @@ function init() {
     load();
   });
   $('#apply-range').addEventListener('click', load);
+  $('#funnel-form').addEventListener('submit', (e) => {
+    e.preventDefault();
+    const f = funnelSteps();
+    if (f.error) {
+      $('#funnel-error').textContent = f.error;
+      return;
+    }
+    state.funnel = f.steps;
+    load();
+  });
   $('#prop-form').addEventListener('submit', (e) => {
     e.preventDefault();
     state.prop = $('#prop').value.trim();
     load();
   });
   let resizing;
+  const redraw = () => state.series && !$('#dash').hidden && renderChart(state.series);
   window.addEventListener('resize', () => {
     clearTimeout(resizing);
-    resizing = setTimeout(() => state.series && !$('#dash').hidden && renderChart(state.series), 150);
+    resizing = setTimeout(redraw, 150);
   });
+  window.matchMedia('(prefers-color-scheme: dark)').addEventListener('change', redraw);
   showSignedIn();
 }
 

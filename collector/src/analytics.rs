@@ -35,7 +35,7 @@ const MAX_FILTER_VALUE: usize = 2048;
 /// Range up to which the timeseries uses hour buckets.
 const HOURLY_UP_TO: chrono::Duration = chrono::Duration::days(2);
 /// Name of the page view event.
-const PAGE_VIEW: &str = "page_view";
+pub(crate) const PAGE_VIEW: &str = "page_view";
 
 /// What a breakdown groups by, and what a filter matches on.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -54,6 +54,12 @@ pub enum Dimension {
     Country,
     /// Event name.
     Event,
+    /// `utm_source`, `utm_medium`, `utm_campaign` of the query string of `context.url` (the
+    /// first occurrence, before any `#`; as written in the URL, not percent-decoded). Only
+    /// events whose URL carries the parameter have a value (usually a session's landing page).
+    UtmSource,
+    UtmMedium,
+    UtmCampaign,
     /// `props.<name>` as text; names are `[A-Za-z0-9_ .-]{1,64}`.
     Prop(String),
 }
@@ -75,6 +81,9 @@ impl FromStr for Dimension {
             "device" => Dimension::Device,
             "country" => Dimension::Country,
             "event" => Dimension::Event,
+            "utm_source" => Dimension::UtmSource,
+            "utm_medium" => Dimension::UtmMedium,
+            "utm_campaign" => Dimension::UtmCampaign,
             _ => match s.strip_prefix("prop:") {
                 Some(name) if is_prop_name(name) => Dimension::Prop(name.to_owned()),
                 Some(name) => {
@@ -85,7 +94,8 @@ impl FromStr for Dimension {
                 None => {
                     return Err(ApiError::BadQuery(format!(
                         "unknown by={s:?}: one of page, entry_page, exit_page, referrer, \
-                         browser, os, device, country, event, prop:<name>"
+                         browser, os, device, country, event, utm_source, utm_medium, utm_campaign, \
+                         prop:<name>"
                     )))
                 }
             },
@@ -101,7 +111,7 @@ fn is_prop_name(name: &str) -> bool {
 }
 
 /// The filter query parameters and the dimension each matches (exactly) on.
-pub const FILTER_PARAMS: [(&str, Dimension); 7] = [
+pub const FILTER_PARAMS: [(&str, Dimension); 10] = [
     ("page", Dimension::Page),
     ("event", Dimension::Event),
     ("browser", Dimension::Browser),
@@ -109,6 +119,9 @@ pub const FILTER_PARAMS: [(&str, Dimension); 7] = [
     ("device", Dimension::Device),
     ("country", Dimension::Country),
     ("referrer", Dimension::Referrer),
+    ("utm_source", Dimension::UtmSource),
+    ("utm_medium", Dimension::UtmMedium),
+    ("utm_campaign", Dimension::UtmCampaign),
 ];
 
 /// Filters of a query: each keeps the events whose dimension equals the value (all must hold).
@@ -313,14 +326,15 @@ pub struct Statement {
     pub values: Vec<Value>,
 }
 
-/// Builds one statement: numbered parameters, shared WHERE clauses.
-struct Builder {
+/// Builds one statement: numbered parameters, shared WHERE clauses (also used by
+/// [`crate::funnel`]).
+pub(crate) struct Builder {
     dialect: Dialect,
     values: Vec<Value>,
 }
 
 impl Builder {
-    fn new(dialect: Dialect) -> Builder {
+    pub(crate) fn new(dialect: Dialect) -> Builder {
         Builder {
             dialect,
             values: Vec::new(),
@@ -328,7 +342,7 @@ impl Builder {
     }
 
     /// Adds a value; its placeholder.
-    fn bind(&mut self, value: Value) -> String {
+    pub(crate) fn bind(&mut self, value: Value) -> String {
         self.values.push(value);
         let n = self.values.len();
         match self.dialect {
@@ -338,7 +352,7 @@ impl Builder {
     }
 
     /// `context.<field>` as text (`field` is one of this module's constants).
-    fn context_field(&self, field: &str) -> String {
+    pub(crate) fn context_field(&self, field: &str) -> String {
         match self.dialect {
             Dialect::Postgres => format!("(context ->> '{field}')"),
             Dialect::Sqlite => format!("CAST(json_extract(context, '$.{field}') AS TEXT)"),
@@ -372,6 +386,9 @@ impl Builder {
             Dimension::Device => "device_type".to_owned(),
             Dimension::Country => "country".to_owned(),
             Dimension::Event => "name".to_owned(),
+            Dimension::UtmSource => self.url_param("utm_source"),
+            Dimension::UtmMedium => self.url_param("utm_medium"),
+            Dimension::UtmCampaign => self.url_param("utm_campaign"),
             Dimension::Prop(name) => match self.dialect {
                 Dialect::Postgres => {
                     let p = self.bind(Value::Text(name.clone()));
@@ -386,8 +403,32 @@ impl Builder {
         }
     }
 
+    /// The value of query parameter `name` (one of this module's constants, `[a-z_]`) in
+    /// `context.url`: the first `name=` after the `?` and before any `#`, up to the next
+    /// `&`; NULL when absent or empty. Written with string functions both backends share
+    /// (SQLite has no regular expressions).
+    fn url_param(&self, name: &str) -> String {
+        let find = |hay: &str, needle: &str| match self.dialect {
+            Dialect::Postgres => format!("strpos({hay}, {needle})"),
+            Dialect::Sqlite => format!("instr({hay}, {needle})"),
+        };
+        let url = self.context_field("url");
+        let hash = find(&url, "'#'");
+        let no_fragment =
+            format!("(CASE WHEN {hash} > 0 THEN substr({url}, 1, {hash} - 1) ELSE {url} END)");
+        let mark = find(&no_fragment, "'?'");
+        // The query string with a leading '&', so every parameter starts with '&'.
+        let query =
+            format!("(CASE WHEN {mark} > 0 THEN '&' || substr({no_fragment}, {mark} + 1) END)");
+        let needle = format!("'&{name}='");
+        let at = find(&query, &needle);
+        let rest = format!("substr({query}, {at} + {})", name.len() + 2);
+        let end = find(&format!("({rest} || '&')"), "'&'");
+        format!("nullif(CASE WHEN {at} > 0 THEN substr({rest}, 1, {end} - 1) END, '')")
+    }
+
     /// Project, range and no bots: what every event read satisfies.
-    fn base(&mut self, q: &Query) -> String {
+    pub(crate) fn base(&mut self, q: &Query) -> String {
         let project = self.bind(Value::Project(q.project_id));
         let from = self.bind(Value::Time(q.from));
         let to = self.bind(Value::Time(q.to));
@@ -395,7 +436,7 @@ impl Builder {
     }
 
     /// `base` and the filters.
-    fn selected(&mut self, q: &Query) -> String {
+    pub(crate) fn selected(&mut self, q: &Query) -> String {
         let mut sql = self.base(q);
         for (dimension, value) in &q.filters.0 {
             let expr = self.expr(dimension);
@@ -412,7 +453,7 @@ impl Builder {
         }
     }
 
-    fn finish(self, sql: String) -> Statement {
+    pub(crate) fn finish(self, sql: String) -> Statement {
         Statement {
             sql,
             values: self.values,

@@ -1,5 +1,5 @@
-//! The command line: `serve`, `migrate`, `projects add|list|remove`, `export`, `import`,
-//! `destinations ...` (webhooks).
+//! The command line: `serve`, `sink`, `migrate`, `projects add|list|remove`, `export`,
+//! `import`, `destinations ...` (webhooks).
 //!
 //! Every flag has a `TRACKLET_*` environment equivalent (and `DATABASE_URL`); the parsed
 //! arguments become the structs of [`crate::config`] here, once, and are passed down.
@@ -13,10 +13,13 @@ use anyhow::Context;
 use chrono::Utc;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::config::{self, CommitConfig, DbConfig, RateLimitConfig, ServeConfig};
+use crate::config::{
+    self, CommitConfig, DbConfig, QueueConfig, RateLimitConfig, ServeConfig, SinkConfig,
+};
 use crate::export;
 use crate::http::{self, AppState};
 use crate::metrics;
+use crate::queue::publisher::EventPublisher;
 use crate::ratelimit;
 use crate::receipts;
 use crate::shutdown::Shutdown;
@@ -85,6 +88,9 @@ pub struct DbArgs {
 pub enum Command {
     /// Serve the HTTP API (applies migrations first).
     Serve(ServeArgs),
+    /// Commit the events collectors published to the queue (`serve --queue`) into the
+    /// database; several sinks share the work.
+    Sink(SinkArgs),
     /// Apply database migrations and exit.
     Migrate,
     /// Manage projects (write keys, read keys, allowed origins, rate limits).
@@ -288,6 +294,82 @@ pub struct ServeArgs {
     pub backup_keep: u32,
     #[command(flatten)]
     pub webhooks: WebhookArgs,
+    #[command(flatten)]
+    pub queue: QueueArgs,
+}
+
+/// The queue's flags, shared by `serve` and `sink`.
+#[derive(Debug, Args)]
+pub struct QueueArgs {
+    /// NATS server(s) with JetStream, e.g. `nats://127.0.0.1:4222` (comma-separated for a
+    /// cluster). With it, `serve` publishes accepted events to the stream and answers once
+    /// JetStream acknowledges them; `sink` commits them. Without it, `serve` commits directly.
+    #[arg(long, env = "TRACKLET_QUEUE")]
+    pub queue: Option<String>,
+    /// The JetStream stream (created when missing).
+    #[arg(long, env = "TRACKLET_QUEUE_STREAM", default_value = config::DEFAULT_QUEUE_STREAM)]
+    pub queue_stream: String,
+    /// Subject prefix: project P's events go to `<prefix>.<P>`.
+    #[arg(long, env = "TRACKLET_QUEUE_SUBJECT_PREFIX", default_value = config::DEFAULT_QUEUE_SUBJECT_PREFIX)]
+    pub queue_subject_prefix: String,
+    /// Copies of each message when the stream is created (3 on a three-node cluster).
+    #[arg(long, env = "TRACKLET_QUEUE_REPLICAS", default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=5))]
+    pub queue_replicas: u8,
+    /// Mebibytes of uncommitted events the stream holds before refusing more (collectors
+    /// then answer 503).
+    #[arg(long, env = "TRACKLET_QUEUE_MAX_MB", default_value_t = 4096)]
+    pub queue_max_mb: u64,
+    /// Hours after which an uncommitted event is deleted from the stream (lost): longer than
+    /// any database outage to ride out.
+    #[arg(long, env = "TRACKLET_QUEUE_MAX_AGE_HOURS", default_value_t = 168)]
+    pub queue_max_age_hours: u64,
+    /// Seconds in which JetStream drops a message with an id it has already stored.
+    #[arg(
+        long,
+        env = "TRACKLET_QUEUE_DUPLICATE_WINDOW_SECS",
+        default_value_t = 120
+    )]
+    pub queue_duplicate_window_secs: u64,
+    /// Milliseconds to wait for JetStream's acknowledgement of a publish (503 after).
+    #[arg(
+        long,
+        env = "TRACKLET_QUEUE_PUBLISH_TIMEOUT_MS",
+        default_value_t = 5000
+    )]
+    pub queue_publish_timeout_ms: u64,
+}
+
+#[derive(Debug, Args)]
+pub struct SinkArgs {
+    /// Address of the sink's `/healthz`, `/readyz` and `/metrics`.
+    #[arg(long, env = "TRACKLET_SINK_LISTEN", default_value = "127.0.0.1:9091")]
+    pub listen: SocketAddr,
+    /// Durable consumer name; sinks with the same name share the messages.
+    #[arg(long, env = "TRACKLET_SINK_CONSUMER", default_value = "tracklet-sink")]
+    pub consumer: String,
+    /// Messages asked for per pull request.
+    #[arg(long, env = "TRACKLET_SINK_FETCH_MAX", default_value_t = 256)]
+    pub fetch_max: usize,
+    /// Messages being committed at once, at most (each is one batch).
+    #[arg(long, env = "TRACKLET_SINK_MAX_INFLIGHT", default_value_t = 1024)]
+    pub max_inflight: usize,
+    /// Seconds a delivered message may stay unacknowledged before it is delivered again.
+    #[arg(long, env = "TRACKLET_SINK_ACK_WAIT_SECS", default_value_t = 30)]
+    pub ack_wait_secs: u64,
+    /// Rows per group-commit transaction (at most).
+    #[arg(long, env = "TRACKLET_COMMIT_MAX_ROWS", default_value_t = 2000)]
+    pub commit_max_rows: usize,
+    /// Group-commit transactions in flight at once (keep below --db-max-connections).
+    #[arg(long, env = "TRACKLET_COMMIT_CONCURRENCY", default_value_t = 4)]
+    pub commit_concurrency: usize,
+    /// Monthly partitions to create ahead of the current month.
+    #[arg(long, env = "TRACKLET_PARTITION_MONTHS_AHEAD", default_value_t = 3)]
+    pub partition_months_ahead: u32,
+    /// Seconds allowed for committing in-flight messages on SIGTERM/SIGINT.
+    #[arg(long, env = "TRACKLET_SHUTDOWN_TIMEOUT_SECS", default_value_t = 30)]
+    pub shutdown_timeout_secs: u64,
+    #[command(flatten)]
+    pub queue: QueueArgs,
 }
 
 /// `serve`'s webhook delivery flags.
@@ -418,7 +500,51 @@ impl ServeArgs {
                 keep: self.backup_keep as usize,
             }),
             webhooks: self.webhooks.to_config(),
+            queue: self.queue.to_config(),
         }
+    }
+}
+
+impl QueueArgs {
+    /// `None` without `--queue` (or with an empty one).
+    pub fn to_config(&self) -> Option<QueueConfig> {
+        let url = self.queue.clone().filter(|u| !u.trim().is_empty())?;
+        Some(QueueConfig {
+            url,
+            stream: self.queue_stream.clone(),
+            subject_prefix: self.queue_subject_prefix.trim_end_matches('.').to_owned(),
+            replicas: usize::from(self.queue_replicas),
+            max_bytes: i64::try_from(self.queue_max_mb.max(1).saturating_mul(1024 * 1024))
+                .unwrap_or(i64::MAX),
+            max_age: Duration::from_secs(self.queue_max_age_hours.max(1).saturating_mul(3600)),
+            duplicate_window: Duration::from_secs(self.queue_duplicate_window_secs.max(1)),
+            publish_timeout: Duration::from_millis(self.queue_publish_timeout_ms.max(1)),
+        })
+    }
+}
+
+impl SinkArgs {
+    pub fn to_config(&self) -> anyhow::Result<SinkConfig> {
+        let queue = self
+            .queue
+            .to_config()
+            .context("sink needs --queue nats://HOST:PORT (or TRACKLET_QUEUE)")?;
+        let commit = CommitConfig {
+            max_rows: self.commit_max_rows.max(1),
+            concurrency: self.commit_concurrency.max(1),
+            ..CommitConfig::default()
+        };
+        Ok(SinkConfig {
+            queue,
+            listen: self.listen,
+            consumer: self.consumer.clone(),
+            fetch_max_messages: self.fetch_max.max(1),
+            max_inflight_messages: self.max_inflight.max(1),
+            ack_wait: Duration::from_secs(self.ack_wait_secs.max(1)),
+            commit,
+            partition_months_ahead: self.partition_months_ahead,
+            shutdown_timeout: Duration::from_secs(self.shutdown_timeout_secs),
+        })
     }
 }
 
@@ -440,6 +566,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let db = cli.db.to_config();
     match cli.command {
         Command::Serve(args) => serve(&db, args.to_config()).await,
+        Command::Sink(args) => crate::queue::sink::run(&db, args.to_config()?).await,
         Command::Migrate => {
             let store = open_migrated(&db).await?;
             tracing::info!(backend = store.backend(), "migrations applied");
@@ -721,12 +848,25 @@ pub async fn serve(db: &DbConfig, config: ServeConfig) -> anyhow::Result<()> {
         header_read_timeout: config.header_read_timeout,
         idle_timeout: config.idle_timeout,
     };
+    let queue = config.queue.clone();
     // Fails when the projects cannot be loaded: serving without them would refuse every key.
-    let (state, committer) = AppState::new(config, store.clone()).await?;
+    let (mut state, committer) = AppState::new(config, store.clone()).await?;
+    if let Some(queue) = queue {
+        tracing::info!(url = %queue.url, stream = %queue.stream, "publishing accepted events to the queue");
+        state = state.with_publisher(Arc::new(EventPublisher::start(queue).await?));
+    }
     let projects = state.projects();
+    let health = state.ingest_health();
     tracing::info!(address = %listener.local_addr()?, backend = store.backend(), "listening");
     let upkeep = tokio::spawn(metrics::keep_histograms(shutdown.clone()));
 
+    // Live views (Server-Sent Events) never end by themselves: end them when shutdown starts.
+    let live = state.clone();
+    let live_shutdown = shutdown.clone();
+    tokio::spawn(async move {
+        live_shutdown.wait().await;
+        http::close_live_streams(&live);
+    });
     let server = transport::serve(listener, http::router(state), limits, shutdown.clone());
     // In-flight requests get `shutdown_timeout` to finish once shutdown starts; then the
     // remaining connections are dropped with the server future.
@@ -745,6 +885,8 @@ pub async fn serve(db: &DbConfig, config: ServeConfig) -> anyhow::Result<()> {
         Ok(_) => tracing::info!("commit queue drained; bye"),
         Err(_) => tracing::warn!("commit queue not drained in time"),
     }
+    // The ingest health counts of the last requests (normally written once a second).
+    health.flush(store.as_ref()).await;
     projects.stop();
     maintenance.abort();
     receipt_cleanup.abort();

@@ -18,6 +18,7 @@ use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 
 use crate::config::CommitConfig;
+use crate::live::CommitFeed;
 use crate::metrics;
 use crate::store::{BatchReceipt, EventRow, EventStore, StoreError};
 
@@ -61,6 +62,8 @@ pub struct GroupCommitter {
     byte_capacity: usize,
     queued_rows: Arc<AtomicUsize>,
     config: CommitConfig,
+    /// Told of every successful commit (last commit time, live events).
+    feed: Arc<CommitFeed>,
 }
 
 impl GroupCommitter {
@@ -72,11 +75,13 @@ impl GroupCommitter {
     ) -> (GroupCommitter, JoinHandle<()>) {
         let (jobs, receiver) = mpsc::unbounded_channel();
         let queued_rows = Arc::new(AtomicUsize::new(0));
+        let feed = Arc::new(CommitFeed::default());
         let task = tokio::spawn(run_committer(
             store,
             receiver,
             config.clone(),
             queued_rows.clone(),
+            feed.clone(),
         ));
         let byte_capacity = config
             .queue_capacity_bytes
@@ -88,6 +93,7 @@ impl GroupCommitter {
             byte_capacity,
             queued_rows,
             config,
+            feed,
         };
         (committer, task)
     }
@@ -143,6 +149,11 @@ impl GroupCommitter {
         self.queued_rows.load(Ordering::Relaxed)
     }
 
+    /// What the committer has just committed (last commit time, live events).
+    pub fn feed(&self) -> Arc<CommitFeed> {
+        self.feed.clone()
+    }
+
     /// False when the queue is above its high-water mark (`/readyz` then says not ready).
     pub fn below_high_water(&self) -> bool {
         self.queued_rows() < self.config.high_water_rows
@@ -154,6 +165,7 @@ async fn run_committer(
     mut receiver: mpsc::UnboundedReceiver<Job>,
     config: CommitConfig,
     queued_rows: Arc<AtomicUsize>,
+    feed: Arc<CommitFeed>,
 ) {
     // Up to `concurrency` transactions in flight: while one waits for its commit record to be
     // flushed, the next one gathers the rows that arrived meanwhile and inserts them. Rows
@@ -191,9 +203,14 @@ async fn run_committer(
                 None => break,
             }
         }
-        let (store, config, queued_rows) = (store.clone(), config.clone(), queued_rows.clone());
+        let (store, config, queued_rows, feed) = (
+            store.clone(),
+            config.clone(),
+            queued_rows.clone(),
+            feed.clone(),
+        );
         in_flight.spawn(async move {
-            commit_jobs(store.as_ref(), jobs, &config).await;
+            commit_jobs(store.as_ref(), jobs, &config, &feed).await;
             queued_rows.fetch_sub(rows, Ordering::Relaxed);
             metrics::queue_depth(queued_rows.load(Ordering::Relaxed));
             drop(slot);
@@ -207,7 +224,12 @@ async fn run_committer(
 /// Commits the rows of `jobs` in one transaction and answers each job. If the transaction
 /// fails for any reason but an outage, each job is retried alone so that one request whose
 /// rows the database will not take cannot fail the others.
-async fn commit_jobs(store: &dyn EventStore, jobs: Vec<Job>, config: &CommitConfig) {
+async fn commit_jobs(
+    store: &dyn EventStore,
+    jobs: Vec<Job>,
+    config: &CommitConfig,
+    feed: &CommitFeed,
+) {
     // Move (not copy) every job's rows and receipt into one slice each; each job keeps its
     // ranges.
     let mut rows = Vec::with_capacity(jobs.iter().map(|j| j.rows.len()).sum());
@@ -229,14 +251,23 @@ async fn commit_jobs(store: &dyn EventStore, jobs: Vec<Job>, config: &CommitConf
             for (range, _, reply, _capacity) in answers {
                 let _ = reply.send(Ok(inserted.get(range).unwrap_or_default().to_vec()));
             }
+            // After the answers: the requests never wait for the live view.
+            feed.committed(&rows, &inserted);
         }
         Err(e) if !e.is_outage() && answers.len() > 1 => {
             tracing::warn!(error = %e, jobs = answers.len(), "group commit refused; committing requests one by one");
             for (range, receipt_range, reply, _capacity) in answers {
-                let result =
-                    insert_with_retry(store, &rows[range], &receipts[receipt_range], config)
-                        .await
-                        .map_err(to_commit_error);
+                let result = insert_with_retry(
+                    store,
+                    &rows[range.clone()],
+                    &receipts[receipt_range],
+                    config,
+                )
+                .await
+                .map_err(to_commit_error);
+                if let Ok(inserted) = &result {
+                    feed.committed(&rows[range], inserted);
+                }
                 let _ = reply.send(result);
             }
         }

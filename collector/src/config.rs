@@ -103,6 +103,9 @@ pub struct ServeConfig {
     pub backup: Option<crate::export::BackupConfig>,
     /// Webhook delivery workers (`--webhook-*`).
     pub webhooks: crate::webhooks::WebhookConfig,
+    /// `--queue`: publish accepted events to NATS JetStream (answer once it acknowledges)
+    /// instead of committing them here; `sink` commits them. `None`: direct group commit.
+    pub queue: Option<QueueConfig>,
 }
 
 /// Default of [`ServeConfig::max_connections`].
@@ -140,8 +143,59 @@ impl Default for ServeConfig {
             rate_limit: RateLimitConfig::default(),
             backup: None,
             webhooks: crate::webhooks::WebhookConfig::default(),
+            queue: None,
         }
     }
+}
+
+/// The JetStream stream between collectors and sinks (see [`crate::queue`]); `serve --queue`
+/// and `sink` take the same flags, and either creates the stream when it is missing.
+#[derive(Debug, Clone)]
+pub struct QueueConfig {
+    /// `nats://HOST:PORT` (several, comma-separated, for a cluster).
+    pub url: String,
+    /// The stream's name.
+    pub stream: String,
+    /// Events of project P go to subject `<subject_prefix>.<P>`; the stream holds
+    /// `<subject_prefix>.>`.
+    pub subject_prefix: String,
+    /// Copies of every message in a cluster (1 on a single server, 3 in production).
+    pub replicas: usize,
+    /// Bytes the stream may hold before publishes are refused (the collectors answer 503).
+    pub max_bytes: i64,
+    /// Age after which a message not yet committed by a sink is deleted (lost): longer than
+    /// any database outage to be ridden out.
+    pub max_age: Duration,
+    /// Window in which JetStream drops a message whose `Nats-Msg-Id` it has already seen.
+    pub duplicate_window: Duration,
+    /// Longest wait for JetStream's acknowledgement of a publish (503 after).
+    pub publish_timeout: Duration,
+}
+
+/// Default of [`QueueConfig::stream`].
+pub const DEFAULT_QUEUE_STREAM: &str = "TRACKLET_EVENTS";
+/// Default of [`QueueConfig::subject_prefix`].
+pub const DEFAULT_QUEUE_SUBJECT_PREFIX: &str = "tracklet.events";
+
+/// Everything `sink` needs besides the database.
+#[derive(Debug, Clone)]
+pub struct SinkConfig {
+    pub queue: QueueConfig,
+    /// Address of `/healthz`, `/readyz` and `/metrics`.
+    pub listen: SocketAddr,
+    /// The durable consumer's name; sinks sharing it share the work.
+    pub consumer: String,
+    /// Messages asked for per pull request.
+    pub fetch_max_messages: usize,
+    /// Messages received but not yet committed and acknowledged, at most.
+    pub max_inflight_messages: usize,
+    /// A message not acknowledged this long after delivery is delivered again (to any sink).
+    pub ack_wait: Duration,
+    pub commit: CommitConfig,
+    /// Monthly partitions to create ahead of the current month.
+    pub partition_months_ahead: u32,
+    /// Longest wait for in-flight commits on shutdown.
+    pub shutdown_timeout: Duration,
 }
 
 /// `n` days as a [`Duration`].

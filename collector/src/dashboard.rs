@@ -1,5 +1,6 @@
-//! `GET /dashboard`: the dashboard page (one HTML file, one script, one stylesheet, embedded
-//! in the binary with `include_str!`; nothing is loaded from anywhere else). The page reads
+//! `GET /dashboard`: the dashboard page (one HTML file, one script, one stylesheet, and the
+//! vendored uPlot chart library's script, stylesheet and licence, all embedded in the binary
+//! with `include_str!`; nothing is loaded from anywhere else). The page reads
 //! the stats API of [`crate::analytics`] with a read key the user pastes (kept in the tab's
 //! `sessionStorage`). See `docs/dashboard.md`.
 
@@ -11,6 +12,11 @@ use axum::Router;
 const INDEX_HTML: &str = include_str!("../dashboard/index.html");
 const APP_JS: &str = include_str!("../dashboard/app.js");
 const APP_CSS: &str = include_str!("../dashboard/app.css");
+/// uPlot, byte for byte as in the npm package of the version pinned in the root
+/// `package.json` (`tests/e2e/dashboard.test.mjs` checks it; `npm run vendor-uplot` copies).
+const UPLOT_JS: &str = include_str!("../dashboard/vendor/uPlot.iife.min.js");
+const UPLOT_CSS: &str = include_str!("../dashboard/vendor/uPlot.min.css");
+const UPLOT_LICENSE: &str = include_str!("../dashboard/vendor/uPlot.LICENSE");
 
 /// The page's Content-Security-Policy: only its own origin; no inline script or style, no
 /// framing, no plugins.
@@ -25,6 +31,18 @@ pub fn routes<S: Clone + Send + Sync + 'static>() -> Router<S> {
         .route("/dashboard/", get(index))
         .route("/dashboard/app.js", get(script))
         .route("/dashboard/app.css", get(stylesheet))
+        .route(
+            "/dashboard/vendor/uPlot.iife.min.js",
+            get(|| async { answer("text/javascript; charset=utf-8", UPLOT_JS) }),
+        )
+        .route(
+            "/dashboard/vendor/uPlot.min.css",
+            get(|| async { answer("text/css; charset=utf-8", UPLOT_CSS) }),
+        )
+        .route(
+            "/dashboard/vendor/uPlot.LICENSE",
+            get(|| async { answer("text/plain; charset=utf-8", UPLOT_LICENSE) }),
+        )
 }
 
 fn answer(content_type: &'static str, body: &'static str) -> Response {
@@ -81,6 +99,15 @@ mod tests {
             ("/dashboard/", "text/html; charset=utf-8"),
             ("/dashboard/app.js", "text/javascript; charset=utf-8"),
             ("/dashboard/app.css", "text/css; charset=utf-8"),
+            (
+                "/dashboard/vendor/uPlot.iife.min.js",
+                "text/javascript; charset=utf-8",
+            ),
+            ("/dashboard/vendor/uPlot.min.css", "text/css; charset=utf-8"),
+            (
+                "/dashboard/vendor/uPlot.LICENSE",
+                "text/plain; charset=utf-8",
+            ),
         ] {
             let r = get_path(path).await;
             assert_eq!(r.status(), StatusCode::OK, "{path}");
@@ -93,7 +120,10 @@ mod tests {
     #[test]
     fn the_page_has_no_inline_script_and_loads_nothing_from_elsewhere() {
         assert!(INDEX_HTML.contains(r#"<script type="module" src="/dashboard/app.js"></script>"#));
-        assert_eq!(INDEX_HTML.matches("<script").count(), 1);
+        assert!(
+            INDEX_HTML.contains(r#"<script src="/dashboard/vendor/uPlot.iife.min.js"></script>"#)
+        );
+        assert_eq!(INDEX_HTML.matches("<script").count(), 2);
         assert!(!INDEX_HTML.contains("style="));
         for handler in [
             "onclick=",
@@ -107,7 +137,12 @@ mod tests {
                 "no inline event handler {handler}"
             );
         }
-        for text in [INDEX_HTML, APP_JS, APP_CSS] {
+        // uPlot's only URL is in its banner comment.
+        let uplot_banner = UPLOT_JS.lines().next().unwrap_or_default();
+        assert!(uplot_banner.starts_with("/*! https://github.com/leeoniya/uPlot (v"));
+        let uplot_rest = &UPLOT_JS[uplot_banner.len()..];
+        assert!(UPLOT_LICENSE.contains("MIT License"));
+        for text in [INDEX_HTML, APP_JS, APP_CSS, uplot_rest, UPLOT_CSS] {
             // The SVG namespace is a name, not something loaded.
             let text = text.replace("http://www.w3.org/2000/svg", "");
             assert!(
@@ -119,6 +154,10 @@ mod tests {
         assert!(
             !APP_JS.contains("innerHTML"),
             "the script builds the DOM with nodes"
+        );
+        assert!(
+            !UPLOT_JS.contains("eval(") && !UPLOT_JS.contains("new Function"),
+            "uPlot runs under the CSP (no eval)"
         );
     }
 }

@@ -13,6 +13,7 @@ use tracklet_wire::types::ErrorBody;
 use crate::auth::AuthError;
 use crate::commit::CommitError;
 use crate::decode::DecodeError;
+use crate::queue::QueueError;
 use crate::ratelimit::RateLimited;
 use crate::store::StoreError;
 
@@ -31,6 +32,9 @@ pub enum ApiError {
     Commit(#[from] CommitError),
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// `serve --queue`: JetStream did not take the batch (unreachable, full, too slow).
+    #[error(transparent)]
+    Queue(#[from] QueueError),
     #[error("invalid query: {0}")]
     BadQuery(String),
     /// A stats API query ran past its deadline: the server's load, not the client's fault.
@@ -96,7 +100,10 @@ impl ApiError {
                 // every other failure is the server's and answered 503 above.
                 CommitError::Refused(_) => (S::BAD_REQUEST, error_code::MALFORMED, None),
             },
-            ApiError::Store(_) | ApiError::Overloaded | ApiError::QueryTimeout => unavailable,
+            ApiError::Store(_)
+            | ApiError::Queue(_)
+            | ApiError::Overloaded
+            | ApiError::QueryTimeout => unavailable,
             ApiError::BadQuery(_) => (S::BAD_REQUEST, error_code::MALFORMED, None),
             ApiError::NotFound => (S::NOT_FOUND, error_code::MALFORMED, None),
             ApiError::Internal(_) => (S::INTERNAL_SERVER_ERROR, error_code::UNAVAILABLE, None),

@@ -37,8 +37,10 @@ use crate::decode::{self, BodyMemory, DecodeError, Encoding, Held};
 use crate::enrich::{self, EnrichError, Enricher};
 use crate::error::{ApiError, UNAVAILABLE_RETRY_AFTER_SECS};
 use crate::export;
+use crate::health::{Counter, IngestHealth};
 use crate::limits::{MAX_BATCH_STATUS_BODY_BYTES, MAX_BODY_BYTES};
 use crate::metrics;
+use crate::queue::publisher::EventPublisher;
 use crate::ratelimit::RateLimiter;
 use crate::receipts;
 use crate::stats;
@@ -59,6 +61,10 @@ pub struct AppState {
     /// Bytes all request bodies may hold at once, compressed and inflated (bounds memory).
     body_memory: BodyMemory,
     metrics: PrometheusHandle,
+    /// Ingest health counts waiting for their flush ([`crate::health`]).
+    health: Arc<IngestHealth>,
+    /// `--queue`: accepted events are published to JetStream instead of committed here.
+    publisher: Option<Arc<EventPublisher>>,
 }
 
 /// Why the state could not be built (the server does not start).
@@ -83,7 +89,10 @@ impl AppState {
         let projects =
             ProjectDirectory::start(store.clone(), config.projects_refresh_interval).await?;
         let (committer, task) = GroupCommitter::start(store.clone(), config.commit.clone());
+        let health = Arc::new(IngestHealth::default());
+        IngestHealth::start_flushing(health.clone(), store.clone());
         let state = AppState {
+            health,
             projects,
             limiter: Arc::new(RateLimiter::new(config.rate_limit.clone())),
             inflight: Arc::new(tokio::sync::Semaphore::new(config.max_inflight_batches)),
@@ -93,13 +102,25 @@ impl AppState {
             committer,
             enricher: Arc::new(enricher),
             metrics: metrics::install(),
+            publisher: None,
         };
         Ok((state, task))
+    }
+
+    /// Publishes accepted batches to the queue (`serve --queue`) instead of committing them.
+    pub fn with_publisher(mut self, publisher: Arc<EventPublisher>) -> AppState {
+        self.publisher = Some(publisher);
+        self
     }
 
     /// The projects kept in memory (to stop their reloading at shutdown, or reload now).
     pub fn projects(&self) -> Arc<ProjectDirectory> {
         self.projects.clone()
+    }
+
+    /// The ingest health counts not yet written (flushed once more at shutdown).
+    pub fn ingest_health(&self) -> Arc<IngestHealth> {
+        self.health.clone()
     }
 }
 
@@ -133,6 +154,9 @@ pub fn router(state: AppState) -> Router {
             "/v1/destinations/status",
             get(get_destinations_status).options(preflight),
         )
+        .route("/v1/stats/funnel", get(get_funnel).options(preflight))
+        .route("/v1/stats/health", get(get_health).options(preflight))
+        .route("/v1/stats/live", get(get_live).options(preflight))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(render_metrics))
@@ -250,7 +274,14 @@ async fn receive_batch(state: &AppState, request: Request) -> Result<BatchRespon
     let project = writing_project(state, &parts.uri, headers).await?;
     // Refuse at once, before the body, when the project or the client has no tokens left.
     let client_ip = request_client_ip(state, &parts);
-    state.limiter.check_open(&project, client_ip)?;
+    state
+        .limiter
+        .check_open(&project, client_ip)
+        .inspect_err(|_| {
+            state
+                .health
+                .add(project.id, received_at, Counter::RateLimited, 1)
+        })?;
 
     // Read the body first (at most 1 MiB, within the body deadline), holding no shared
     // permit: a client trickling its body slowly holds only its own connection, never a
@@ -258,7 +289,10 @@ async fn receive_batch(state: &AppState, request: Request) -> Result<BatchRespon
     // Every byte of body held, compressed or inflated, counts against the collector's body
     // memory until the body is dropped (503 when it is all taken).
     let mut held = state.body_memory.hold(project.id);
-    let (raw, encoding) = read_raw_body(state, headers, body, MAX_BODY_BYTES, &mut held).await?;
+    let (raw, encoding) = read_raw_body(state, headers, body, MAX_BODY_BYTES, &mut held)
+        .await
+        .map_err(ApiError::from)
+        .inspect_err(|e| count_refused_batch(state, &project, received_at, e))?;
 
     // Bounded work in progress: shed load rather than buffer without limit. The permit covers
     // inflating and decoding (the memory-hungry part, up to 10 MiB per batch); once the rows
@@ -297,21 +331,55 @@ async fn receive_batch(state: &AppState, request: Request) -> Result<BatchRespon
             decoded
         })
         .await
-        .map_err(|e| ApiError::Internal(format!("decoding task failed: {e}")))??
-    };
+        .map_err(|e| ApiError::Internal(format!("decoding task failed: {e}")))?
+    }
+    .inspect_err(|e| count_refused_batch(state, &project, received_at, e))?;
     drop(inflight);
 
-    // Group commit: returns only once the rows are committed.
-    let inserted = state.committer.commit(rows, receipt).await?;
-    let accepted = inserted.iter().filter(|new| **new).count() as u64;
-    let duplicates = (inserted.len() as u64 - accepted) + repeats;
+    // With a queue: returns once JetStream has acknowledged the rows (a sink commits them;
+    // events stored before are then dropped there, and counted here as accepted).
+    let (accepted, duplicates) = if let Some(publisher) = &state.publisher {
+        let published = publisher
+            .publish(project.id, rows, receipt)
+            .await
+            .map_err(ApiError::from)
+            .inspect_err(|e| count_refused_batch(state, &project, received_at, e))?;
+        (published.events, published.duplicates + repeats)
+    } else {
+        // Group commit: returns only once the rows are committed.
+        let inserted = state
+            .committer
+            .commit(rows, receipt)
+            .await
+            .map_err(ApiError::from)
+            .inspect_err(|e| count_refused_batch(state, &project, received_at, e))?;
+        let accepted = inserted.iter().filter(|new| **new).count() as u64;
+        (accepted, (inserted.len() as u64 - accepted) + repeats)
+    };
     metrics::events_accepted(accepted);
     metrics::events_duplicate(duplicates);
+    state
+        .health
+        .add(project.id, received_at, Counter::Accepted, accepted);
+    state
+        .health
+        .add(project.id, received_at, Counter::Duplicates, duplicates);
     Ok(BatchResponse {
         accepted,
         duplicates,
         rejected,
     })
+}
+
+/// Counts a whole batch refused for its content (a 4xx other than 429, which is counted as
+/// rate-limited) in the project's ingest health, by its error code.
+fn count_refused_batch(state: &AppState, project: &Project, at: DateTime<Utc>, e: &ApiError) {
+    let (status, code, _) = e.status_code_and_retry();
+    if status.is_client_error() && status != StatusCode::TOO_MANY_REQUESTS {
+        state
+            .health
+            .add(project.id, at, Counter::BatchRejected(code), 1);
+    }
 }
 
 /// A batch decoded, validated and enriched: what waits for the commit and what is answered.
@@ -343,17 +411,31 @@ fn decode_batch(
     metrics::batch_received(envelope.events.len());
     if envelope.dropped > 0 {
         metrics::sdk_dropped(envelope.dropped);
+        state.health.add(
+            project.id,
+            received_at,
+            Counter::SdkDropped,
+            envelope.dropped,
+        );
     }
 
     // Back-pressure: the batch costs its full event count (project and client address).
     state
         .limiter
-        .charge(project, client_ip, envelope.events.len())?;
+        .charge(project, client_ip, envelope.events.len())
+        .inspect_err(|_| {
+            state
+                .health
+                .add(project.id, received_at, Counter::RateLimited, 1)
+        })?;
 
     // Validate each event on its own; repeats of an id within the batch are stored once.
     let validated = validate::validate_batch(&envelope.events);
     for (_, code) in &validated.rejected {
         metrics::event_rejected(code);
+        state
+            .health
+            .add(project.id, received_at, Counter::Rejected(code), 1);
     }
     let mut seen = HashSet::with_capacity(validated.valid.len());
     let (unique, repeats): (Vec<_>, Vec<_>) =
@@ -705,11 +787,99 @@ async fn get_breakdown(
     cors_answer(header_str(&headers, &header::ORIGIN), result)
 }
 
+/// `GET /v1/stats/funnel?steps=` with the read key.
+async fn get_funnel(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    uri: axum::http::Uri,
+) -> Response {
+    let result = async {
+        let q = analytics_query(&state, &headers, &uri)?;
+        let steps = crate::funnel::parse_steps(auth::query_param(&uri, "steps").as_deref())?;
+        let rows = within_deadline(state.store.analytics_funnel(&q, &steps)).await?;
+        Ok(crate::funnel::assemble(&q, &steps, &rows))
+    }
+    .await;
+    cors_answer(header_str(&headers, &header::ORIGIN), result)
+}
+
+/// `GET /v1/stats/health` with the read key: the project's ingest counts per hour, and this
+/// collector's commit queue.
+async fn get_health(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    uri: axum::http::Uri,
+) -> Response {
+    let result = async {
+        let q = analytics_query(&state, &headers, &uri)?;
+        let rows = within_deadline(state.store.analytics_health(&q)).await?;
+        Ok(crate::health::Health::assemble(
+            &q,
+            &rows,
+            state.committer.queued_rows(),
+            state.committer.feed().last_commit(),
+        ))
+    }
+    .await;
+    cors_answer(header_str(&headers, &header::ORIGIN), result)
+}
+
+/// `GET /v1/stats/live` with the read key (`?key=`, as `EventSource` cannot send headers, or
+/// `Authorization: Bearer`): Server-Sent Events, see [`crate::live::sse_events`]. Refusals
+/// and a failed first read are ordinary JSON errors, before the stream starts.
+async fn get_live(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    uri: axum::http::Uri,
+) -> Response {
+    let origin = header_str(&headers, &header::ORIGIN);
+    let result = async {
+        let key = auth::request_key(&uri, &headers).ok_or(AuthError::MissingKey)?;
+        let project = state.projects.by_read_key(&key)?;
+        auth::check_origin(&project, origin)?;
+        let source = state
+            .committer
+            .feed()
+            .source(project.id, state.store.clone());
+        let q = crate::live::live_query(project.id, Utc::now());
+        let (visitors, recent) =
+            within_deadline(state.store.analytics_live(&q, crate::live::RECENT_EVENTS)).await?;
+        let snapshot = crate::live::Snapshot {
+            visitors,
+            window_minutes: crate::live::LIVE_WINDOW.num_minutes(),
+            events: recent
+                .into_iter()
+                .filter_map(|row| crate::live::LiveEvent::from_recent(project.id, row))
+                .collect(),
+        };
+        Ok::<_, ApiError>(crate::live::sse_events(snapshot, source))
+    }
+    .await;
+    match result {
+        Ok(events) => {
+            let mut response = axum::response::sse::Sse::new(events)
+                .keep_alive(axum::response::sse::KeepAlive::default())
+                .into_response();
+            if let Some(origin) = origin {
+                add_cors_headers(response.headers_mut(), origin);
+            }
+            response
+        }
+        Err(e) => cors_answer::<()>(origin, Err(e)),
+    }
+}
+
+/// Ends every live stream (`GET /v1/stats/live`), so connections can close at shutdown.
+pub fn close_live_streams(state: &AppState) {
+    state.committer.feed().close();
+}
+
 async fn healthz() -> Json<serde_json::Value> {
     Json(serde_json::json!({ "status": "ok" }))
 }
 
-/// Ready when the database answers and the commit queue is below its high-water mark.
+/// Ready when the database answers and the commit queue is below its high-water mark; with
+/// `--queue`, when NATS is connected (the database's state is reported, not required).
 async fn readyz(State(state): State<AppState>) -> Response {
     let database = match tokio::time::timeout(Duration::from_secs(2), state.store.ping()).await {
         Ok(Ok(())) => Ok(()),
@@ -717,14 +887,29 @@ async fn readyz(State(state): State<AppState>) -> Response {
         Err(_) => Err("database ping timed out".to_owned()),
     };
     let queue_ok = state.committer.below_high_water();
-    let ready = database.is_ok() && queue_ok;
-    let body = Json(serde_json::json!({
+    // With --queue, the batches go to JetStream: its connection is what readiness means.
+    let stream = state
+        .publisher
+        .as_ref()
+        .map(|p| (p.stream_name(), p.is_connected()));
+    let stream_ok = stream.is_none_or(|(_, connected)| connected);
+    // With --queue a batch needs JetStream, not the database (projects are held in memory):
+    // a database outage must not take every collector out of the balancer.
+    let ready = (database.is_ok() || stream.is_some()) && queue_ok && stream_ok;
+    let mut body = serde_json::json!({
         "status": if ready { "ready" } else { "not_ready" },
         "backend": state.store.backend(),
         "database": database.err().unwrap_or_else(|| "ok".to_owned()),
         "queued_rows": state.committer.queued_rows(),
         "queue_below_high_water": queue_ok,
-    }));
+    });
+    if let Some((name, connected)) = stream {
+        body["stream"] = serde_json::json!({
+            "name": name,
+            "status": if connected { "ok" } else { "unreachable" },
+        });
+    }
+    let body = Json(body);
     if ready {
         (StatusCode::OK, body).into_response()
     } else {

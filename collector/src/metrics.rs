@@ -113,6 +113,44 @@ pub fn receipts_expired(n: u64) {
     metrics::counter!("tracklet_batch_receipts_expired_total").increment(n);
 }
 
+/// A batch published to the queue (`serve --queue`): how long JetStream took to acknowledge,
+/// and the outcome (`ok`, or why it failed).
+pub fn queue_published(elapsed: Duration, error: Option<&crate::queue::QueueError>) {
+    use crate::queue::QueueError as E;
+    let outcome = match error {
+        None => "ok",
+        Some(E::Unreachable(_)) => "unreachable",
+        Some(E::Full(_)) => "full",
+        Some(E::Timeout) => "timeout",
+        Some(E::Failed(_) | E::Encode(_)) => "failed",
+    };
+    metrics::counter!("tracklet_queue_publishes_total", "outcome" => outcome).increment(1);
+    metrics::histogram!("tracklet_queue_publish_duration_seconds", "outcome" => outcome)
+        .record(elapsed.as_secs_f64());
+}
+
+/// Queue messages a sink has finished with: `committed` (acknowledged), `retried` (the
+/// commit failed; redelivered later), `refused` (the database refused the data) or
+/// `unreadable` (not a record this sink reads); the last two are terminated.
+pub fn sink_messages(outcome: &'static str, n: u64) {
+    metrics::counter!("tracklet_sink_messages_total", "outcome" => outcome).increment(n);
+}
+
+/// Events a sink committed: newly stored, or already stored (a redelivery, a resend).
+pub fn sink_events(stored: u64, duplicates: u64) {
+    metrics::counter!("tracklet_sink_events_total", "outcome" => "stored").increment(stored);
+    metrics::counter!("tracklet_sink_events_total", "outcome" => "duplicate").increment(duplicates);
+}
+
+/// The consumer's lag, refreshed every few seconds by each sink: messages in the stream
+/// not yet committed (`pending`: not yet delivered; `ack_pending`: delivered, not yet
+/// acknowledged) and the age of the oldest.
+pub fn queue_lag(pending: u64, ack_pending: u64, oldest_age: Duration) {
+    metrics::gauge!("tracklet_queue_pending_messages").set(pending as f64);
+    metrics::gauge!("tracklet_queue_ack_pending_messages").set(ack_pending as f64);
+    metrics::gauge!("tracklet_queue_oldest_pending_seconds").set(oldest_age.as_secs_f64());
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

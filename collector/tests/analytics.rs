@@ -52,22 +52,6 @@ fn ev(
     e
 }
 
-/// Posts `events` with `user_agent` (if any) through the batch endpoint.
-async fn post_as(app: &TestApp, user_agent: Option<&str>, sent_at: u64, events: Vec<Value>) {
-    let count = events.len();
-    let mut request = Request::post(app.batch_uri())
-        .header("content-type", "text/plain")
-        .header("origin", ORIGIN);
-    if let Some(ua) = user_agent {
-        request = request.header("user-agent", ua);
-    }
-    let a = app
-        .send(request.body(Body::from(batch(sent_at, events))).unwrap())
-        .await;
-    assert_eq!(a.status, StatusCode::OK, "{}", a.text);
-    assert_eq!(a.json["accepted"], count, "{}", a.text);
-}
-
 /// Sends the data set; returns `sent_at` (about now).
 async fn load(app: &TestApp) -> u64 {
     let s = Utc::now().timestamp_millis() as u64;
@@ -174,19 +158,6 @@ async fn load(app: &TestApp) -> u64 {
     s
 }
 
-/// The last day up to an hour from now (ms since the epoch).
-fn last_day(sent_at: u64) -> String {
-    format!("from={}&to={}", sent_at - 86_400_000, sent_at + 3_600_000)
-}
-
-async fn get(app: &TestApp, path: &str, query: &str) -> Answer {
-    let a = app
-        .get(&format!("{path}?key={}&{query}", app.project.read_key))
-        .await;
-    assert_eq!(a.status, StatusCode::OK, "{path}?{query}: {}", a.text);
-    a
-}
-
 async fn summary(app: &TestApp, query: &str) -> Value {
     let a = get(app, "/v1/stats/summary", query).await;
     let j = &a.json;
@@ -198,17 +169,6 @@ async fn summary(app: &TestApp, query: &str) -> Value {
         j["bounce_rate"],
         j["avg_session_seconds"]
     ])
-}
-
-/// Breakdown rows as `[key, visitors, events]`.
-async fn breakdown(app: &TestApp, query: &str) -> Value {
-    let a = get(app, "/v1/stats/breakdown", query).await;
-    a.json["rows"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| json!([r["key"], r["visitors"], r["events"]]))
-        .collect()
 }
 
 on_both_backends!(summary_counts_match_hand_counts, |backend| async move {

@@ -115,6 +115,32 @@ impl EventStore for Counting {
     ) -> Result<Vec<(String, i64, i64)>, StoreError> {
         self.inner.analytics_breakdown(q, by, limit).await
     }
+    async fn analytics_funnel(
+        &self,
+        q: &analytics::Query,
+        steps: &[tracklet_collector::funnel::Step],
+    ) -> Result<Vec<(i64, i64, i64)>, StoreError> {
+        self.inner.analytics_funnel(q, steps).await
+    }
+    async fn record_ingest_health(
+        &self,
+        counts: &[tracklet_collector::health::HealthCount],
+    ) -> Result<(), StoreError> {
+        self.inner.record_ingest_health(counts).await
+    }
+    async fn analytics_health(
+        &self,
+        q: &analytics::Query,
+    ) -> Result<Vec<(i64, String, i64)>, StoreError> {
+        self.inner.analytics_health(q).await
+    }
+    async fn analytics_live(
+        &self,
+        q: &analytics::Query,
+        limit: u32,
+    ) -> Result<(i64, Vec<tracklet_collector::live::RecentRow>), StoreError> {
+        self.inner.analytics_live(q, limit).await
+    }
     async fn maintain_partitions(
         &self,
         now: DateTime<Utc>,

@@ -4,7 +4,7 @@
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn, execFileSync } from 'node:child_process';
-import { existsSync, mkdirSync } from 'node:fs';
+import { existsSync, mkdirSync, readFileSync } from 'node:fs';
 import { randomUUID } from 'node:crypto';
 import { join } from 'node:path';
 import { root, need, freePort, freshDatabase, launchBrowser } from './harness.mjs';
@@ -21,6 +21,9 @@ const LISTS = {
   entry_pages: ['entry_page', 'visitors'],
   exit_pages: ['exit_page', 'visitors'],
   referrers: ['referrer', 'visitors'],
+  utm_sources: ['utm_source', 'visitors'],
+  utm_mediums: ['utm_medium', 'visitors'],
+  utm_campaigns: ['utm_campaign', 'visitors'],
   browsers: ['browser', 'visitors'],
   os: ['os', 'visitors'],
   devices: ['device', 'visitors'],
@@ -97,9 +100,10 @@ before(async () => {
   }
   const home = (path, referrer) => ({ path, ...(referrer ? { referrer } : {}) });
   const wk = projects[0].write_key;
+  const campaign = 'https://shop.example/?utm_source=newsletter&utm_medium=email&utm_campaign=launch';
   // Desktop Chrome: visitor A (two sessions) and visitor C.
   await postBatch(wk, CHROME_WINDOWS, [
-    event('page_view', 'visitor-a', 'session-1', 30, home('/', 'https://www.google.com/search?q=x')),
+    event('page_view', 'visitor-a', 'session-1', 30, { ...home('/', 'https://www.google.com/search?q=x'), url: campaign }),
     event('page_view', 'visitor-a', 'session-1', 29, home('/pricing')),
     event('Signup', 'visitor-a', 'session-1', 28, home('/pricing'), { plan: 'pro' }),
     event('page_view', 'visitor-a', 'session-4', 10, home('/docs')),
@@ -161,6 +165,16 @@ async function ready(page, want = () => true) {
   }
 }
 
+/** Pixels of the chart's canvas that are not transparent (its lines, axes and grid). */
+async function inkedPixels(page) {
+  return page.$eval('#chart .uplot canvas', (c) => {
+    const { data } = c.getContext('2d').getImageData(0, 0, c.width, c.height);
+    let n = 0;
+    for (let i = 3; i < data.length; i += 4) if (data[i] > 0) n++;
+    return n;
+  });
+}
+
 /** Every figure and list on the page equals the API's answer for the page's own query. */
 async function assertMatchesApi(page, readKey) {
   const query = await page.$eval('#dash', (d) => d.dataset.query);
@@ -191,17 +205,30 @@ test('signed in with the read key, every figure and list equals the stats API; a
   const all = await assertMatchesApi(page, rk);
   assert.deepEqual([all.visitors, all.sessions, all.pageviews, all.events], [4, 5, 7, 10]);
   assert.ok((await page.$$eval('[data-list="pages"] li[data-key]', (l) => l.length)) === 3);
-  // The chart: both series and the previous period, dashed by its class.
-  assert.equal(await page.$$eval('#chart svg path.line', (p) => p.length), 4);
-  assert.equal(await page.$$eval('#chart svg path.previous', (p) => p.length), 2);
+  const utm = await page.$eval('[data-list="utm_sources"] li[data-key]', (li) => [li.dataset.key, li.dataset.value]);
+  assert.deepEqual(utm, ['newsletter', '1']);
+  // The chart (uPlot): both series and the previous period, over the API's buckets, drawn.
+  const series = await api('/v1/stats/timeseries', rk, query);
+  const chart = await page.$eval('#chart', (c) => ({ ...c.dataset }));
+  assert.equal(chart.series, 'Visitors,Page views,Visitors (previous),Page views (previous)');
+  assert.equal(Number(chart.points), series.buckets.length);
+  assert.equal(Number(chart.pageviews), 7);
+  assert.ok((await inkedPixels(page)) > 500, 'the chart canvas has lines on it');
 
   await page.screenshot({ path: join(root, 'target/dashboard.png'), fullPage: true });
   // A phone-sized viewport: nothing wider than the screen.
   await page.setViewportSize({ width: 390, height: 844 });
-  await page.waitForFunction(() => Number(document.querySelector('#chart svg').getAttribute('viewBox').split(' ')[2]) < 400);
+  await page.waitForFunction(() => document.querySelector('#chart .uplot').getBoundingClientRect().width < 400);
   assert.equal(await page.evaluate(() => document.documentElement.scrollWidth <= 390), true, 'no horizontal scroll at 390 px');
   await page.screenshot({ path: join(root, 'target/dashboard-mobile.png'), fullPage: true });
   await page.setViewportSize({ width: 1280, height: 900 });
+  // Dark mode: dark page, the chart drawn again in the dark scheme's colours.
+  await page.emulateMedia({ colorScheme: 'dark' });
+  await page.waitForFunction(() => getComputedStyle(document.body).backgroundColor === 'rgb(17, 21, 28)');
+  await page.waitForFunction(() => document.querySelector('#chart .uplot').getBoundingClientRect().width > 1000);
+  assert.ok((await inkedPixels(page)) > 500, 'the chart is drawn in dark mode');
+  await page.screenshot({ path: join(root, 'target/dashboard-dark.png'), fullPage: true });
+  await page.emulateMedia({ colorScheme: 'light' });
 
   // Click the /pricing row of the pages list: a chip, and every figure follows the filter.
   await page.click('[data-list="pages"] li[data-key="/pricing"] button');
@@ -252,6 +279,35 @@ test('signed in with the read key, every figure and list equals the stats API; a
   await page.close();
 });
 
+test('a funnel of a page and an event: the rows equal the funnel API', async () => {
+  const { page, problems } = await openDashboard();
+  const rk = projects[0].read_key;
+  await signIn(page, rk);
+  await ready(page);
+  // One step only: refused in the page, nothing asked.
+  await page.fill('[data-step-value="1"]', '/pricing');
+  await page.click('#funnel-form button[type=submit]');
+  assert.match(await page.textContent('#funnel-error'), /at least two steps/);
+  await page.selectOption('[data-step-kind="2"]', 'event');
+  await page.fill('[data-step-value="2"]', 'Signup');
+  await page.selectOption('[data-step-kind="3"]', 'page');
+  await page.fill('[data-step-value="3"]', '/docs');
+  await page.click('#funnel-form button[type=submit]');
+  await page.waitForSelector('[data-list="funnel"] li[data-key]');
+  const query = await ready(page);
+  const q = new URLSearchParams(query);
+  q.set('steps', 'page:/pricing,event:Signup,page:/docs');
+  const { steps } = await api('/v1/stats/funnel', rk, q);
+  const shown = await page.$$eval('[data-list="funnel"] li[data-key]', (lis) =>
+    lis.map((li) => [li.dataset.key, Number(li.dataset.value), Number(li.dataset.conversion)]),
+  );
+  assert.deepEqual(shown, steps.map((s) => [s.step, s.sessions, s.conversion]));
+  // Sessions 1 and 3 viewed /pricing then signed up; only session 3 went on to /docs.
+  assert.deepEqual(shown.map((r) => r[1]), [2, 2, 1]);
+  assert.deepEqual(problems, []);
+  await page.close();
+});
+
 test('several read keys: the project picker switches between them', async () => {
   const { page } = await openDashboard();
   await signIn(page, projects[0].read_key);
@@ -295,4 +351,129 @@ test('the dashboard serves its script and stylesheet with their types and the CS
     assert.match(r.headers.get('content-type'), type);
     assert.match(r.headers.get('content-security-policy'), /default-src 'self'/);
   }
+});
+
+test('ingest health: the figures, rejections and hours equal the health API', async () => {
+  // The blog gets a batch with one event the collector rejects and three the SDK dropped.
+  const r = await fetch(`${origin}/v1/batch?key=${projects[1].write_key}`, {
+    method: 'POST',
+    headers: { 'Content-Type': 'text/plain', Origin: BLOG, 'User-Agent': CHROME_WINDOWS },
+    body: JSON.stringify({
+      sent_at: Date.now(),
+      dropped: 3,
+      events: [event('page_view', 'visitor-y', 'session-y', 1, { path: '/blog/2' }), { ...event('x', 'v', 's', 1, {}), id: 'nope' }],
+    }),
+  });
+  assert.equal(r.status, 200, await r.text());
+  // And a body that is not a batch at all.
+  const bad = await fetch(`${origin}/v1/batch?key=${projects[1].write_key}`, {
+    method: 'POST',
+    headers: { 'Content-Type': 'text/plain', Origin: BLOG },
+    body: 'not a batch',
+  });
+  assert.equal(bad.status, 400);
+  const rk = projects[1].read_key;
+  // Counts reach the table about once a second (a batch's counts may span two flushes: the
+  // SDK's dropped count is taken before the commit, the accepted one after).
+  let h;
+  for (const deadline = Date.now() + 10000; ; ) {
+    h = await api('/v1/stats/health', rk, '');
+    if (h.totals.sdk_dropped === 3 && h.totals.accepted === 2 && h.totals.batches_rejected === 1) break;
+    assert.ok(Date.now() < deadline, JSON.stringify(h));
+    await new Promise((res) => setTimeout(res, 100));
+  }
+  assert.deepEqual([h.totals.accepted, h.totals.rejected, h.totals.rejected_by_reason], [2, 1, { invalid_id: 1 }]);
+  const { page, problems } = await openDashboard();
+  await signIn(page, rk);
+  const query = await ready(page);
+  const p = new URLSearchParams(query);
+  h = await api('/v1/stats/health', rk, new URLSearchParams({ from: p.get('from'), to: p.get('to') }));
+  for (const name of ['accepted', 'duplicates', 'rejected', 'batches_rejected', 'sdk_dropped', 'rate_limited']) {
+    assert.equal(await page.textContent(`[data-health="${name}"]`), String(h.totals[name]), name);
+  }
+  assert.equal(await page.textContent('[data-health="queue_depth"]'), '0');
+  assert.match(await page.textContent('[data-health="last_commit"]'), /^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC$/);
+  const rejected = await page.$$eval('[data-list="rejected"] li[data-key]', (l) => l.map((li) => [li.dataset.key, li.dataset.value]));
+  assert.deepEqual(rejected, [['invalid_id', '1'], ['batch:malformed', '1']]);
+  const hours = await page.$$eval('[data-list="health"] tr[data-key]', (l) => l.map((tr) => [tr.dataset.key, Number(tr.dataset.value)]));
+  assert.deepEqual(hours, h.hours.slice(-48).reverse().map((x) => [x.t, x.accepted]));
+  await page.screenshot({ path: join(root, 'target/dashboard-health.png'), fullPage: true });
+  assert.deepEqual(problems, []);
+  await page.close();
+});
+
+test('live view: the last 30 minutes on sign-in, then a newly posted event appears at the top', async () => {
+  const { page, problems } = await openDashboard();
+  await signIn(page, projects[0].read_key);
+  await ready(page);
+  await page.waitForSelector('#live-state[data-live-state="open"]');
+  // The snapshot: the shop's events of the last 30 minutes (visitors A to D, some at the
+  // window's edge), newest first.
+  await page.waitForFunction(() => document.querySelectorAll('[data-list="live"] li[data-key]').length > 0);
+  const first = await page.$$eval('[data-list="live"] li[data-key]', (l) =>
+    l.map((li) => [li.dataset.value, Date.parse(li.querySelector('time').dateTime)]),
+  );
+  assert.ok(first.length >= 6 && first.length <= 10, JSON.stringify(first));
+  assert.equal(first[0][0], 'page_view', 'the newest event (session 4, ten minutes ago) is on top');
+  const times = first.map((r) => r[1]);
+  assert.deepEqual(times, times.slice().sort((x, y) => y - x), 'newest first');
+  assert.match(await page.textContent('[data-live="visitors"]'), /^[1-4]$/);
+  // An event committed now is pushed to the open page.
+  const name = `Live ${randomUUID().slice(0, 8)}`;
+  await postBatch(projects[0].write_key, SAFARI_IPHONE, [event(name, 'visitor-live', 'session-live', 0, { path: '/live' })]);
+  await page.waitForSelector(`[data-list="live"] li[data-value="${name}"]`, { timeout: 10000 });
+  assert.equal(await page.$eval('[data-list="live"] li[data-key]', (li) => li.dataset.value), name);
+  assert.match(await page.$eval(`[data-list="live"] li[data-value="${name}"]`, (li) => li.textContent), /\/live/);
+  // Another project's event is not shown.
+  await postBatch(projects[1].write_key, CHROME_WINDOWS, [event('Blog only', 'visitor-z', 'session-z', 0, { path: '/b' })], BLOG);
+  const after = `After ${randomUUID().slice(0, 8)}`;
+  await postBatch(projects[0].write_key, SAFARI_IPHONE, [event(after, 'visitor-live', 'session-live', 0, { path: '/live' })]);
+  await page.waitForSelector(`[data-list="live"] li[data-value="${after}"]`, { timeout: 10000 });
+  assert.equal(await page.$$eval('[data-list="live"] li[data-value="Blog only"]', (l) => l.length), 0);
+  await page.screenshot({ path: join(root, 'target/dashboard-live.png') });
+  assert.deepEqual(problems, []);
+  await page.close();
+});
+
+test('the vendored uPlot is byte for byte the pinned npm package, and is what the collector serves', async () => {
+  const pinned = JSON.parse(readFileSync(join(root, 'package.json'), 'utf8')).devDependencies.uplot;
+  assert.match(pinned, /^\d+\.\d+\.\d+$/, 'uplot is pinned to an exact version in package.json');
+  const pkg = join(root, 'node_modules/uplot');
+  need(existsSync(pkg), 'node_modules/uplot is missing: npm install');
+  assert.equal(JSON.parse(readFileSync(join(pkg, 'package.json'), 'utf8')).version, pinned, 'npm install (node_modules/uplot is not the pinned version)');
+  for (const [vendored, original, served] of [
+    ['uPlot.iife.min.js', 'dist/uPlot.iife.min.js', '/dashboard/vendor/uPlot.iife.min.js'],
+    ['uPlot.min.css', 'dist/uPlot.min.css', '/dashboard/vendor/uPlot.min.css'],
+    ['uPlot.LICENSE', 'LICENSE', '/dashboard/vendor/uPlot.LICENSE'],
+  ]) {
+    const mine = readFileSync(join(root, 'collector/dashboard/vendor', vendored));
+    assert.ok(mine.equals(readFileSync(join(pkg, original))), `${vendored} differs from uplot@${pinned}'s ${original}: npm run vendor-uplot`);
+    const r = await fetch(origin + served);
+    assert.equal(r.status, 200);
+    assert.ok(Buffer.from(await r.arrayBuffer()).equals(mine), `${served} is the vendored file`);
+  }
+  assert.match(readFileSync(join(root, 'collector/dashboard/vendor/uPlot.iife.min.js'), 'utf8'), new RegExp(`^/\\*! https://github.com/leeoniya/uPlot \\(v${pinned.replace(/\./g, '\\.')}\\)`));
+});
+
+test('a database failure shows a plain message, never the database error, and the next load works', async () => {
+  const { page } = await openDashboard();
+  await signIn(page, projects[0].read_key);
+  await ready(page);
+  // Every stats query now waits on a lock until its statement timeout (5 s): 503.
+  await db.query('BEGIN');
+  try {
+    await db.query('LOCK TABLE events IN ACCESS EXCLUSIVE MODE');
+    await page.selectOption('#range', '7d');
+    await page.waitForFunction(() => document.querySelector('#dash').dataset.state === 'error', null, { timeout: 20000 });
+    const status = await page.textContent('#status');
+    assert.match(status, /^Could not load: 503 the collector or its database is busy or unavailable/);
+    const text = await page.textContent('body');
+    assert.doesNotMatch(text, /statement|canceling|sqlx|database failed|error returned from database/i);
+  } finally {
+    await db.query('ROLLBACK');
+  }
+  await page.selectOption('#range', '30d');
+  await ready(page);
+  await assertMatchesApi(page, projects[0].read_key);
+  await page.close();
 });

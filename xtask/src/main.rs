@@ -49,7 +49,8 @@ enum Cmd {
     /// Benchmarks (numbers for the README; they never fail on speed).
     Bench {
         /// `sdk` (track() cost and wire bytes in headless Chromium), `core` (the sans-IO
-        /// core on the host: bursts, restores), `collector`, `webhooks` (ingest with one
+        /// core on the host: bursts, restores), `collector`, `queue` (collectors into NATS
+        /// JetStream on 127.0.0.1:4222, sinks into Postgres), `webhooks` (ingest with one
         /// webhook destination against none, and the delivery rate), or `size-floor` (what
         /// the SDK's chosen crates weigh on their own, xtask/size-floor).
         what: String,
@@ -474,8 +475,11 @@ fn demo(listen: SocketAddr) -> Result<()> {
     let _ = std::fs::remove_dir_all(&site);
     copy_dir(&root.join("examples"), &site)?;
     copy_dir(&root.join("npm/dist"), &site.join("dist"))?;
-    let config =
-        format!("window.TRACKLET_CONFIG = {{ endpoint: location.origin, apiKey: {key:?} }};\n");
+    // Events leave the page within half a second, so the dashboard's live view shows the
+    // example's buttons at once.
+    let config = format!(
+        "window.TRACKLET_CONFIG = {{ endpoint: location.origin, apiKey: {key:?}, maxWaitTime: 500 }};\n"
+    );
     for dir in walk(&site)
         .iter()
         .filter(|p| p.ends_with("index.html"))
@@ -626,9 +630,16 @@ fn bench(what: &str) -> Result<()> {
             }
             Ok(())
         }
-        "size-floor" => size_floor(),
-        other => {
-            bail!("unknown benchmark {other:?}: use `sdk`, `core`, `collector`, `webhooks` or `size-floor`")
+        "queue" => {
+            let db = postgres_url()?;
+            run(Command::new(build_server_bins()?.join("tracklet-loadgen"))
+                .args(["--queue", "nats://127.0.0.1:4222", "--duration-secs", "15"])
+                .args(["--max-events", "1500000"])
+                .env("DATABASE_URL", db))
         }
+        "size-floor" => size_floor(),
+        other => bail!(
+            "unknown benchmark {other:?}: use `sdk`, `core`, `collector`, `queue`, `webhooks` or `size-floor`"
+        ),
     }
 }

@@ -20,6 +20,13 @@
 //! the timed windows only send bytes and read answers. The collector's and the load
 //! generator's CPU time are read from `/proc`, and the collector's peak RSS from its `VmHWM`.
 //! Prints a markdown table at the end.
+//!
+//! With `--queue nats://127.0.0.1:4222` (`cargo xtask bench queue`) it measures the queue
+//! instead (see [`bench_queue`]): the same max phase committed directly, for comparison; one
+//! collector acknowledging into JetStream with no sink running; one sink, then two, draining
+//! that backlog; half of the collector's rate in open loop with no sink running (its latency);
+//! and half of one sink's rate with one sink running, with probes measuring the lag from a
+//! collector's 200 to the row in Postgres.
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -81,6 +88,10 @@ struct Args {
     /// the delivery rate too. Skips the half-load phase.
     #[arg(long)]
     webhook: bool,
+    /// Benchmark the queue (collectors into NATS JetStream, sinks into Postgres) on this
+    /// NATS server, e.g. `nats://127.0.0.1:4222`; a scratch stream is created and deleted.
+    #[arg(long)]
+    queue: Option<String>,
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -111,7 +122,10 @@ async fn main() -> anyhow::Result<()> {
         .map(|(b, _)| b)
         .unwrap_or(&args.database_url);
     let url = format!("{base}/{db_name}");
-    let result = bench(&args, &url).await;
+    let result = match args.queue.as_deref() {
+        Some(nats) => bench_queue(&args, &url, nats).await,
+        None => bench(&args, &url).await,
+    };
     sqlx::query(&format!("DROP DATABASE IF EXISTS {db_name} WITH (FORCE)"))
         .execute(&mut admin)
         .await?;
@@ -141,11 +155,8 @@ impl Drop for Collector {
 }
 
 impl Collector {
-    fn start(args: &Args, url: &str) -> anyhow::Result<(Collector, SocketAddr)> {
-        let bin = match &args.collector_bin {
-            Some(bin) => bin.clone(),
-            None => std::env::current_exe()?.with_file_name("tracklet-collector"),
-        };
+    fn start(args: &Args, url: &str, extra: &[String]) -> anyhow::Result<(Collector, SocketAddr)> {
+        let bin = collector_bin(args)?;
         if !bin.exists() {
             bail!(
                 "{} not found: build it with `cargo build --profile server -p tracklet-collector --bins` (or pass --collector-bin)",
@@ -161,6 +172,7 @@ impl Collector {
             // The webhook receiver of --webhook is on 127.0.0.1.
             .args(args.webhook.then_some("--allow-private-destinations"))
             .args(&args.collector_arg)
+            .args(extra)
             .env("DATABASE_URL", url)
             .env("TRACKLET_LOG", "error")
             .stdin(Stdio::null())
@@ -178,6 +190,32 @@ impl Collector {
     fn pid(&self) -> u32 {
         self.child.id()
     }
+
+    /// `sink` on the queue (`queue_args`), its metrics on a free port; stopped when dropped.
+    fn sink(args: &Args, url: &str, queue_args: &[String]) -> anyhow::Result<Collector> {
+        let addr = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+        let child = Command::new(collector_bin(args)?)
+            .arg("sink")
+            .arg("--listen")
+            .arg(addr.to_string())
+            .args(queue_args)
+            .env("DATABASE_URL", url)
+            .env("TRACKLET_LOG", "error")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .context("cannot start the sink")?;
+        Ok(Collector { child })
+    }
+}
+
+/// The collector binary (`--collector-bin`, else next to this executable).
+fn collector_bin(args: &Args) -> anyhow::Result<PathBuf> {
+    let bin = match &args.collector_bin {
+        Some(bin) => bin.clone(),
+        None => std::env::current_exe()?.with_file_name("tracklet-collector"),
+    };
+    Ok(bin)
 }
 
 /// CPU seconds (user + system) of a process, from `/proc/<pid>/stat`.
@@ -392,7 +430,7 @@ async fn bench(args: &Args, url: &str) -> anyhow::Result<()> {
     };
     store.pool().close().await;
 
-    let (collector, addr) = Collector::start(args, url)?;
+    let (collector, addr) = Collector::start(args, url, &[])?;
     wait_until_up(addr).await?;
     let batch_url = format!("http://{addr}/v1/batch?key={}", project.write_key);
 
@@ -818,4 +856,327 @@ impl WebhookReceiver {
             secs: last.duration_since(since).as_secs_f64(),
         }
     }
+}
+
+/// `--queue`: what the queue adds, on this machine (everything shares its cores: the
+/// collector, the sinks, NATS, Postgres and this load generator).
+async fn bench_queue(args: &Args, url: &str, nats: &str) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        nats.contains("127.0.0.1") || nats.contains("localhost"),
+        "the benchmark only talks to a local NATS (127.0.0.1)"
+    );
+    let js = async_nats::jetstream::new(async_nats::connect(nats).await.context(
+        "NATS with JetStream is required: start it with `nats-server -js -a 127.0.0.1 -p 4222`",
+    )?);
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    let stream = format!("TRACKLET_BENCH_{id}");
+    let queue_args: Vec<String> = [
+        "--queue",
+        nats,
+        "--queue-stream",
+        &stream,
+        "--queue-subject-prefix",
+        &format!("tracklet_bench.{id}"),
+        "--queue-max-mb",
+        "16384",
+    ]
+    .map(str::to_owned)
+    .to_vec();
+    let result = queue_phases(args, url, &js, &stream, &queue_args).await;
+    let _ = js.delete_stream(&stream).await;
+    result
+}
+
+/// Messages in the stream now (everything not yet committed by a sink).
+async fn stream_messages(js: &async_nats::jetstream::Context, stream: &str) -> anyhow::Result<u64> {
+    let mut stream = js.get_stream(stream).await?;
+    Ok(stream.info().await?.state.messages)
+}
+
+/// Waits until the sinks have committed (and acknowledged) everything in the stream; the
+/// seconds it took, and the sinks' CPU (cores) meanwhile.
+async fn drain(
+    js: &async_nats::jetstream::Context,
+    stream: &str,
+    sinks: &[&Collector],
+    watch: &mut Watch<'_>,
+) -> anyhow::Result<(f64, CpuShare, f64)> {
+    let started = Instant::now();
+    let sink_cpu: f64 = sinks.iter().map(|s| cpu_secs(&s.pid().to_string())).sum();
+    let cpu = CpuMeter::start(sinks.first().map_or(0, |s| s.pid()), watch.conn, watch.db).await;
+    while stream_messages(js, stream).await? > 0 {
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(600),
+            "the sinks did not drain the stream in 10 minutes"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    let sinks_cores = (sinks
+        .iter()
+        .map(|s| cpu_secs(&s.pid().to_string()))
+        .sum::<f64>()
+        - sink_cpu)
+        / secs;
+    Ok((secs, cpu.stop(watch.conn).await, sinks_cores))
+}
+
+/// CPU seconds of the local `nats-server` process (0 when it is not found).
+fn nats_cpu_secs() -> f64 {
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .find(|e| {
+            std::fs::read_to_string(e.path().join("comm")).is_ok_and(|c| c.trim() == "nats-server")
+        })
+        .map(|e| cpu_secs(&e.file_name().to_string_lossy()))
+        .unwrap_or(0.0)
+}
+
+/// End-to-end lag probes: one single-event batch every 100 ms until `until`; each probe's lag
+/// runs from the collector's 200 to the moment its row is visible in Postgres (polled every
+/// 2 ms, so up to 2 ms late).
+async fn probe_lag(
+    batch_url: String,
+    url: String,
+    project: uuid::Uuid,
+    until: Instant,
+) -> anyhow::Result<Vec<Duration>> {
+    let client = reqwest::Client::new();
+    let mut conn = sqlx::PgConnection::connect(&url).await?;
+    let mut lags = Vec::new();
+    let mut k = 0u64;
+    while Instant::now() < until {
+        let next = Instant::now() + Duration::from_millis(100);
+        let n = (4 << 44) | k;
+        k += 1;
+        let now = chrono::Utc::now().timestamp_millis();
+        let body = format!(
+            "{{\"sent_at\":{now},\"events\":[{{\"id\":\"{}\",\"name\":\"probe\",\"ts\":{now},\"anonymous_id\":\"probe\",\"session_id\":\"probe\"}}]}}",
+            event_id(n)
+        );
+        let id: uuid::Uuid = event_id(n).parse()?;
+        if post(&client, &batch_url, Bytes::from(body)).await == Some(1) {
+            let acked = Instant::now();
+            loop {
+                let found: bool = sqlx::query_scalar(
+                    "SELECT EXISTS (SELECT 1 FROM events WHERE project_id = $1 AND id = $2)",
+                )
+                .bind(project)
+                .bind(id)
+                .fetch_one(&mut conn)
+                .await?;
+                if found {
+                    lags.push(acked.elapsed());
+                    break;
+                }
+                anyhow::ensure!(acked.elapsed() < Duration::from_secs(120), "probe lost");
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        }
+        tokio::time::sleep_until(next.into()).await;
+    }
+    conn.close().await?;
+    Ok(lags)
+}
+
+async fn queue_phases(
+    args: &Args,
+    url: &str,
+    js: &async_nats::jetstream::Context,
+    stream: &str,
+    queue_args: &[String],
+) -> anyhow::Result<()> {
+    let store = PgStore::connect(url, 2).await?;
+    store.migrate().await?;
+    store.maintain_partitions(chrono::Utc::now(), 1, 0).await?;
+    let project = Project::new("bench", vec![], Some(0));
+    store.add_project(&project).await?;
+    let db = url.rsplit('/').next().unwrap_or_default();
+    let mut probe = sqlx::PgConnection::connect(url).await?;
+    let requests = (args.max_events / args.batch).max(args.clients);
+
+    // 0. The same max phase committed directly (no queue), for comparison on this run's
+    //    machine.
+    let (direct_collector, addr) = Collector::start(args, url, &[])?;
+    wait_until_up(addr).await?;
+    let batch_url = format!("http://{addr}/v1/batch?key={}", project.write_key);
+    let mut watch = Watch {
+        pid: direct_collector.pid(),
+        conn: &mut probe,
+        db,
+    };
+    fresh_checkpoint(args, &mut watch).await?;
+    let direct = closed_loop(
+        args,
+        &batch_url,
+        make_bodies(10, requests, args.batch),
+        &mut watch,
+    )
+    .await?;
+    print_phase("direct (no queue)", &direct);
+    drop(direct_collector);
+
+    // 1. One collector acknowledging into JetStream, no sink running.
+    let (collector, addr) = Collector::start(args, url, queue_args)?;
+    wait_until_up(addr).await?;
+    let batch_url = format!("http://{addr}/v1/batch?key={}", project.write_key);
+    watch.pid = collector.pid();
+    let nats_before = (nats_cpu_secs(), Instant::now());
+    let acked = closed_loop(
+        args,
+        &batch_url,
+        make_bodies(0, requests, args.batch),
+        &mut watch,
+    )
+    .await?;
+    let nats_cores = (nats_cpu_secs() - nats_before.0) / nats_before.1.elapsed().as_secs_f64();
+    print_phase("into JetStream", &acked);
+    println!("NATS server CPU during it: {nats_cores:.2} cores");
+
+    // 2. One sink drains that backlog.
+    let backlog_1 = stream_messages(js, stream).await?;
+    fresh_checkpoint(args, &mut watch).await?;
+    let sink = Collector::sink(args, url, queue_args)?;
+    let (one_secs, one_cpu, one_sink_cores) = drain(js, stream, &[&sink], &mut watch).await?;
+    let one_rate = acked.accepted as f64 / one_secs;
+    println!("one sink: {} events ({backlog_1} messages) committed in {one_secs:.1} s = {one_rate:.0} events/s; sink {one_sink_cores:.2} cores, Postgres {:.2}, machine {:.2}", acked.accepted, one_cpu.postgres, one_cpu.machine);
+    drop(sink);
+
+    // 3. The same backlog again, drained by two sinks sharing the consumer.
+    watch.pid = collector.pid();
+    let refill = closed_loop(
+        args,
+        &batch_url,
+        make_bodies(2, requests, args.batch),
+        &mut watch,
+    )
+    .await?;
+    print_phase("into JetStream (again)", &refill);
+    fresh_checkpoint(args, &mut watch).await?;
+    let sinks = [
+        Collector::sink(args, url, queue_args)?,
+        Collector::sink(args, url, queue_args)?,
+    ];
+    let (two_secs, two_cpu, two_sink_cores) =
+        drain(js, stream, &[&sinks[0], &sinks[1]], &mut watch).await?;
+    let two_rate = refill.accepted as f64 / two_secs;
+    println!("two sinks: {} events committed in {two_secs:.1} s = {two_rate:.0} events/s; sinks {two_sink_cores:.2} cores, Postgres {:.2}, machine {:.2}", refill.accepted, two_cpu.postgres, two_cpu.machine);
+
+    drop(sinks);
+
+    // 4. Half of the collector's rate, open loop, no sink running: the collector's own
+    //    latency at half load (the goal's measure), as in `bench collector`.
+    let rate = acked.events_per_sec() / 2.0 / args.batch as f64;
+    let n = (rate * args.duration_secs as f64).ceil() as usize;
+    println!(
+        "half: {rate:.0} requests/s open loop for {} s, no sink running",
+        args.duration_secs
+    );
+    let half = open_loop(
+        args,
+        &batch_url,
+        make_bodies(3, n.max(1), args.batch),
+        rate,
+        &mut watch,
+    )
+    .await?;
+    print_phase("half (into JetStream)", &half);
+
+    // 5. End to end: half of what one sink commits, one sink running (after it has drained
+    //    phase 4's backlog), with lag probes.
+    let sink = Collector::sink(args, url, queue_args)?;
+    drain(js, stream, &[&sink], &mut watch).await?;
+    let e2e_rate = one_rate / 2.0 / args.batch as f64;
+    let n = (e2e_rate * args.duration_secs as f64).ceil() as usize;
+    println!(
+        "end to end: {e2e_rate:.0} requests/s open loop for {} s, one sink running, lag probes",
+        args.duration_secs
+    );
+    fresh_checkpoint(args, &mut watch).await?;
+    let probes = tokio::spawn(probe_lag(
+        batch_url.clone(),
+        url.to_owned(),
+        project.id,
+        Instant::now() + Duration::from_secs(args.duration_secs),
+    ));
+    let e2e = open_loop(
+        args,
+        &batch_url,
+        make_bodies(5, n.max(1), args.batch),
+        e2e_rate,
+        &mut watch,
+    )
+    .await?;
+    let mut lags = probes.await??;
+    print_phase("end to end (into JetStream, one sink)", &e2e);
+    let max_backlog = stream_messages(js, stream).await?;
+    drain(js, stream, &[&sink], &mut watch).await?;
+    lags.sort();
+    let lag_pct = |p: f64| {
+        lags.get(((lags.len() as f64 * p) as usize).min(lags.len().saturating_sub(1)))
+            .map(|d| d.as_secs_f64() * 1000.0)
+            .unwrap_or_default()
+    };
+    let (lag_p50, lag_p99, lag_max) = (lag_pct(0.5), lag_pct(0.99), lag_pct(1.0));
+    println!("end-to-end lag (200 to row visible), {} probes: p50 {lag_p50:.1} ms, p99 {lag_p99:.1} ms, max {lag_max:.1} ms; {max_backlog} messages in the stream when the load stopped", lags.len());
+    drop(sink);
+    drop(collector);
+
+    // Everything acknowledged is stored, once.
+    let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM events WHERE project_id = $1")
+        .bind(project.id)
+        .fetch_one(&mut probe)
+        .await?;
+    let acknowledged = direct.accepted
+        + acked.accepted
+        + refill.accepted
+        + half.accepted
+        + e2e.accepted
+        + lags.len() as u64;
+    println!("stored {stored} events; acknowledged {acknowledged}");
+    anyhow::ensure!(
+        stored as u64 == acknowledged,
+        "stored {stored} events but {acknowledged} were acknowledged"
+    );
+    probe.close().await?;
+    store.pool().close().await;
+
+    println!();
+    println!("| measure | events/s | p50 | p99 | CPU (cores) |");
+    println!("|---|---|---|---|---|");
+    println!(
+        "| direct commit, one collector, {} clients (no queue) | {:.0} | {:.1} ms | {:.1} ms | collector {:.2}, Postgres {:.2}, machine {:.2} |",
+        args.clients, direct.events_per_sec(), direct.p50_ms, direct.p99_ms, direct.cpu.collector, direct.cpu.postgres, direct.cpu.machine
+    );
+    println!(
+        "| acknowledged into JetStream, one collector, {} clients | {:.0} | {:.1} ms | {:.1} ms | collector {:.2}, NATS {nats_cores:.2}, machine {:.2} |",
+        args.clients, acked.events_per_sec(), acked.p50_ms, acked.p99_ms, acked.cpu.collector, acked.cpu.machine
+    );
+    println!(
+        "| committed by one sink (backlog of {}) | {one_rate:.0} | — | — | sink {one_sink_cores:.2}, Postgres {:.2}, machine {:.2} |",
+        acked.accepted, one_cpu.postgres, one_cpu.machine
+    );
+    println!(
+        "| committed by two sinks (backlog of {}) | {two_rate:.0} | — | — | sinks {two_sink_cores:.2}, Postgres {:.2}, machine {:.2} |",
+        refill.accepted, two_cpu.postgres, two_cpu.machine
+    );
+    println!(
+        "| half of the collector's rate, open loop, no sink running | {:.0} | {:.1} ms | {:.1} ms | collector {:.2}, machine {:.2} |",
+        half.events_per_sec(), half.p50_ms, half.p99_ms, half.cpu.collector, half.cpu.machine
+    );
+    println!(
+        "| half of one sink's rate, open loop, one sink running | {:.0} | {:.1} ms | {:.1} ms | collector {:.2}, Postgres {:.2}, machine {:.2} |",
+        e2e.events_per_sec(), e2e.p50_ms, e2e.p99_ms, e2e.cpu.collector, e2e.cpu.postgres, e2e.cpu.machine
+    );
+    println!(
+        "| end-to-end lag then (200 to row visible, {} probes) | — | {lag_p50:.1} ms | {lag_p99:.1} ms (max {lag_max:.1} ms) | |",
+        lags.len()
+    );
+    println!(
+        "\nfailed (non-200) requests: direct {}, into JetStream {} and {}, half {}, end to end {}",
+        direct.failed, acked.failed, refill.failed, half.failed, e2e.failed
+    );
+    Ok(())
 }

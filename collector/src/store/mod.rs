@@ -347,6 +347,28 @@ pub trait EventStore: Send + Sync + 'static {
         from: DateTime<Utc>,
         to: DateTime<Utc>,
     ) -> BoxStream<'static, Result<StoredEvent, StoreError>>;
+    /// Funnel rows (see [`crate::funnel::funnel_sql`]).
+    async fn analytics_funnel(
+        &self,
+        q: &Query,
+        steps: &[crate::funnel::Step],
+    ) -> Result<Vec<(i64, i64, i64)>, StoreError>;
+    /// Adds the counts to the `ingest_health` table (one upsert per row; see
+    /// [`crate::health`]).
+    async fn record_ingest_health(
+        &self,
+        counts: &[crate::health::HealthCount],
+    ) -> Result<(), StoreError>;
+    /// Ingest health rows of the query's project and range (see
+    /// [`crate::health::health_sql`]).
+    async fn analytics_health(&self, q: &Query) -> Result<Vec<(i64, String, i64)>, StoreError>;
+    /// Distinct visitors and the newest `limit` events of the query's range, for the live
+    /// view (see [`crate::live::recent_sql`]).
+    async fn analytics_live(
+        &self,
+        q: &Query,
+        limit: u32,
+    ) -> Result<(i64, Vec<crate::live::RecentRow>), StoreError>;
     /// Creates monthly partitions from last month to `months_ahead` after `now`'s month, and
     /// drops data older than `retention_months` full months (0 keeps everything).
     async fn maintain_partitions(

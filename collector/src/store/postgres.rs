@@ -475,6 +475,57 @@ impl EventStore for PgStore {
         })
     }
 
+    async fn analytics_funnel(
+        &self,
+        q: &Query,
+        steps: &[crate::funnel::Step],
+    ) -> Result<Vec<(i64, i64, i64)>, StoreError> {
+        self.analytics_rows(crate::funnel::funnel_sql(Dialect::Postgres, q, steps))
+            .await
+    }
+
+    async fn record_ingest_health(
+        &self,
+        counts: &[crate::health::HealthCount],
+    ) -> Result<(), StoreError> {
+        let projects: Vec<Uuid> = counts.iter().map(|c| c.project_id).collect();
+        let hours: Vec<DateTime<Utc>> = counts.iter().map(|c| c.hour).collect();
+        let counters: Vec<&str> = counts.iter().map(|c| c.counter.as_str()).collect();
+        let values: Vec<i64> = counts.iter().map(|c| c.count).collect();
+        sqlx::query(
+            "INSERT INTO ingest_health (project_id, hour, counter, count) \
+             SELECT * FROM UNNEST($1::uuid[], $2::timestamptz[], $3::text[], $4::int8[]) \
+             ON CONFLICT (project_id, hour, counter) \
+             DO UPDATE SET count = ingest_health.count + EXCLUDED.count",
+        )
+        .bind(projects)
+        .bind(hours)
+        .bind(counters)
+        .bind(values)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn analytics_health(&self, q: &Query) -> Result<Vec<(i64, String, i64)>, StoreError> {
+        self.analytics_rows(crate::health::health_sql(Dialect::Postgres, q))
+            .await
+    }
+
+    async fn analytics_live(
+        &self,
+        q: &Query,
+        limit: u32,
+    ) -> Result<(i64, Vec<crate::live::RecentRow>), StoreError> {
+        let visitors: Vec<(i64,)> = self
+            .analytics_rows(crate::live::visitors_sql(Dialect::Postgres, q))
+            .await?;
+        let recent = self
+            .analytics_rows(crate::live::recent_sql(Dialect::Postgres, q, limit))
+            .await?;
+        Ok((visitors.first().map_or(0, |v| v.0), recent))
+    }
+
     async fn maintain_partitions(
         &self,
         now: DateTime<Utc>,

@@ -355,6 +355,57 @@ impl EventStore for SqliteStore {
         })
     }
 
+    async fn analytics_funnel(
+        &self,
+        q: &Query,
+        steps: &[crate::funnel::Step],
+    ) -> Result<Vec<(i64, i64, i64)>, StoreError> {
+        self.analytics_rows(crate::funnel::funnel_sql(Dialect::Sqlite, q, steps))
+            .await
+    }
+
+    async fn record_ingest_health(
+        &self,
+        counts: &[crate::health::HealthCount],
+    ) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        for c in counts {
+            sqlx::query(
+                "INSERT INTO ingest_health (project_id, hour, counter, count) \
+                 VALUES (?, ?, ?, ?) \
+                 ON CONFLICT (project_id, hour, counter) \
+                 DO UPDATE SET count = count + excluded.count",
+            )
+            .bind(c.project_id.to_string())
+            .bind(ms(c.hour))
+            .bind(&c.counter)
+            .bind(c.count)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn analytics_health(&self, q: &Query) -> Result<Vec<(i64, String, i64)>, StoreError> {
+        self.analytics_rows(crate::health::health_sql(Dialect::Sqlite, q))
+            .await
+    }
+
+    async fn analytics_live(
+        &self,
+        q: &Query,
+        limit: u32,
+    ) -> Result<(i64, Vec<crate::live::RecentRow>), StoreError> {
+        let visitors: Vec<(i64,)> = self
+            .analytics_rows(crate::live::visitors_sql(Dialect::Sqlite, q))
+            .await?;
+        let recent = self
+            .analytics_rows(crate::live::recent_sql(Dialect::Sqlite, q, limit))
+            .await?;
+        Ok((visitors.first().map_or(0, |v| v.0), recent))
+    }
+
     async fn maintain_partitions(
         &self,
         now: DateTime<Utc>,

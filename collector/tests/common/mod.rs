@@ -10,6 +10,7 @@ use axum::body::Body;
 use axum::http::{HeaderMap, Request, StatusCode};
 use axum::Router;
 use http_body_util::BodyExt;
+use serde_json::{json, Value};
 use sqlx::Connection;
 use tower::ServiceExt;
 use tracklet_collector::config::ServeConfig;
@@ -475,4 +476,47 @@ impl Drop for Server {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+// ---- stats API tests (analytics.rs, dashboard_api.rs) ----
+
+/// Posts `events` with `user_agent` (if any) through the batch endpoint.
+pub async fn post_as(app: &TestApp, user_agent: Option<&str>, sent_at: u64, events: Vec<Value>) {
+    let count = events.len();
+    let mut request = Request::post(app.batch_uri())
+        .header("content-type", "text/plain")
+        .header("origin", ORIGIN);
+    if let Some(ua) = user_agent {
+        request = request.header("user-agent", ua);
+    }
+    let a = app
+        .send(request.body(Body::from(batch(sent_at, events))).unwrap())
+        .await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.text);
+    assert_eq!(a.json["accepted"], count, "{}", a.text);
+}
+
+/// The last day up to an hour from now (ms since the epoch).
+pub fn last_day(sent_at: u64) -> String {
+    format!("from={}&to={}", sent_at - 86_400_000, sent_at + 3_600_000)
+}
+
+/// GET `path?query` with the read key; asserts 200.
+pub async fn get(app: &TestApp, path: &str, query: &str) -> Answer {
+    let a = app
+        .get(&format!("{path}?key={}&{query}", app.project.read_key))
+        .await;
+    assert_eq!(a.status, StatusCode::OK, "{path}?{query}: {}", a.text);
+    a
+}
+
+/// Breakdown rows as `[key, visitors, events]`.
+pub async fn breakdown(app: &TestApp, query: &str) -> Value {
+    let a = get(app, "/v1/stats/breakdown", query).await;
+    a.json["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| json!([r["key"], r["visitors"], r["events"]]))
+        .collect()
 }
