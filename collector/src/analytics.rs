@@ -35,7 +35,7 @@ const MAX_FILTER_VALUE: usize = 2048;
 /// Range up to which the timeseries uses hour buckets.
 const HOURLY_UP_TO: chrono::Duration = chrono::Duration::days(2);
 /// Name of the page view event.
-const PAGE_VIEW: &str = "page_view";
+pub(crate) const PAGE_VIEW: &str = "page_view";
 
 /// What a breakdown groups by, and what a filter matches on.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -313,14 +313,15 @@ pub struct Statement {
     pub values: Vec<Value>,
 }
 
-/// Builds one statement: numbered parameters, shared WHERE clauses.
-struct Builder {
+/// Builds one statement: numbered parameters, shared WHERE clauses (also used by
+/// [`crate::rollup`] for the raw-event parts of its statements).
+pub(crate) struct Builder {
     dialect: Dialect,
     values: Vec<Value>,
 }
 
 impl Builder {
-    fn new(dialect: Dialect) -> Builder {
+    pub(crate) fn new(dialect: Dialect) -> Builder {
         Builder {
             dialect,
             values: Vec::new(),
@@ -328,7 +329,7 @@ impl Builder {
     }
 
     /// Adds a value; its placeholder.
-    fn bind(&mut self, value: Value) -> String {
+    pub(crate) fn bind(&mut self, value: Value) -> String {
         self.values.push(value);
         let n = self.values.len();
         match self.dialect {
@@ -346,7 +347,7 @@ impl Builder {
     }
 
     /// The per-event expression of a dimension (entry and exit pages: the path).
-    fn expr(&mut self, dimension: &Dimension) -> String {
+    pub(crate) fn expr(&mut self, dimension: &Dimension) -> String {
         match dimension {
             Dimension::Page | Dimension::EntryPage | Dimension::ExitPage => {
                 self.context_field("path")
@@ -387,7 +388,7 @@ impl Builder {
     }
 
     /// Project, range and no bots: what every event read satisfies.
-    fn base(&mut self, q: &Query) -> String {
+    pub(crate) fn base(&mut self, q: &Query) -> String {
         let project = self.bind(Value::Project(q.project_id));
         let from = self.bind(Value::Time(q.from));
         let to = self.bind(Value::Time(q.to));
@@ -395,7 +396,7 @@ impl Builder {
     }
 
     /// `base` and the filters.
-    fn selected(&mut self, q: &Query) -> String {
+    pub(crate) fn selected(&mut self, q: &Query) -> String {
         let mut sql = self.base(q);
         for (dimension, value) in &q.filters.0 {
             let expr = self.expr(dimension);
@@ -412,7 +413,7 @@ impl Builder {
         }
     }
 
-    fn finish(self, sql: String) -> Statement {
+    pub(crate) fn finish(self, sql: String) -> Statement {
         Statement {
             sql,
             values: self.values,
@@ -421,7 +422,7 @@ impl Builder {
 }
 
 /// Byte order for keys on both backends.
-fn key_order(dialect: Dialect) -> &'static str {
+pub(crate) fn key_order(dialect: Dialect) -> &'static str {
     match dialect {
         Dialect::Postgres => "key COLLATE \"C\"",
         Dialect::Sqlite => "key",

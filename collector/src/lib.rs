@@ -20,6 +20,7 @@ pub mod limits;
 pub mod metrics;
 pub mod ratelimit;
 pub mod receipts;
+pub mod rollup;
 pub mod shutdown;
 pub mod stats;
 pub mod store;
