@@ -146,7 +146,8 @@ async fn tables_exist(pool: &PgPool) -> Result<bool, StoreError> {
 
 /// Refills the rollups of `project` (every project: `None`) from its stored events, a day
 /// of event time per statement, with the commit path's SQL. Inserts wait meanwhile (the
-/// events table is share-locked), so nothing is counted twice. Returns the events counted.
+/// events table is share-locked), so nothing is counted twice; the tables are analyzed
+/// after. Returns the events counted.
 pub async fn rebuild(pool: &PgPool, project: Option<Uuid>) -> Result<i64, StoreError> {
     let mut tx = pool.begin().await?;
     sqlx::query("LOCK TABLE events IN SHARE MODE")
@@ -188,6 +189,10 @@ pub async fn rebuild(pool: &PgPool, project: Option<Uuid>) -> Result<i64, StoreE
         }
     }
     tx.commit().await?;
+    // Planner statistics for the tables just filled (and events, often bulk-loaded before).
+    sqlx::query("ANALYZE events, rollup_hourly, rollup_sessions")
+        .execute(pool)
+        .await?;
     Ok(counted)
 }
 
