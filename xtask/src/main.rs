@@ -49,8 +49,13 @@ enum Cmd {
     /// Benchmarks (numbers for the README; they never fail on speed).
     Bench {
         /// `sdk` (track() cost and wire bytes in headless Chromium), `core` (the sans-IO
-        /// core on the host: bursts, restores) or `collector`.
+        /// core on the host: bursts, restores), `collector` (ingest) or `dashboard` (the
+        /// stats API on ten million events).
         what: String,
+        /// Passed to the benchmark's program (`collector`, `dashboard`), e.g.
+        /// `-- --events 100000`.
+        #[arg(last = true)]
+        args: Vec<String>,
     },
     /// Print the gzip size of the script-tag build and fail above the ceiling.
     Size,
@@ -62,7 +67,7 @@ fn main() -> ExitCode {
         Cmd::Build => build(),
         Cmd::Demo { listen } => demo(listen),
         Cmd::Test => test(),
-        Cmd::Bench { what } => bench(&what),
+        Cmd::Bench { what, args } => bench(&what, &args),
         Cmd::Size => size().map(|_| ()),
     };
     match result {
@@ -514,7 +519,7 @@ fn wait_for_port(addr: SocketAddr, timeout: Duration) -> Result<()> {
     bail!("nothing listens on {addr} after {timeout:?}")
 }
 
-fn bench(what: &str) -> Result<()> {
+fn bench(what: &str, args: &[String]) -> Result<()> {
     let root = root();
     match what {
         "sdk" => {
@@ -537,8 +542,20 @@ fn bench(what: &str) -> Result<()> {
         ])),
         "collector" => {
             let db = postgres_url()?;
-            run(Command::new(build_server_bins()?.join("tracklet-loadgen")).env("DATABASE_URL", db))
+            run(Command::new(build_server_bins()?.join("tracklet-loadgen"))
+                .args(args)
+                .env("DATABASE_URL", db))
         }
-        other => bail!("unknown benchmark {other:?}: use `sdk`, `core` or `collector`"),
+        "dashboard" => {
+            let db = postgres_url()?;
+            run(
+                Command::new(build_server_bins()?.join("tracklet-dashbench"))
+                    .args(args)
+                    .env("DATABASE_URL", db),
+            )
+        }
+        other => {
+            bail!("unknown benchmark {other:?}: use `sdk`, `core`, `collector` or `dashboard`")
+        }
     }
 }
