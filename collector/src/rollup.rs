@@ -196,6 +196,23 @@ pub async fn rebuild(pool: &PgPool, project: Option<Uuid>) -> Result<i64, StoreE
     Ok(counted)
 }
 
+/// Deletes the rollups of hours (and sessions ending) before `cutoff`: retention drops the
+/// events of whole months, and the figures must not outlive them.
+pub async fn forget_before(
+    conn: &mut sqlx::PgConnection,
+    cutoff: DateTime<Utc>,
+) -> Result<(), StoreError> {
+    sqlx::query("DELETE FROM rollup_hourly WHERE hour < $1")
+        .bind(cutoff)
+        .execute(&mut *conn)
+        .await?;
+    sqlx::query("DELETE FROM rollup_sessions WHERE last_time < $1")
+        .bind(cutoff)
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}
+
 /// Whether the tables exist (before migrating: to know whether they are new).
 pub async fn exist(pool: &PgPool) -> Result<bool, StoreError> {
     tables_exist(pool).await

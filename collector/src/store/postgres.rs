@@ -561,6 +561,9 @@ impl EventStore for PgStore {
                 .bind(cutoff)
                 .execute(&mut *tx)
                 .await?;
+            if self.rollups.on(&self.pool).await? {
+                rollup::forget_before(&mut tx, cutoff).await?;
+            }
         }
         tx.commit().await?;
         Ok(report)
