@@ -2,7 +2,8 @@
 //!
 //! Two tables (migration 0004): `rollup_hourly`, per project, dimension value and hour, the
 //! events, page views and a HyperLogLog of the visitors (`hll` extension); and
-//! `rollup_sessions`, one row per session (first and last event time, events, page views).
+//! `rollup_sessions`, one row per session (first and last event time, events, page views,
+//! entry and exit page view).
 //! The statement that inserts events updates both from the rows it actually inserted
 //! ([`insert_sql`]), so they are committed exactly when the events are and a duplicate never
 //! counts twice. [`rebuild`] fills them from stored events with the same SQL.
@@ -12,7 +13,7 @@
 //! sets, about 2 % off beyond a few hundred): the whole hours of the range come from the
 //! rollups, the partial hours at its ends from raw events, and sessions that cross either
 //! end are recomputed from their raw events in the range. Whatever else (filters the rollups
-//! do not hold, entry and exit pages, props) gets `None` here and runs the raw SQL. Without
+//! do not hold, props) gets `None` here and runs the raw SQL. Without
 //! the extension (no tables) everything runs the raw SQL; [`Availability`] says which.
 
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -63,6 +64,7 @@ pub fn upsert_ctes(source: &str) -> String {
         .map(|(code, d)| format!("({code}, {})", b.expr(d)))
         .collect();
     let keys = keys.join(", ");
+    let (ends, ends_agg, ends_set) = session_ends();
     format!(
         "rollup_hours AS (\
              INSERT INTO rollup_hourly AS r (project_id, dim, hour, key, events, pageviews, \
@@ -78,16 +80,54 @@ pub fn upsert_ctes(source: &str) -> String {
                  visitors = hll_union(r.visitors, excluded.visitors)), \
          rollup_sessions_seen AS (\
              INSERT INTO rollup_sessions AS s (project_id, session_id, first_time, last_time, \
-                 events, pageviews) \
+                 events, pageviews, {ends}) \
              SELECT project_id, session_id, min(time), max(time), count(*), \
-                 count(*) FILTER (WHERE name = '{PAGE_VIEW}') \
+                 count(*) FILTER (WHERE name = '{PAGE_VIEW}'), {ends_agg} \
              FROM {source} WHERE NOT is_bot \
              GROUP BY 1, 2 ORDER BY 1, 2 \
              ON CONFLICT (project_id, session_id) DO UPDATE SET \
                  first_time = least(s.first_time, excluded.first_time), \
                  last_time = greatest(s.last_time, excluded.last_time), \
                  events = s.events + excluded.events, \
-                 pageviews = s.pageviews + excluded.pageviews)"
+                 pageviews = s.pageviews + excluded.pageviews, {ends_set})"
+    )
+}
+
+/// A session's entry and exit page views: (column prefix, order, comparison that makes
+/// the new one replace the stored one).
+const ENDS: [(&str, &str, &str); 2] = [("entry", "ASC", "<"), ("exit", "DESC", ">")];
+/// Column list, aggregates and upsert assignments of the session ends, for [`upsert_ctes`].
+fn session_ends() -> (String, String, String) {
+    let path = Builder::new(Dialect::Postgres).expr(&Dimension::Page);
+    // The columns of each end, and what they hold for its page view.
+    let end_columns = [
+        ("time", "time"),
+        ("id", "id"),
+        ("page", path.as_str()),
+        ("visitor", "anonymous_id"),
+    ];
+    let (mut columns, mut aggregates, mut assignments) = (Vec::new(), Vec::new(), Vec::new());
+    for (end, order, newer) in ENDS {
+        let replaces = format!(
+            "excluded.{end}_time IS NOT NULL AND (s.{end}_time IS NULL \
+             OR (excluded.{end}_time, excluded.{end}_id) {newer} (s.{end}_time, s.{end}_id))"
+        );
+        for (column, value) in end_columns {
+            columns.push(format!("{end}_{column}"));
+            aggregates.push(format!(
+                "(array_agg({value} ORDER BY time {order}, id {order}) \
+                 FILTER (WHERE name = '{PAGE_VIEW}'))[1]"
+            ));
+            assignments.push(format!(
+                "{end}_{column} = CASE WHEN {replaces} THEN excluded.{end}_{column} \
+                 ELSE s.{end}_{column} END"
+            ));
+        }
+    }
+    (
+        columns.join(", "),
+        aggregates.join(", "),
+        assignments.join(", "),
     )
 }
 
@@ -328,6 +368,9 @@ pub fn timeseries_sql(q: &Query, interval: Interval) -> Option<Statement> {
 /// Breakdown rows from the rollups (see [`crate::analytics::breakdown_sql`]); `None` for a
 /// dimension they do not hold, or with a filter on another dimension.
 pub fn breakdown_sql(q: &Query, by: &Dimension, limit: u32) -> Option<Statement> {
+    if matches!(by, Dimension::EntryPage | Dimension::ExitPage) {
+        return session_ends_sql(q, by, limit);
+    }
     let dim = code(by)?;
     let key_filter = match q.filters.0.as_slice() {
         [] => None,
@@ -357,6 +400,51 @@ pub fn breakdown_sql(q: &Query, by: &Dimension, limit: u32) -> Option<Statement>
          SELECT key, {VISITORS} AS visitors, sum(n)::int8 AS events \
          FROM parts WHERE key IS NOT NULL \
          GROUP BY key ORDER BY visitors DESC, events DESC, {order} LIMIT {limit}"
+    );
+    Some(b.finish(sql))
+}
+
+/// Entry or exit page breakdown from `rollup_sessions` (see
+/// [`crate::analytics::breakdown_sql`]); `None` with filters. Sessions crossing an end of the
+/// range are recomputed from their page views in the range, as in [`summary_sql`].
+fn session_ends_sql(q: &Query, by: &Dimension, limit: u32) -> Option<Statement> {
+    if !q.filters.0.is_empty() {
+        return None;
+    }
+    let (end, direction) = if *by == Dimension::EntryPage {
+        ("entry", "ASC")
+    } else {
+        ("exit", "DESC")
+    };
+    let mut b = Builder::new(Dialect::Postgres);
+    let events = b.base(q);
+    let path = b.expr(by);
+    let p = b.bind(Value::Project(q.project_id));
+    let (from, to) = (b.bind(Value::Time(q.from)), b.bind(Value::Time(q.to)));
+    let limit = b.bind(Value::Int(i64::from(limit)));
+    let order = key_order(Dialect::Postgres);
+    let sql = format!(
+        "WITH span AS (SELECT session_id, first_time, last_time, {end}_page AS key, \
+                 {end}_visitor AS visitor \
+             FROM rollup_sessions WHERE project_id = {p} AND last_time >= {from} \
+                 AND first_time < {to}), \
+         parts AS (\
+             SELECT key, visitor FROM span \
+             WHERE first_time >= {from} AND last_time < {to} AND key IS NOT NULL \
+             UNION ALL \
+             SELECT key, anonymous_id FROM (\
+                 SELECT {path} AS key, anonymous_id, row_number() OVER (\
+                     PARTITION BY session_id ORDER BY time {direction}, id {direction}) AS rn \
+                 FROM events WHERE {events} AND name = '{PAGE_VIEW}' \
+                     AND (time <= (SELECT max(last_time) FROM span WHERE first_time < {from}) \
+                         OR time >= (SELECT min(first_time) FROM span WHERE last_time >= {to})) \
+                     AND session_id IN (SELECT session_id FROM span \
+                         WHERE first_time < {from} OR last_time >= {to})) AS c \
+             WHERE rn = 1 AND key IS NOT NULL) \
+         SELECT key, coalesce(round(hll_cardinality(hll_add_agg({VISITOR}))), 0)::int8 \
+                 AS visitors, count(*) AS events \
+         FROM parts GROUP BY key ORDER BY visitors DESC, events DESC, {order} LIMIT {limit}",
+        VISITOR = "hll_hash_text(visitor)"
     );
     Some(b.finish(sql))
 }
@@ -397,13 +485,14 @@ mod tests {
         };
         assert!(summary_sql(&q).is_some());
         assert!(breakdown_sql(&q, &Dimension::Page, 10).is_some());
-        assert!(breakdown_sql(&q, &Dimension::EntryPage, 10).is_none());
+        assert!(breakdown_sql(&q, &Dimension::EntryPage, 10).is_some());
         assert!(breakdown_sql(&q, &Dimension::Prop("title".into()), 10).is_none());
         q.filters = Filters(vec![(Dimension::Browser, "Chrome".into())]);
         assert!(summary_sql(&q).is_none());
         assert!(timeseries_sql(&q, Interval::Day).is_some());
         assert!(breakdown_sql(&q, &Dimension::Browser, 10).is_some());
         assert!(breakdown_sql(&q, &Dimension::Page, 10).is_none());
+        assert!(breakdown_sql(&q, &Dimension::ExitPage, 10).is_none());
         q.filters.0.push((Dimension::Page, "/".into()));
         assert!(timeseries_sql(&q, Interval::Day).is_none());
     }

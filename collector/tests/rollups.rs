@@ -145,6 +145,8 @@ async fn assert_same_answers(rollups: &dyn EventStore, raw: &dyn EventStore, q0:
                 Dimension::Country,
                 Dimension::Event,
                 Dimension::EntryPage,
+                Dimension::ExitPage,
+                Dimension::Prop("x".to_owned()),
             ] {
                 assert_eq!(
                     rollups.analytics_breakdown(&q, &by, 100).await.unwrap(),
@@ -161,8 +163,9 @@ async fn snapshot(pool: &PgPool) -> Vec<(String, i64, i64, f64)> {
     let mut rows: Vec<(String, i64, i64, f64)> = sqlx::query_as(
         "SELECT dim || ' ' || hour || ' ' || key, events, pageviews, \
              hll_cardinality(visitors) FROM rollup_hourly \
-         UNION ALL SELECT session_id || ' ' || first_time || ' ' || last_time, events, \
-             pageviews, 0 FROM rollup_sessions",
+         UNION ALL SELECT concat_ws(' ', session_id, first_time, last_time, entry_time, \
+             entry_id, entry_page, entry_visitor, exit_time, exit_id, exit_page, exit_visitor), \
+             events, pageviews, 0 FROM rollup_sessions",
     )
     .fetch_all(pool)
     .await

@@ -34,18 +34,29 @@ BEGIN
         PRIMARY KEY (project_id, dim, hour, key)
     );
 
-    -- One row per session (its events that are not bots): what bounce rate and session
-    -- length are computed from.
+    -- One row per session (its events that are not bots): what bounce rate, session length
+    -- and entry and exit pages are computed from. Entry: the first page view by (time, id),
+    -- exit: the last (NULL without page views); its path and visitor.
     CREATE TABLE rollup_sessions (
-        project_id  uuid NOT NULL,
-        session_id  text NOT NULL,
-        first_time  timestamptz NOT NULL,
-        last_time   timestamptz NOT NULL,
-        events      int8 NOT NULL,
-        pageviews   int8 NOT NULL,
+        project_id      uuid NOT NULL,
+        session_id      text NOT NULL,
+        first_time      timestamptz NOT NULL,
+        last_time       timestamptz NOT NULL,
+        events          int8 NOT NULL,
+        pageviews       int8 NOT NULL,
+        entry_time      timestamptz,
+        entry_id        uuid,
+        entry_page      text,
+        entry_visitor   text,
+        exit_time       timestamptz,
+        exit_id         uuid,
+        exit_page       text,
+        exit_visitor    text,
         PRIMARY KEY (project_id, session_id)
     );
-    CREATE INDEX rollup_sessions_last_time
-        ON rollup_sessions (project_id, last_time) INCLUDE (first_time, events, pageviews);
+    -- The stats queries read only this index (sessions ending in or after the range).
+    CREATE INDEX rollup_sessions_last_time ON rollup_sessions (project_id, last_time)
+        INCLUDE (first_time, events, pageviews, entry_page, entry_visitor, exit_page,
+            exit_visitor);
 END
 $$;
