@@ -548,11 +548,16 @@ fn bench(what: &str, args: &[String]) -> Result<()> {
         }
         "dashboard" => {
             let db = postgres_url()?;
-            run(
-                Command::new(build_server_bins()?.join("tracklet-dashbench"))
-                    .args(args)
-                    .env("DATABASE_URL", db),
-            )
+            let mut bench = Command::new(build_server_bins()?.join("tracklet-dashbench"));
+            // "Page interactive" needs Chromium and the npm tooling (playwright-core).
+            if let Ok(path) = chromium() {
+                ensure_npm(&root)?;
+                bench
+                    .arg("--page-script")
+                    .arg(root.join("tests/bench/dashboard.mjs"))
+                    .env("CHROMIUM_PATH", path);
+            }
+            run(bench.args(args).env("DATABASE_URL", db))
         }
         other => {
             bail!("unknown benchmark {other:?}: use `sdk`, `core`, `collector` or `dashboard`")

@@ -6,7 +6,9 @@
 //! the rollups with [`rollup::rebuild`] (the commit path's SQL, a day at a time), starts the
 //! real `tracklet-collector` binary on it and times every call the dashboard's default view
 //! (the last 30 days) makes, with and without a filter: `--runs` times each after one
-//! warm-up, p50 and p95. Prints a markdown table; drops the database at the end.
+//! warm-up, p50 and p95; with `--page-script`, the time until the dashboard page has drawn
+//! the default view in headless Chromium. Prints a markdown table; drops the database at the
+//! end.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -48,6 +50,13 @@ struct Args {
     /// Timed runs of each call with a filter (most read raw events: seconds each).
     #[arg(long, default_value_t = 5)]
     filtered_runs: usize,
+    /// `tests/bench/dashboard.mjs`: measure "page interactive" with it (Node, playwright-core
+    /// and Chromium at `CHROMIUM_PATH`); without it that figure is not measured.
+    #[arg(long)]
+    page_script: Option<PathBuf>,
+    /// Page loads timed by `--page-script`.
+    #[arg(long, default_value_t = 10)]
+    page_runs: usize,
     /// The collector binary (default: `tracklet-collector` next to this executable).
     #[arg(long)]
     collector_bin: Option<PathBuf>,
@@ -320,8 +329,36 @@ async fn bench(args: &Args, url: &str) -> anyhow::Result<()> {
             pct(1.0)
         );
     }
+    println!();
+    match &args.page_script {
+        Some(script) => println!(
+            "{}",
+            page_interactive(script, &base, &project.read_key, args.page_runs)
+        ),
+        None => println!("page interactive: not measured (no --page-script)"),
+    }
     drop(collector);
     Ok(())
+}
+
+/// Runs the page script (see `--page-script`); its one-line answer, or why there is none.
+fn page_interactive(script: &std::path::Path, origin: &str, key: &str, runs: usize) -> String {
+    let output = Command::new("node")
+        .arg(script)
+        .args([origin, key, &runs.to_string()])
+        .stdin(Stdio::null())
+        .output();
+    match output {
+        Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout).trim().to_owned(),
+        Ok(o) => format!(
+            "page interactive: not measured ({})",
+            String::from_utf8_lossy(&o.stderr)
+                .lines()
+                .last()
+                .unwrap_or("failed")
+        ),
+        Err(e) => format!("page interactive: not measured (node: {e})"),
+    }
 }
 
 /// Which statement answers a call (mirrors `rollup::*_sql`): for the table.
