@@ -289,31 +289,34 @@ pub fn summary_sql(q: &Query) -> Option<Statement> {
     let (from, to) = (b.bind(Value::Time(q.from)), b.bind(Value::Time(q.to)));
     let (m1, m2) = whole_hours(q.from, q.to);
     let (m1, m2) = (b.bind(Value::Time(m1)), b.bind(Value::Time(m2)));
-    // Sessions entirely in the range come from `rollup_sessions`; those with events on both
-    // sides of an end are recomputed from their events in the range, which lie between the
-    // start and the latest end of those crossing `from`, or from the earliest start of those
-    // crossing `to` (so only the ends of the range are scanned).
+    // One pass over the sessions ending in or after the range (an index-only scan): those
+    // entirely in the range are summed; those with events on both sides of an end are
+    // recomputed from their events in the range, which lie between `from` and the latest end
+    // of those crossing it, or between the earliest start of those crossing `to` and `to`
+    // (so only the ends of the range are scanned).
     let sql = format!(
         "WITH hours AS (SELECT events, pageviews, visitors FROM rollup_hourly \
              WHERE project_id = {p} AND dim = 0 AND key = '' AND hour >= {m1} AND hour < {m2}), \
          edge AS (SELECT anonymous_id, name FROM events \
              WHERE {events} AND (time < {m1} OR time >= {m2})), \
-         span AS (SELECT session_id, first_time, last_time, events, pageviews \
-             FROM rollup_sessions WHERE project_id = {p} AND last_time >= {from} \
-                 AND first_time < {to}), \
-         inside AS (SELECT count(*) AS n, \
-                 count(*) FILTER (WHERE events = 1 AND pageviews = 1) AS bounced, \
-                 coalesce(extract(epoch FROM sum(last_time - first_time))::float8, 0) AS secs \
-             FROM span WHERE first_time >= {from} AND last_time < {to}), \
+         sess AS (SELECT count(*) FILTER (WHERE inside) AS n, \
+                 count(*) FILTER (WHERE inside AND events = 1 AND pageviews = 1) AS bounced, \
+                 coalesce(sum(date_part('epoch', last_time - first_time)) \
+                     FILTER (WHERE inside), 0) AS secs, \
+                 coalesce(array_agg(session_id) FILTER (WHERE NOT inside), '{{}}') AS crossing, \
+                 max(last_time) FILTER (WHERE first_time < {from}) AS lo, \
+                 min(first_time) FILTER (WHERE last_time >= {to}) AS hi \
+             FROM (SELECT session_id, first_time, last_time, events, pageviews, \
+                     first_time >= {from} AND last_time < {to} AS inside \
+                 FROM rollup_sessions WHERE project_id = {p} AND last_time >= {from} \
+                     AND first_time < {to}) AS s), \
          crossing AS (SELECT count(*) AS n, count(*) FILTER (WHERE name = '{PAGE_VIEW}') AS pv, \
                  extract(epoch FROM max(time) - min(time))::float8 AS secs \
              FROM events WHERE {events} \
-                 AND (time <= (SELECT max(last_time) FROM span WHERE first_time < {from}) \
-                     OR time >= (SELECT min(first_time) FROM span WHERE last_time >= {to})) \
-                 AND session_id IN (SELECT session_id FROM span \
-                     WHERE first_time < {from} OR last_time >= {to}) \
+                 AND (time <= (SELECT lo FROM sess) OR time >= (SELECT hi FROM sess)) \
+                 AND session_id = ANY ((SELECT crossing FROM sess)::text[]) \
              GROUP BY session_id), \
-         sessions AS (SELECT (SELECT n FROM inside) + (SELECT count(*) FROM crossing) AS n) \
+         sessions AS (SELECT (SELECT n FROM sess) + (SELECT count(*) FROM crossing) AS n) \
          SELECT (SELECT {VISITORS} FROM (SELECT visitors AS v FROM hours UNION ALL \
                  SELECT hll_add_agg({VISITOR_HASH}) FROM edge) AS vs), \
              (SELECT n FROM sessions), \
@@ -321,9 +324,9 @@ pub fn summary_sql(q: &Query) -> Option<Statement> {
                  + (SELECT count(*) FROM edge WHERE name = '{PAGE_VIEW}'), \
              (SELECT coalesce(sum(events), 0)::int8 FROM hours) + (SELECT count(*) FROM edge), \
              (SELECT n FROM sessions), \
-             (SELECT bounced FROM inside) \
+             (SELECT bounced FROM sess) \
                  + (SELECT count(*) FROM crossing WHERE n = 1 AND pv = 1), \
-             (SELECT secs FROM inside) + (SELECT coalesce(sum(secs), 0) FROM crossing)"
+             (SELECT secs FROM sess) + (SELECT coalesce(sum(secs), 0) FROM crossing)"
     );
     Some(b.finish(sql))
 }
@@ -424,22 +427,23 @@ fn session_ends_sql(q: &Query, by: &Dimension, limit: u32) -> Option<Statement> 
     let limit = b.bind(Value::Int(i64::from(limit)));
     let order = key_order(Dialect::Postgres);
     let sql = format!(
-        "WITH span AS (SELECT session_id, first_time, last_time, {end}_page AS key, \
-                 {end}_visitor AS visitor \
+        "WITH crossing AS MATERIALIZED (SELECT session_id, first_time, last_time \
              FROM rollup_sessions WHERE project_id = {p} AND last_time >= {from} \
-                 AND first_time < {to}), \
+                 AND first_time < {to} AND (first_time < {from} OR last_time >= {to})), \
          parts AS (\
-             SELECT key, visitor FROM span \
-             WHERE first_time >= {from} AND last_time < {to} AND key IS NOT NULL \
+             SELECT {end}_page AS key, {end}_visitor AS visitor FROM rollup_sessions \
+             WHERE project_id = {p} AND last_time >= {from} AND last_time < {to} \
+                 AND first_time >= {from} AND {end}_page IS NOT NULL \
              UNION ALL \
              SELECT key, anonymous_id FROM (\
                  SELECT {path} AS key, anonymous_id, row_number() OVER (\
                      PARTITION BY session_id ORDER BY time {direction}, id {direction}) AS rn \
                  FROM events WHERE {events} AND name = '{PAGE_VIEW}' \
-                     AND (time <= (SELECT max(last_time) FROM span WHERE first_time < {from}) \
-                         OR time >= (SELECT min(first_time) FROM span WHERE last_time >= {to})) \
-                     AND session_id IN (SELECT session_id FROM span \
-                         WHERE first_time < {from} OR last_time >= {to})) AS c \
+                     AND (time <= (SELECT max(last_time) FROM crossing \
+                             WHERE first_time < {from}) \
+                         OR time >= (SELECT min(first_time) FROM crossing \
+                             WHERE last_time >= {to})) \
+                     AND session_id IN (SELECT session_id FROM crossing)) AS c \
              WHERE rn = 1 AND key IS NOT NULL) \
          SELECT key, coalesce(round(hll_cardinality(hll_add_agg({VISITOR}))), 0)::int8 \
                  AS visitors, count(*) AS events \
