@@ -350,13 +350,14 @@ fn page_interactive(script: &std::path::Path, origin: &str, key: &str, runs: usi
         .output();
     match output {
         Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout).trim().to_owned(),
-        Ok(o) => format!(
-            "page interactive: not measured ({})",
-            String::from_utf8_lossy(&o.stderr)
+        Ok(o) => {
+            let stderr = String::from_utf8_lossy(&o.stderr);
+            let reason = stderr
                 .lines()
-                .last()
-                .unwrap_or("failed")
-        ),
+                .find(|l| l.contains("Error"))
+                .unwrap_or("failed");
+            format!("page interactive: not measured ({})", reason.trim())
+        }
         Err(e) => format!("page interactive: not measured (node: {e})"),
     }
 }
