@@ -327,7 +327,7 @@ pub struct Statement {
 }
 
 /// Builds one statement: numbered parameters, shared WHERE clauses (also used by
-/// [`crate::funnel`]).
+/// [`crate::funnel`], and [`crate::rollup`] for the raw-event parts of its statements).
 pub(crate) struct Builder {
     dialect: Dialect,
     values: Vec<Value>,
@@ -360,7 +360,7 @@ impl Builder {
     }
 
     /// The per-event expression of a dimension (entry and exit pages: the path).
-    fn expr(&mut self, dimension: &Dimension) -> String {
+    pub(crate) fn expr(&mut self, dimension: &Dimension) -> String {
         match dimension {
             Dimension::Page | Dimension::EntryPage | Dimension::ExitPage => {
                 self.context_field("path")
@@ -462,7 +462,7 @@ impl Builder {
 }
 
 /// Byte order for keys on both backends.
-fn key_order(dialect: Dialect) -> &'static str {
+pub(crate) fn key_order(dialect: Dialect) -> &'static str {
     match dialect {
         Dialect::Postgres => "key COLLATE \"C\"",
         Dialect::Sqlite => "key",

@@ -28,6 +28,7 @@ pub mod metrics;
 pub mod queue;
 pub mod ratelimit;
 pub mod receipts;
+pub mod rollup;
 pub mod shutdown;
 pub mod stats;
 pub mod store;

@@ -49,11 +49,16 @@ enum Cmd {
     /// Benchmarks (numbers for the README; they never fail on speed).
     Bench {
         /// `sdk` (track() cost and wire bytes in headless Chromium), `core` (the sans-IO
-        /// core on the host: bursts, restores), `collector`, `queue` (collectors into NATS
-        /// JetStream on 127.0.0.1:4222, sinks into Postgres), `webhooks` (ingest with one
-        /// webhook destination against none, and the delivery rate), or `size-floor` (what
-        /// the SDK's chosen crates weigh on their own, xtask/size-floor).
+        /// core on the host: bursts, restores), `collector` (ingest), `dashboard` (the stats
+        /// API on ten million events), `queue` (collectors into NATS JetStream on
+        /// 127.0.0.1:4222, sinks into Postgres), `webhooks` (ingest with one webhook
+        /// destination against none, and the delivery rate), or `size-floor` (what the SDK's
+        /// chosen crates weigh on their own, xtask/size-floor).
         what: String,
+        /// Passed to the benchmark's program (`collector`, `dashboard`), e.g.
+        /// `-- --events 100000`.
+        #[arg(last = true)]
+        args: Vec<String>,
     },
     /// Print the gzip size of the script-tag build and fail above the ceiling.
     Size,
@@ -65,7 +70,7 @@ fn main() -> ExitCode {
         Cmd::Build => build(),
         Cmd::Demo { listen } => demo(listen),
         Cmd::Test => test(),
-        Cmd::Bench { what } => bench(&what),
+        Cmd::Bench { what, args } => bench(&what, &args),
         Cmd::Size => size().map(|_| ()),
     };
     match result {
@@ -588,7 +593,7 @@ fn wait_for_port(addr: SocketAddr, timeout: Duration) -> Result<()> {
     bail!("nothing listens on {addr} after {timeout:?}")
 }
 
-fn bench(what: &str) -> Result<()> {
+fn bench(what: &str, args: &[String]) -> Result<()> {
     let root = root();
     match what {
         "sdk" => {
@@ -611,7 +616,22 @@ fn bench(what: &str) -> Result<()> {
         ])),
         "collector" => {
             let db = postgres_url()?;
-            run(Command::new(build_server_bins()?.join("tracklet-loadgen")).env("DATABASE_URL", db))
+            run(Command::new(build_server_bins()?.join("tracklet-loadgen"))
+                .args(args)
+                .env("DATABASE_URL", db))
+        }
+        "dashboard" => {
+            let db = postgres_url()?;
+            let mut bench = Command::new(build_server_bins()?.join("tracklet-dashbench"));
+            // "Page interactive" needs Chromium and the npm tooling (playwright-core).
+            if let Ok(path) = chromium() {
+                ensure_npm(&root)?;
+                bench
+                    .arg("--page-script")
+                    .arg(root.join("tests/bench/dashboard.mjs"))
+                    .env("CHROMIUM_PATH", path);
+            }
+            run(bench.args(args).env("DATABASE_URL", db))
         }
         "webhooks" => {
             // Ingest without, then with, one webhook destination (same settings; the second
@@ -639,7 +659,8 @@ fn bench(what: &str) -> Result<()> {
         }
         "size-floor" => size_floor(),
         other => bail!(
-            "unknown benchmark {other:?}: use `sdk`, `core`, `collector`, `queue`, `webhooks` or `size-floor`"
+            "unknown benchmark {other:?}: use `sdk`, `core`, `collector`, `dashboard`, `queue`, \
+             `webhooks` or `size-floor`"
         ),
     }
 }

@@ -81,6 +81,11 @@ struct Args {
     /// The collector binary (default: `tracklet-collector` next to this executable).
     #[arg(long)]
     collector_bin: Option<PathBuf>,
+    /// Drop the rollup tables before starting the collector, so it inserts events alone (as
+    /// on a server without the hll extension): the ingest cost of the rollups is the
+    /// difference between a run with and one without.
+    #[arg(long)]
+    without_rollups: bool,
     /// Extra arguments for `tracklet-collector serve`, e.g. `--commit-max-rows=4000`.
     #[arg(long, allow_hyphen_values = true, num_args = 1)]
     collector_arg: Vec<String>,
@@ -412,6 +417,11 @@ async fn bench(args: &Args, url: &str) -> anyhow::Result<()> {
     // Unlimited (0), not serve's --rate-limit-default: the benchmark measures the collector.
     let project = Project::new("bench", vec![], Some(0));
     store.add_project(&project).await?;
+    if args.without_rollups {
+        sqlx::query("DROP TABLE IF EXISTS rollup_hourly, rollup_sessions")
+            .execute(store.pool())
+            .await?;
+    }
     let receiver = if args.webhook {
         let receiver = WebhookReceiver::start().await?;
         let destination = tracklet_collector::webhooks::NewDestination {
@@ -429,6 +439,14 @@ async fn bench(args: &Args, url: &str) -> anyhow::Result<()> {
         None
     };
     store.pool().close().await;
+    println!(
+        "rollups: {}",
+        if args.without_rollups {
+            "off (--without-rollups)"
+        } else {
+            "on"
+        }
+    );
 
     let (collector, addr) = Collector::start(args, url, &[])?;
     wait_until_up(addr).await?;

@@ -16,6 +16,7 @@ use uuid::Uuid;
 
 use crate::analytics::{self, Dialect, Dimension, Interval, Query, Statement, SummaryRow, Value};
 use crate::export::StoredEvent;
+use crate::rollup;
 
 use super::{
     claim_inserted, enrichment_from_row, month_start, owned_stream, sorted_receipts, BatchReceipt,
@@ -24,6 +25,8 @@ use super::{
 
 pub struct PgStore {
     pool: PgPool,
+    /// Whether the stats API reads (and inserts update) the rollups (see [`crate::rollup`]).
+    rollups: rollup::Availability,
 }
 
 /// Channel notified by the `projects_changed` trigger (migration 0003).
@@ -43,18 +46,30 @@ impl PgStore {
     /// Connects now (fails when the database is unreachable).
     pub async fn connect(url: &str, max_connections: u32) -> Result<PgStore, StoreError> {
         let pool = Self::pool_options(max_connections).connect(url).await?;
-        Ok(PgStore { pool })
+        Ok(PgStore::from_pool(pool))
     }
 
     /// Connects on first use; the pool reconnects by itself after an outage.
     pub fn connect_lazy(url: &str, max_connections: u32) -> Result<PgStore, StoreError> {
         let pool = Self::pool_options(max_connections).connect_lazy(url)?;
-        Ok(PgStore { pool })
+        Ok(PgStore::from_pool(pool))
     }
 
     /// Wraps an existing pool (tests, tools).
     pub fn from_pool(pool: PgPool) -> PgStore {
-        PgStore { pool }
+        PgStore {
+            pool,
+            rollups: rollup::Availability::default(),
+        }
+    }
+
+    /// A store that never uses the rollups: stats from raw events, inserts that leave the
+    /// rollups alone (tests compare the two ways).
+    pub fn without_rollups(pool: PgPool) -> PgStore {
+        PgStore {
+            pool,
+            rollups: rollup::Availability::off(),
+        }
     }
 
     pub fn pool(&self) -> &PgPool {
@@ -75,6 +90,8 @@ impl PgStore {
         sqlx::query(&format!("SET LOCAL statement_timeout = {timeout_ms}"))
             .execute(&mut *tx)
             .await?;
+        // Compiling these short aggregate queries costs more than it saves.
+        sqlx::query("SET LOCAL jit = off").execute(&mut *tx).await?;
         let mut query = sqlx::query_as::<_, T>(&statement.sql);
         for value in statement.values {
             query = match value {
@@ -105,6 +122,29 @@ fn project_from_row(row: &sqlx::postgres::PgRow) -> Result<Project, sqlx::Error>
 
 const PROJECT_COLUMNS: &str = "id, name, write_key, read_key, origins, rate_limit";
 
+/// The receipts of an insert, as a `WITH` item (see `insert_events`).
+const INSERT_RECEIPTS: &str = "receipts AS (\
+     INSERT INTO batch_receipts (project_id, batch_id, received_at) \
+     SELECT * FROM UNNEST($22::uuid[], $23::text[], $24::timestamptz[]) \
+     ON CONFLICT DO NOTHING)";
+
+/// The events of an insert, without `RETURNING` (see `insert_events`).
+const INSERT_EVENTS: &str = "INSERT INTO events (project_id, id, ts, name, anonymous_id, \
+         session_id, user_id, props, context, sent_at, received_at, time, browser, \
+         browser_version, os, device_type, is_bot, bot_reason, ip, country, city) \
+     SELECT project_id, id, ts, name, anonymous_id, session_id, user_id, \
+         props::jsonb, context::jsonb, sent_at, received_at, time, browser, \
+         browser_version, os, device_type, is_bot, bot_reason, ip, country, city \
+     FROM UNNEST($1::uuid[], $2::uuid[], $3::timestamptz[], $4::text[], \
+         $5::text[], $6::text[], $7::text[], $8::text[], $9::text[], \
+         $10::timestamptz[], $11::timestamptz[], $12::timestamptz[], $13::text[], \
+         $14::text[], $15::text[], $16::text[], $17::bool[], $18::text[], $19::text[], \
+         $20::text[], $21::text[]) \
+         AS u(project_id, id, ts, name, anonymous_id, session_id, user_id, props, \
+         context, sent_at, received_at, time, browser, browser_version, os, \
+         device_type, is_bot, bot_reason, ip, country, city) \
+     ON CONFLICT DO NOTHING";
+
 /// `events_y2026m11` for November 2026.
 pub fn partition_name(month: DateTime<Utc>) -> String {
     format!("events_y{:04}m{:02}", month.year(), month.month())
@@ -126,9 +166,15 @@ impl EventStore for PgStore {
     }
 
     async fn migrate(&self) -> Result<(), StoreError> {
+        let had_rollups = rollup::exist(&self.pool).await?;
         sqlx::migrate!("./migrations/postgres")
             .run(&self.pool)
             .await?;
+        // Migration 0004 just created the rollups: count the events stored before it.
+        if !had_rollups && rollup::exist(&self.pool).await? {
+            let counted = rollup::rebuild(&self.pool, None).await?;
+            tracing::info!(events = counted, "rollups filled from the stored events");
+        }
         Ok(())
     }
 
@@ -243,58 +289,42 @@ impl EventStore for PgStore {
         let receipt_project: Vec<Uuid> = receipts.iter().map(|r| r.project_id).collect();
         let receipt_batch: Vec<&str> = receipts.iter().map(|r| r.batch_id.as_str()).collect();
         let receipt_received: Vec<DateTime<Utc>> = receipts.iter().map(|r| r.received_at).collect();
-        // One statement: the receipts (in the data-modifying WITH, which Postgres runs to
-        // completion after the events) are committed exactly when the events are, and so are
-        // the webhook deliveries of the new events (the outbox, same transaction).
+        // One statement for the events, their receipts (in the data-modifying WITH, which
+        // Postgres runs to completion after the events) and, with rollups, the aggregates;
+        // then the webhook deliveries of the new events (the outbox), in the same transaction.
+        let sql = if self.rollups.on(&self.pool).await? {
+            rollup::insert_sql(INSERT_RECEIPTS, INSERT_EVENTS)
+        } else {
+            format!("WITH {INSERT_RECEIPTS} {INSERT_EVENTS} RETURNING project_id, id")
+        };
         let mut tx = self.pool.begin().await?;
-        let inserted: Vec<(Uuid, Uuid)> = sqlx::query_as(
-            "WITH receipts AS (\
-                 INSERT INTO batch_receipts (project_id, batch_id, received_at) \
-                 SELECT * FROM UNNEST($22::uuid[], $23::text[], $24::timestamptz[]) \
-                 ON CONFLICT DO NOTHING) \
-             INSERT INTO events (project_id, id, ts, name, anonymous_id, session_id, user_id, \
-                 props, context, sent_at, received_at, time, browser, browser_version, os, \
-                 device_type, is_bot, bot_reason, ip, country, city) \
-             SELECT project_id, id, ts, name, anonymous_id, session_id, user_id, \
-                 props::jsonb, context::jsonb, sent_at, received_at, time, browser, \
-                 browser_version, os, device_type, is_bot, bot_reason, ip, country, city \
-             FROM UNNEST($1::uuid[], $2::uuid[], $3::timestamptz[], $4::text[], \
-                 $5::text[], $6::text[], $7::text[], $8::text[], $9::text[], \
-                 $10::timestamptz[], $11::timestamptz[], $12::timestamptz[], $13::text[], \
-                 $14::text[], $15::text[], $16::text[], $17::bool[], $18::text[], $19::text[], \
-                 $20::text[], $21::text[]) \
-                 AS u(project_id, id, ts, name, anonymous_id, session_id, user_id, props, \
-                 context, sent_at, received_at, time, browser, browser_version, os, \
-                 device_type, is_bot, bot_reason, ip, country, city) \
-             ON CONFLICT DO NOTHING \
-             RETURNING project_id, id",
-        )
-        .bind(&project_id)
-        .bind(&id)
-        .bind(&ts)
-        .bind(&name)
-        .bind(&anonymous_id)
-        .bind(&session_id)
-        .bind(&user_id)
-        .bind(&props)
-        .bind(&context)
-        .bind(&sent_at)
-        .bind(&received_at)
-        .bind(&time)
-        .bind(&browser)
-        .bind(&browser_version)
-        .bind(&os)
-        .bind(&device_type)
-        .bind(&is_bot)
-        .bind(&bot_reason)
-        .bind(&ip)
-        .bind(&country)
-        .bind(&city)
-        .bind(&receipt_project)
-        .bind(&receipt_batch)
-        .bind(&receipt_received)
-        .fetch_all(&mut *tx)
-        .await?;
+        let inserted: Vec<(Uuid, Uuid)> = sqlx::query_as(&sql)
+            .bind(&project_id)
+            .bind(&id)
+            .bind(&ts)
+            .bind(&name)
+            .bind(&anonymous_id)
+            .bind(&session_id)
+            .bind(&user_id)
+            .bind(&props)
+            .bind(&context)
+            .bind(&sent_at)
+            .bind(&received_at)
+            .bind(&time)
+            .bind(&browser)
+            .bind(&browser_version)
+            .bind(&os)
+            .bind(&device_type)
+            .bind(&is_bot)
+            .bind(&bot_reason)
+            .bind(&ip)
+            .bind(&country)
+            .bind(&city)
+            .bind(&receipt_project)
+            .bind(&receipt_batch)
+            .bind(&receipt_received)
+            .fetch_all(&mut *tx)
+            .await?;
         let new = claim_inserted(rows, inserted.into_iter().collect::<HashSet<_>>());
         crate::webhooks::outbox::enqueue_postgres(&mut tx, rows, &new, Utc::now()).await?;
         tx.commit().await?;
@@ -428,8 +458,12 @@ impl EventStore for PgStore {
     }
 
     async fn analytics_summary(&self, q: &Query) -> Result<SummaryRow, StoreError> {
+        let rollup = self.rollups.on(&self.pool).await?;
+        let statement = rollup.then(|| rollup::summary_sql(q)).flatten();
         let rows = self
-            .analytics_rows(analytics::summary_sql(Dialect::Postgres, q))
+            .analytics_rows(
+                statement.unwrap_or_else(|| analytics::summary_sql(Dialect::Postgres, q)),
+            )
             .await?;
         Ok(rows.into_iter().next().unwrap_or_default())
     }
@@ -439,8 +473,14 @@ impl EventStore for PgStore {
         q: &Query,
         interval: Interval,
     ) -> Result<Vec<(i64, i64, i64)>, StoreError> {
-        self.analytics_rows(analytics::timeseries_sql(Dialect::Postgres, q, interval))
-            .await
+        let rollup = self.rollups.on(&self.pool).await?;
+        let statement = rollup
+            .then(|| rollup::timeseries_sql(q, interval))
+            .flatten();
+        self.analytics_rows(
+            statement.unwrap_or_else(|| analytics::timeseries_sql(Dialect::Postgres, q, interval)),
+        )
+        .await
     }
 
     async fn analytics_breakdown(
@@ -449,8 +489,14 @@ impl EventStore for PgStore {
         by: &Dimension,
         limit: u32,
     ) -> Result<Vec<(String, i64, i64)>, StoreError> {
-        self.analytics_rows(analytics::breakdown_sql(Dialect::Postgres, q, by, limit))
-            .await
+        let rollup = self.rollups.on(&self.pool).await?;
+        let statement = rollup
+            .then(|| rollup::breakdown_sql(q, by, limit))
+            .flatten();
+        self.analytics_rows(
+            statement.unwrap_or_else(|| analytics::breakdown_sql(Dialect::Postgres, q, by, limit)),
+        )
+        .await
     }
 
     fn export_events(
@@ -597,6 +643,9 @@ impl EventStore for PgStore {
                 .bind(cutoff)
                 .execute(&mut *tx)
                 .await?;
+            if self.rollups.on(&self.pool).await? {
+                rollup::forget_before(&mut tx, cutoff).await?;
+            }
         }
         tx.commit().await?;
         Ok(report)
