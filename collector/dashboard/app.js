@@ -476,6 +476,7 @@ function renderHealth(h) {
   const cell = (name) => document.querySelector(`[data-health="${name}"]`);
   if (!h || h.error) {
     for (const name of [...HEALTH_FIGURES, 'queue_depth', 'last_commit']) cell(name).textContent = '–';
+    document.getElementById('queue-lag').hidden = true;
     document.querySelector('[data-list="rejected"]').replaceChildren();
     document.querySelector('[data-list="health"]').replaceChildren();
     return;
@@ -483,6 +484,12 @@ function renderHealth(h) {
   for (const name of HEALTH_FIGURES) cell(name).textContent = String(h.totals[name]);
   cell('queue_depth').textContent = String(h.queue_depth);
   cell('last_commit').textContent = h.last_commit ? h.last_commit.replace('T', ' ').slice(0, 19) + ' UTC' : 'none yet';
+  // With `serve --queue`: what the sinks have not committed yet (all projects).
+  const lag = h.queue_lag;
+  document.getElementById('queue-lag').hidden = !lag;
+  cell('queue_lag').textContent = lag
+    ? `${lag.stream_messages} batches, oldest ${Math.round(lag.oldest_pending_secs)} s`
+    : '';
   // Events by reason, then whole batches (`batch:<code>`).
   const reasons = [
     ...Object.entries(h.totals.rejected_by_reason),

@@ -296,6 +296,10 @@ pub struct ServeArgs {
     pub webhooks: WebhookArgs,
     #[command(flatten)]
     pub queue: QueueArgs,
+    /// With --queue: the sinks' durable consumer (their --consumer), whose lag the ingest
+    /// health (`/v1/stats/health`, the dashboard) shows.
+    #[arg(long, env = "TRACKLET_SINK_CONSUMER", default_value = config::DEFAULT_SINK_CONSUMER)]
+    pub queue_consumer: String,
 }
 
 /// The queue's flags, shared by `serve` and `sink`.
@@ -345,7 +349,7 @@ pub struct SinkArgs {
     #[arg(long, env = "TRACKLET_SINK_LISTEN", default_value = "127.0.0.1:9091")]
     pub listen: SocketAddr,
     /// Durable consumer name; sinks with the same name share the messages.
-    #[arg(long, env = "TRACKLET_SINK_CONSUMER", default_value = "tracklet-sink")]
+    #[arg(long, env = "TRACKLET_SINK_CONSUMER", default_value = config::DEFAULT_SINK_CONSUMER)]
     pub consumer: String,
     /// Messages asked for per pull request.
     #[arg(long, env = "TRACKLET_SINK_FETCH_MAX", default_value_t = 256)]
@@ -501,6 +505,7 @@ impl ServeArgs {
             }),
             webhooks: self.webhooks.to_config(),
             queue: self.queue.to_config(),
+            queue_consumer: self.queue_consumer.clone(),
         }
     }
 }

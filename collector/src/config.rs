@@ -106,6 +106,8 @@ pub struct ServeConfig {
     /// `--queue`: publish accepted events to NATS JetStream (answer once it acknowledges)
     /// instead of committing them here; `sink` commits them. `None`: direct group commit.
     pub queue: Option<QueueConfig>,
+    /// With a queue: the sinks' durable consumer, whose lag the ingest health shows.
+    pub queue_consumer: String,
 }
 
 /// Default of [`ServeConfig::max_connections`].
@@ -144,6 +146,7 @@ impl Default for ServeConfig {
             backup: None,
             webhooks: crate::webhooks::WebhookConfig::default(),
             queue: None,
+            queue_consumer: DEFAULT_SINK_CONSUMER.to_owned(),
         }
     }
 }
@@ -171,6 +174,9 @@ pub struct QueueConfig {
     /// Longest wait for JetStream's acknowledgement of a publish (503 after).
     pub publish_timeout: Duration,
 }
+
+/// Default name of the sinks' durable consumer (`sink --consumer`).
+pub const DEFAULT_SINK_CONSUMER: &str = "tracklet-sink";
 
 /// Default of [`QueueConfig::stream`].
 pub const DEFAULT_QUEUE_STREAM: &str = "TRACKLET_EVENTS";

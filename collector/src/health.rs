@@ -222,6 +222,9 @@ pub struct Health {
     pub queue_depth: usize,
     /// When this collector process last committed (any project); `null` before the first.
     pub last_commit: Option<DateTime<Utc>>,
+    /// With `serve --queue`: how far the sinks are behind (all projects); `null` without a
+    /// queue, or when the lag cannot be read (NATS away, no sink has run yet).
+    pub queue_lag: Option<crate::queue::Lag>,
 }
 
 impl Health {
@@ -254,6 +257,7 @@ impl Health {
             totals,
             queue_depth,
             last_commit,
+            queue_lag: None,
         }
     }
 }

@@ -813,12 +813,16 @@ async fn get_health(
     let result = async {
         let q = analytics_query(&state, &headers, &uri)?;
         let rows = within_deadline(state.store.analytics_health(&q)).await?;
-        Ok(crate::health::Health::assemble(
+        let mut health = crate::health::Health::assemble(
             &q,
             &rows,
             state.committer.queued_rows(),
             state.committer.feed().last_commit(),
-        ))
+        );
+        if let Some(publisher) = &state.publisher {
+            health.queue_lag = publisher.lag(&state.config.queue_consumer).await;
+        }
+        Ok(health)
     }
     .await;
     cors_answer(header_str(&headers, &header::ORIGIN), result)

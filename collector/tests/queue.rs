@@ -573,3 +573,64 @@ async fn a_sink_commits_into_the_embedded_sqlite_file_too() {
         let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
     }
 }
+
+#[tokio::test]
+async fn ingest_health_shows_the_sinks_lag() {
+    let (db, stream) = (TestDb::create().await, TestStream::create().await);
+    let project = add_project_cli(&db.url, "shop");
+    let id: Uuid = project["id"].as_str().unwrap().parse().unwrap();
+    let key = project["write_key"].as_str().unwrap().to_owned();
+    let read_key = project["read_key"].as_str().unwrap().to_owned();
+    let server = collector(&db, &stream, None).await;
+    let client = reqwest::Client::new();
+    let health = || async {
+        let r = client
+            .get(server.url(&format!("/v1/stats/health?key={read_key}")))
+            .send()
+            .await
+            .expect("health");
+        assert_eq!(r.status(), 200);
+        r.json::<Value>().await.expect("health JSON")
+    };
+    // No sink has run yet: no consumer, so no lag to show.
+    assert!(health().await["queue_lag"].is_null());
+
+    // A sink creates the consumer and commits; killed, it leaves the next batches behind.
+    let mut sink = Sink::start(&db.url, &stream, &[]).await;
+    let first = (0..5).map(|n| numbered_batch(7, n, 20).1).collect();
+    let mut acknowledged = send_all(&[&server], &key, first).await;
+    assert_stored_exactly_once(&db, id, &acknowledged).await;
+    sink.kill_9();
+    let rest: Vec<Vec<u8>> = (5..12).map(|n| numbered_batch(7, n, 20).1).collect();
+    acknowledged.extend(send_all(&[&server], &key, rest).await);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let lag = loop {
+        let lag = health().await["queue_lag"].clone();
+        if lag["stream_messages"] == 7 {
+            break lag;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the health never showed 7 batches behind: {lag}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(
+        lag["oldest_pending_secs"]
+            .as_f64()
+            .is_some_and(|s| s >= 0.0),
+        "{lag}"
+    );
+
+    // A sink again: everything stored, and nothing behind.
+    let _sink = Sink::start(&db.url, &stream, &[]).await;
+    assert_stored_exactly_once(&db, id, &acknowledged).await;
+    loop {
+        let lag = health().await["queue_lag"].clone();
+        if lag["stream_messages"] == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline + Duration::from_secs(20), "{lag}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

@@ -18,7 +18,10 @@ pub mod sink;
 
 use std::time::Duration;
 
+use async_nats::jetstream::consumer::PullConsumer;
 use async_nats::jetstream::{self, stream};
+use chrono::Utc;
+use serde::Serialize;
 
 use crate::config::QueueConfig;
 
@@ -138,4 +141,48 @@ mod tests {
             ["nats://a:4222", "nats://b:4222", "nats://c:4222"]
         );
     }
+}
+
+/// How far the sinks are behind (`/readyz` and `/metrics` of a sink, the ingest health of
+/// `serve --queue`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct Lag {
+    /// Messages in the stream not yet delivered to any sink.
+    pub pending: u64,
+    /// Messages delivered to a sink and not yet acknowledged (being committed, or waiting
+    /// for redelivery after a failed commit).
+    pub ack_pending: u64,
+    /// Messages in the stream: everything not yet committed (work-queue retention).
+    pub stream_messages: u64,
+    /// Age of the oldest message in the stream, in seconds (0 when empty).
+    pub oldest_pending_secs: f64,
+}
+
+/// The consumer's lag: what the sinks sharing `consumer` have not committed yet.
+pub async fn read_lag(
+    js: &jetstream::Context,
+    stream_name: &str,
+    consumer: &str,
+) -> Result<Lag, QueueError> {
+    let failed = |e: &dyn std::fmt::Display| QueueError::Failed(e.to_string());
+    let mut stream = js.get_stream(stream_name).await.map_err(|e| failed(&e))?;
+    let stream_state = stream.info().await.map_err(|e| failed(&e))?.state.clone();
+    let mut consumer: PullConsumer = stream
+        .get_consumer(consumer)
+        .await
+        .map_err(|e| failed(&e))?;
+    let info = consumer.info().await.map_err(|e| failed(&e))?;
+    let oldest_pending_secs = if stream_state.messages > 0 {
+        let now = Utc::now().timestamp_nanos_opt().unwrap_or(i64::MAX);
+        let first = stream_state.first_timestamp.unix_timestamp_nanos();
+        ((i128::from(now) - first).max(0) as f64) / 1e9
+    } else {
+        0.0
+    };
+    Ok(Lag {
+        pending: info.num_pending,
+        ack_pending: info.num_ack_pending as u64,
+        stream_messages: stream_state.messages,
+        oldest_pending_secs,
+    })
 }

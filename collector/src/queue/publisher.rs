@@ -81,6 +81,20 @@ impl EventPublisher {
         is_connected(&self.client)
     }
 
+    /// How far the sinks sharing `consumer` are behind; `None` when it cannot be read within
+    /// a second (NATS away, no sink has created the consumer yet).
+    pub async fn lag(&self, consumer: &str) -> Option<super::Lag> {
+        let read = super::read_lag(&self.js, &self.config.stream, consumer);
+        match tokio::time::timeout(std::time::Duration::from_secs(1), read).await {
+            Ok(Ok(lag)) => Some(lag),
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "cannot read the queue's lag");
+                None
+            }
+            Err(_) => None,
+        }
+    }
+
     /// The stream's name (`/readyz`).
     pub fn stream_name(&self) -> &str {
         &self.config.stream

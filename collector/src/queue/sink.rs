@@ -26,7 +26,6 @@ use axum::{Json, Router};
 use chrono::Utc;
 use futures_util::StreamExt;
 use metrics_exporter_prometheus::PrometheusHandle;
-use serde::Serialize;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::record::QueueRecord;
@@ -36,6 +35,8 @@ use crate::config::{DbConfig, SinkConfig};
 use crate::error::UNAVAILABLE_RETRY_AFTER_SECS;
 use crate::metrics;
 use crate::shutdown::Shutdown;
+
+pub use super::Lag;
 use crate::store::{self, EventStore};
 
 /// How often each sink reads the consumer's lag (for `/metrics` and `/readyz`).
@@ -45,20 +46,6 @@ const BACKOFF_FIRST: Duration = Duration::from_millis(250);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
 /// Partition upkeep while sinking (creating months ahead; dropping is `serve`'s job).
 const PARTITION_INTERVAL: Duration = Duration::from_secs(3600);
-
-/// The consumer's lag as last read.
-#[derive(Debug, Clone, Copy, Default, Serialize)]
-pub struct Lag {
-    /// Messages in the stream not yet delivered to any sink.
-    pub pending: u64,
-    /// Messages delivered to a sink and not yet acknowledged (being committed, or waiting
-    /// for redelivery after a failed commit).
-    pub ack_pending: u64,
-    /// Messages in the stream: everything not yet committed (work-queue retention).
-    pub stream_messages: u64,
-    /// Age of the oldest message in the stream, in seconds (0 when empty).
-    pub oldest_pending_secs: f64,
-}
 
 /// What the HTTP endpoints of a sink read.
 struct SinkState {
@@ -414,30 +401,7 @@ async fn watch_lag(
 }
 
 async fn read_lag(js: &jetstream::Context, config: &SinkConfig) -> Result<Lag, QueueError> {
-    let failed = |e: &dyn std::fmt::Display| QueueError::Failed(e.to_string());
-    let mut stream = js
-        .get_stream(&config.queue.stream)
-        .await
-        .map_err(|e| failed(&e))?;
-    let stream_state = stream.info().await.map_err(|e| failed(&e))?.state.clone();
-    let mut consumer: PullConsumer = stream
-        .get_consumer(&config.consumer)
-        .await
-        .map_err(|e| failed(&e))?;
-    let info = consumer.info().await.map_err(|e| failed(&e))?;
-    let oldest_pending_secs = if stream_state.messages > 0 {
-        let now = Utc::now().timestamp_nanos_opt().unwrap_or(i64::MAX);
-        let first = stream_state.first_timestamp.unix_timestamp_nanos();
-        ((i128::from(now) - first).max(0) as f64) / 1e9
-    } else {
-        0.0
-    };
-    Ok(Lag {
-        pending: info.num_pending,
-        ack_pending: info.num_ack_pending as u64,
-        stream_messages: stream_state.messages,
-        oldest_pending_secs,
-    })
+    super::read_lag(js, &config.queue.stream, &config.consumer).await
 }
 
 fn routes(state: Arc<SinkState>) -> Router {
