@@ -23,7 +23,6 @@ use crate::queue::publisher::EventPublisher;
 use crate::ratelimit;
 use crate::receipts;
 use crate::shutdown::Shutdown;
-use crate::stats;
 use crate::store::{self, EventStore, Project};
 use crate::transport;
 use crate::webhooks;
@@ -597,16 +596,8 @@ async fn find_project(store: &dyn EventStore, name_or_id: &str) -> anyhow::Resul
 async fn export_command(db: &DbConfig, args: ExportArgs) -> anyhow::Result<()> {
     let store = open_migrated(db).await?;
     let project = find_project(store.as_ref(), &args.project).await?;
-    let (all_from, all_to) = export::all_time();
-    let time = |value: Option<&String>, default| match value {
-        Some(v) => stats::parse_time(v).map_err(|e| anyhow::anyhow!("{e}")),
-        None => Ok(default),
-    };
-    let range = (
-        time(args.from.as_ref(), all_from)?,
-        time(args.to.as_ref(), all_to)?,
-    );
-    anyhow::ensure!(range.0 <= range.1, "--from is after --to");
+    let range = export::time_range(args.from.as_deref(), args.to.as_deref())
+        .map_err(|e| anyhow::anyhow!("--from/--to: {e}"))?;
     let count = match &args.out {
         Some(path) => {
             let partial = PathBuf::from(format!("{}.partial", path.display()));
@@ -758,12 +749,8 @@ async fn destinations_command(db: &DbConfig, args: DestinationsArgs) -> anyhow::
             println!("{}", serde_json::to_string(&status)?);
         }
         DestinationsCommand::Replay { id, from, to } => {
-            let (all_from, all_to) = export::all_time();
-            let time = |value: Option<&String>, default| match value {
-                Some(v) => stats::parse_time(v).map_err(|e| anyhow::anyhow!("{e}")),
-                None => Ok(default),
-            };
-            let (from, to) = (time(from.as_ref(), all_from)?, time(to.as_ref(), all_to)?);
+            let (from, to) = export::time_range(from.as_deref(), to.as_deref())
+                .map_err(|e| anyhow::anyhow!("--from/--to: {e}"))?;
             let known = queue.list_destinations().await?.iter().any(|d| d.id == id);
             found(known, id)?;
             let requeued = queue.replay(id, from, to, Utc::now()).await?;

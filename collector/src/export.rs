@@ -336,6 +336,28 @@ pub fn all_time() -> (DateTime<Utc>, DateTime<Utc>) {
     (DateTime::<Utc>::UNIX_EPOCH, end)
 }
 
+/// The range `[from, to)` of optional times (what `/v1/stats` accepts: ms since the epoch,
+/// RFC 3339 or `YYYY-MM-DD`), each end defaulting to [`all_time`]'s: for `export`,
+/// `GET /v1/export` and `destinations replay`.
+pub fn time_range(
+    from: Option<&str>,
+    to: Option<&str>,
+) -> Result<(DateTime<Utc>, DateTime<Utc>), crate::error::ApiError> {
+    let (all_from, all_to) = all_time();
+    let from = from
+        .map(crate::stats::parse_time)
+        .transpose()?
+        .unwrap_or(all_from);
+    let to = to
+        .map(crate::stats::parse_time)
+        .transpose()?
+        .unwrap_or(all_to);
+    if from > to {
+        return Err(crate::error::ApiError::BadQuery("from is after to".into()));
+    }
+    Ok((from, to))
+}
+
 /// What `import` did.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct ImportReport {

@@ -243,6 +243,19 @@ async fn writing_project(
     Ok(project)
 }
 
+/// The project whose read key the request carries, when the request's `Origin` may read it
+/// (the stats API, export, live view, destinations' status).
+fn reading_project(
+    state: &AppState,
+    uri: &axum::http::Uri,
+    headers: &HeaderMap,
+) -> Result<Project, ApiError> {
+    let key = auth::request_key(uri, headers).ok_or(AuthError::MissingKey)?;
+    let project = state.projects.by_read_key(&key)?;
+    auth::check_origin(&project, header_str(headers, &header::ORIGIN))?;
+    Ok(project)
+}
+
 /// The (still compressed) body: read under `limit` bytes and the body deadline.
 async fn read_raw_body(
     state: &AppState,
@@ -541,11 +554,12 @@ async fn preflight(
         return StatusCode::NO_CONTENT.into_response();
     };
     if let Some(key) = auth::request_key(&uri, &HeaderMap::new()) {
+        // The batch routes take a write key; every other route with a key reads.
         let project = match uri.path() {
-            path if path == "/v1/stats" || path.starts_with("/v1/stats/") => {
-                state.projects.by_read_key(&key)
+            tracklet_wire::BATCH_PATH | tracklet_wire::BATCH_STATUS_PATH => {
+                state.projects.by_write_key(&key)
             }
-            _ => state.projects.by_write_key(&key),
+            _ => state.projects.by_read_key(&key),
         };
         if let Ok(project) = project {
             if let Err(e) = auth::check_origin(&project, Some(origin)) {
@@ -580,23 +594,16 @@ async fn get_export(
 ) -> Response {
     let origin = header_str(&headers, &header::ORIGIN);
     let prepared = (|| {
-        let key = auth::request_key(&uri, &headers).ok_or(AuthError::MissingKey)?;
-        let project = state.projects.by_read_key(&key)?;
-        auth::check_origin(&project, origin)?;
+        let project = reading_project(&state, &uri, &headers)?;
         let format = match auth::query_param(&uri, "format") {
             None => export::Format::Ndjson,
             Some(f) => export::Format::parse(&f)
                 .ok_or_else(|| ApiError::BadQuery("format must be ndjson or csv".into()))?,
         };
-        let (all_from, all_to) = export::all_time();
-        let time = |name: &str, default| match auth::query_param(&uri, name) {
-            Some(v) => stats::parse_time(&v),
-            None => Ok(default),
-        };
-        let (from, to) = (time("from", all_from)?, time("to", all_to)?);
-        if from > to {
-            return Err(ApiError::BadQuery("from is after to".into()));
-        }
+        let (from, to) = export::time_range(
+            auth::query_param(&uri, "from").as_deref(),
+            auth::query_param(&uri, "to").as_deref(),
+        )?;
         Ok::<_, ApiError>((project, format, from, to))
     })();
     let (project, format, from, to) = match prepared {
@@ -632,9 +639,7 @@ async fn get_destinations_status(
 ) -> Response {
     let origin = header_str(&headers, &header::ORIGIN);
     let result = async {
-        let key = auth::request_key(&uri, &headers).ok_or(AuthError::MissingKey)?;
-        let project = state.projects.by_read_key(&key)?;
-        auth::check_origin(&project, origin)?;
+        let project = reading_project(&state, &uri, &headers)?;
         let destinations = match state.store.deliveries() {
             Some(queue) => queue.status(Some(project.id), Utc::now()).await?,
             None => Vec::new(),
@@ -653,9 +658,7 @@ async fn get_stats(
 ) -> Response {
     let origin = header_str(&headers, &header::ORIGIN);
     let result = async {
-        let key = auth::request_key(&uri, &headers).ok_or(AuthError::MissingKey)?;
-        let project = state.projects.by_read_key(&key)?;
-        auth::check_origin(&project, origin)?;
+        let project = reading_project(&state, &uri, &headers)?;
         let from = auth::query_param(&uri, "from");
         let to = auth::query_param(&uri, "to");
         let (from, to) = stats::range(from.as_deref(), to.as_deref(), Utc::now())?;
@@ -672,9 +675,7 @@ fn analytics_query(
     headers: &HeaderMap,
     uri: &axum::http::Uri,
 ) -> Result<analytics::Query, ApiError> {
-    let key = auth::request_key(uri, headers).ok_or(AuthError::MissingKey)?;
-    let project = state.projects.by_read_key(&key)?;
-    auth::check_origin(&project, header_str(headers, &header::ORIGIN))?;
+    let project = reading_project(state, uri, headers)?;
     let from = auth::query_param(uri, "from");
     let to = auth::query_param(uri, "to");
     let (from, to) = stats::unbounded_range(from.as_deref(), to.as_deref(), Utc::now())?;
@@ -838,9 +839,7 @@ async fn get_live(
 ) -> Response {
     let origin = header_str(&headers, &header::ORIGIN);
     let result = async {
-        let key = auth::request_key(&uri, &headers).ok_or(AuthError::MissingKey)?;
-        let project = state.projects.by_read_key(&key)?;
-        auth::check_origin(&project, origin)?;
+        let project = reading_project(&state, &uri, &headers)?;
         let source = state
             .committer
             .feed()
