@@ -209,8 +209,17 @@ impl Sender {
         };
         // Its answer came after all (a page back from the back-forward cache).
         store.forget_unconfirmed(&flight.batch_id);
+        // A network error is a lost answer, not a refusal: the request may have reached
+        // the collector (the browser cuts a page's requests off as it navigates away,
+        // and a keepalive request still arrives). Its events are held as an unconfirmed
+        // batch, so this page or the next asks the collector before sending them again.
+        let answer_lost = matches!(outcome, Outcome::Retry { status: 0, .. });
+        let lost = answer_lost.then(|| (flight.batch_id.clone(), store.in_flight_ids()));
         self.settle(store, rng, cfg, flight, outcome, now);
         store.end_flight();
+        if let Some((batch_id, ids)) = lost {
+            store.remember_unconfirmed(batch_id, now, ids);
+        }
         // Last, after the removals: a tab that sees the lease gone also sees them (one
         // tab's storage writes reach the others in order), so it never resends them.
         self.release_lease(&mut store.actions);

@@ -753,9 +753,11 @@ mod properties {
             let mut st = Storage::new();
             let mut now = 1_000u64;
             let mut tabs = [tab(&mut st, Config::default(), seed), tab(&mut st, Config::default(), seed ^ 1)];
-            let mut inflight: [Option<(u64, Vec<String>)>; 2] = [None, None];
+            let mut inflight: [Option<(u64, String, Vec<String>)>; 2] = [None, None];
             let mut tracked = BTreeSet::new();
             let mut collector = BTreeSet::new();
+            // The batch ids the collector committed (what `/v1/batch/status` answers).
+            let mut arrived: Vec<String> = Vec::new();
             let mut seeds = 2u64;
             for op in ops {
                 match op {
@@ -770,19 +772,28 @@ mod properties {
                         now += d;
                         let snap = st.clone();
                         tabs[t].refresh(entries(&snap));
+                        // Batches whose answer was lost are asked about first.
+                        if let Some(asked) = tabs[t].unconfirmed_due(now, 1_000) {
+                            tabs[t].confirm(&asked, Some(&arrived));
+                        }
                         if let Some(out) = tabs[t].poll_send(now, false) {
                             let ids = decode(&out.body).2.into_iter().map(|e| e.id).collect();
-                            inflight[t] = Some((out.batch, ids));
+                            inflight[t] = Some((out.batch, out.batch_id, ids));
                         }
                         apply(&mut st, &mut tabs[t]);
                     }
                     Op::Answer(t, r) => {
-                        if let Some((batch, ids)) = inflight[t].take() {
+                        if let Some((batch, batch_id, ids)) = inflight[t].take() {
                             let outcome = match r {
-                                0 | 1 => { collector.extend(ids); ok() }
+                                0 | 1 => { collector.extend(ids); arrived.push(batch_id); ok() }
                                 2 => Outcome::Retry { status: 503, retry_after_ms: Some(1_000) },
                                 3 => Outcome::Retry { status: 0, retry_after_ms: None },
-                                _ => { collector.extend(ids); Outcome::Retry { status: 0, retry_after_ms: None } }
+                                // Committed, but the answer was lost on the way back.
+                                _ => {
+                                    collector.extend(ids);
+                                    arrived.push(batch_id);
+                                    Outcome::Retry { status: 0, retry_after_ms: None }
+                                }
                             };
                             tabs[t].on_result(batch, outcome, now);
                             apply(&mut st, &mut tabs[t]);
@@ -803,6 +814,10 @@ mod properties {
             // Drain with a healthy collector, from a fresh page.
             now += 400_000;
             let mut c = tab(&mut st, Config::default(), seed ^ 99);
+            if let Some(asked) = c.unconfirmed_due(now, 1_000) {
+                c.confirm(&asked, Some(&arrived));
+                apply(&mut st, &mut c);
+            }
             for _ in 0..100 {
                 now += 1;
                 let Some(out) = c.poll_send(now, true) else { break };

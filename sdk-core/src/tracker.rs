@@ -907,6 +907,87 @@ mod tests {
     }
 
     #[test]
+    fn a_network_error_is_a_lost_answer_asked_about_before_resending() {
+        // A page that tracks and navigates away in the same task: its keepalive request
+        // reaches the collector, but the page sees a network error as it goes.
+        let mut st = Storage::new();
+        let (mut t, _) = start(&mut st, settings(100.0, 600_000.0), 1, 0);
+        let (out, _) = track(&mut t, &mut st, 200, 1_000);
+        assert_eq!(out, vec![Output::Lock { wait: false }]);
+        t.lock_acquired(1_000);
+        let b = batch_of(&run(&mut t, &mut st).0).expect("a batch");
+        t.response(b, 0, None, vec![], 1_040);
+        let (out, wake) = run(&mut t, &mut st);
+        assert_eq!(batch_of(&out), None, "not sent again straight away");
+        assert_eq!(t.pending(), 200, "nothing lost");
+        assert_eq!(t.status().last_error.as_deref(), Some("network error"));
+        assert_eq!(wake, Some(2_040), "asks once the request is a second old");
+        assert!(st
+            .keys()
+            .any(|k| k.starts_with(crate::storage::UNCONFIRMED)));
+        // The page goes: no beacon for events that may have arrived; the next page asks.
+        t.page_hide(1_050);
+        let (out, _) = run(&mut t, &mut st);
+        assert_eq!(
+            out,
+            vec![],
+            "no beacon: the events are unconfirmed, not unsent"
+        );
+        let (mut next, _) = start(&mut st, settings(100.0, 600_000.0), 2, 1_300);
+        assert_eq!(run(&mut next, &mut st).1, Some(2_040));
+        next.timeout(2_040);
+        let (out, _) = run(&mut next, &mut st);
+        let Output::Transmit(q) = &out[0] else {
+            panic!("{out:?}")
+        };
+        assert_eq!(q.kind, TransmitKind::Confirm);
+        let asked: serde_json::Value = serde_json::from_slice(&q.body).unwrap();
+        let id = asked["batch_ids"][0].as_str().unwrap().to_string();
+        next.confirmation(Some(vec![id]), 2_060);
+        let (out, _) = run(&mut next, &mut st);
+        assert_eq!(batch_of(&out), None);
+        assert_eq!(next.pending(), 0, "it arrived: nothing sent twice");
+        assert!(!st
+            .keys()
+            .any(|k| k.starts_with("tl1:e:") || k.starts_with("tl1:b:")));
+
+        // A request that really failed: the question fails too, and the events are sent
+        // again after the backoff.
+        let mut st = Storage::new();
+        let (mut t, _) = start(&mut st, settings(100.0, 600_000.0), 1, 0);
+        track(&mut t, &mut st, 100, 1_000);
+        t.lock_acquired(1_000);
+        let b = batch_of(&run(&mut t, &mut st).0).unwrap();
+        t.response(b, 0, None, vec![], 1_040);
+        run(&mut t, &mut st);
+        t.timeout(2_040);
+        let (out, _) = run(&mut t, &mut st);
+        assert!(matches!(
+            &out[..],
+            [Output::Transmit(Transmit {
+                kind: TransmitKind::Confirm,
+                ..
+            })]
+        ));
+        t.confirmation(None, 2_050);
+        let retry_at = t.status().next_retry_at.expect("the failure counts");
+        let (mut out, wake) = run(&mut t, &mut st);
+        let mut at = 2_050;
+        if retry_at > 2_050 {
+            assert_eq!(out, vec![], "waits for the backoff");
+            at = wake.expect("a retry");
+            assert_eq!(at, retry_at);
+            t.timeout(at);
+            out = run(&mut t, &mut st).0;
+        }
+        assert_eq!(out, vec![Output::Lock { wait: false }]);
+        t.lock_acquired(at);
+        let b = batch_of(&run(&mut t, &mut st).0).expect("the events again");
+        t.response(b, 200, None, vec![], at + 10);
+        assert_eq!(t.pending(), 0);
+    }
+
+    #[test]
     fn without_an_answer_to_the_question_the_events_are_sent_again() {
         let mut st = Storage::new();
         let (mut t, _) = start(&mut st, settings(100.0, 600_000.0), 1, 0);

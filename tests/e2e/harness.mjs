@@ -155,7 +155,8 @@ function parseBody(buf) {
  * - `statusQueries()`: the POST /v1/batch/status requests that were made.
  * `decide(request)` (settable) injects failures: 'forward' (default), a status number to
  * answer with instead of the collector (with the CORS headers the collector sends), or
- * 'reset' to cut the connection without an answer.
+ * 'reset' to cut the connection without an answer, or 'lose-answer' to forward the request
+ * and then cut the connection instead of passing the collector's answer back.
  */
 export async function startProxy(target, decide = () => 'forward') {
   const t = new URL(target);
@@ -209,6 +210,12 @@ export async function startProxy(target, decide = () => 'forward') {
         if (seen.method === 'POST' && seen.path === '/v1/batch' && r.statusCode === 200 && seen.answer) {
           proxy.answers.accepted += seen.answer.accepted;
           proxy.answers.duplicates += seen.answer.duplicates;
+        }
+        if (d === 'lose-answer') {
+          // Committed, but the page never hears it (a request cut off as the page goes).
+          seen.status = `${r.statusCode}, answer lost`;
+          req.socket.destroy();
+          return;
         }
         res.writeHead(r.statusCode, r.headers);
         res.end(body);

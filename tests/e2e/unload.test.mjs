@@ -71,3 +71,57 @@ for (const [label, statusRoute] of [
     assert.equal(proxy.answers.duplicates, beacon.events, 'the beacon\'s events were sent again, and dropped as duplicates');
   });
 }
+
+test('(d) a batch whose answer was lost is asked about, here and on the next page, not sent again', async () => {
+  // The collector commits the batch but the page sees a network error, as when the browser
+  // cuts a page's fetch off while it navigates away: the events may have arrived, so they
+  // are held and the collector is asked before anything is resent.
+  const page = await browser.context.newPage();
+  // A new proxy (a new origin, so a new connection: Chromium silently retries a request
+  // whose reused connection closes without an answer) that loses the first batch's answer.
+  const proxyLosingFirstAnswer = () => {
+    let batches = 0;
+    return startProxy(c.origin, (r) => (r.path === '/v1/batch' && ++batches === 1 ? 'lose-answer' : 'forward'));
+  };
+  const opts = { maxBatchSize: '1000', maxWaitTime: '600000', autocapture: 'false' };
+  let proxy = await proxyLosingFirstAnswer();
+  try {
+    await page.goto(musicUrl(c, { ...opts, endpoint: proxy.origin }));
+    await sdkReady(page);
+    const sent = await page.evaluate((n) => {
+      for (let i = 0; i < n; i++) window.tracker.track('Song Played', { seq: i });
+      return window.tracker.forceSend();
+    }, EVENTS);
+    assert.deepEqual(sent, { sent: 0, pending: EVENTS }, 'the answer was lost: nothing counted as sent');
+    assert.equal((await page.evaluate(() => window.tracker.status())).lastError, 'network error');
+    const lost = proxy.requests.find((r) => r.path === '/v1/batch');
+    assert.equal(lost.status, '200, answer lost');
+    // This page asks once the request is a second old, and forgets the events.
+    await eventually(() => page.evaluate(() => window.tracker.pendingCount() === 0), 15000, 'the queue to empty');
+    assertAskedNotResent(proxy, lost.body, EVENTS);
+    await assertEachSeqOnce(c.db, EVENTS);
+  } finally {
+    await proxy.close();
+  }
+
+  // The same, but the page goes away before it could ask: the next page asks.
+  await c.db.query('DELETE FROM events');
+  proxy = await proxyLosingFirstAnswer();
+  try {
+    await page.goto(musicUrl(c, { ...opts, endpoint: proxy.origin }));
+    await sdkReady(page);
+    await page.evaluate((n) => {
+      for (let i = 0; i < n; i++) window.tracker.track('Song Played', { seq: i + 1000 });
+      window.tracker.forceSend().then(() => location.reload());
+    }, EVENTS);
+    const lost = await eventually(() => proxy.requests.find((r) => r.path === '/v1/batch'), 15000, 'the batch');
+    await eventually(() => proxy.statusQueries().length > 0, 15000, 'the next page to ask');
+    await eventually(() => page.evaluate(() => window.tracker?.pendingCount() === 0), 15000, 'the queue to empty');
+    assert.equal(lost.status, '200, answer lost');
+    assertAskedNotResent(proxy, lost.body, EVENTS);
+    const [{ n }] = await c.db.query("SELECT count(DISTINCT id)::int AS n FROM events WHERE (props->>'seq')::int >= 1000");
+    assert.equal(n, EVENTS, 'every event stored once');
+  } finally {
+    await proxy.close();
+  }
+});
