@@ -4,6 +4,7 @@
 
 const KEYS = 'tracklet.dashboard.keys';
 const CURRENT = 'tracklet.dashboard.current';
+const NAMES = 'tracklet.dashboard.names'; // read key -> project name, for the picker
 const DAY = 86400000;
 
 // data-list name -> [breakdown `by`, filter it adds when a row is clicked, value shown]
@@ -43,8 +44,18 @@ function currentKey() {
   const k = sessionStorage.getItem(CURRENT);
   return k && keys().includes(k) ? k : keys()[0] || null;
 }
+function names() {
+  try {
+    const n = JSON.parse(sessionStorage.getItem(NAMES) || '{}');
+    return n && typeof n === 'object' ? n : {};
+  } catch {
+    return {};
+  }
+}
 function keyLabel(key) {
-  return key.slice(0, 11) + '…';
+  const name = names()[key];
+  const short = key.slice(0, 11) + '…';
+  return typeof name === 'string' && name ? `${name} (${short})` : short;
 }
 
 /** Refuses a write key without sending it; else asks the API whether it is a read key. */
@@ -61,7 +72,7 @@ async function signIn(event) {
   }
   let r;
   try {
-    r = await api('/v1/stats/summary', key, new URLSearchParams({ from: isoDay(Date.now()), to: isoDay(Date.now() + DAY) }));
+    r = await api('/v1/project', key, new URLSearchParams());
   } catch (e) {
     error.textContent = 'The collector could not be reached: ' + e.message;
     return;
@@ -73,6 +84,10 @@ async function signIn(event) {
   if (!r.ok) {
     error.textContent = 'The collector answered ' + r.status + ': ' + (await errorText(r));
     return;
+  }
+  const project = await r.json().catch(() => null);
+  if (project && typeof project.name === 'string') {
+    sessionStorage.setItem(NAMES, JSON.stringify({ ...names(), [key]: project.name }));
   }
   const list = keys().filter((k) => k !== key);
   list.push(key);

@@ -136,6 +136,7 @@ pub fn router(state: AppState) -> Router {
             tracklet_wire::BATCH_STATUS_PATH,
             post(post_batch_status).options(preflight),
         )
+        .route("/v1/project", get(get_project).options(preflight))
         .route("/v1/stats", get(get_stats).options(preflight))
         .route("/v1/stats/summary", get(get_summary).options(preflight))
         .route(
@@ -651,6 +652,26 @@ async fn get_destinations_status(
 }
 
 /// `GET /v1/stats?from=&to=` with the read key.
+/// What a read key reads: `GET /v1/project` answers `{"id", "name"}` (the dashboard signs in
+/// with it and names the project in its picker).
+async fn get_project(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    uri: axum::http::Uri,
+) -> Response {
+    #[derive(Serialize)]
+    struct ProjectAnswer {
+        id: uuid::Uuid,
+        name: String,
+    }
+    let origin = header_str(&headers, &header::ORIGIN);
+    let result = reading_project(&state, &uri, &headers).map(|p| ProjectAnswer {
+        id: p.id,
+        name: p.name,
+    });
+    cors_answer(origin, result)
+}
+
 async fn get_stats(
     State(state): State<AppState>,
     headers: HeaderMap,

@@ -51,6 +51,29 @@ async fn unknown_or_missing_key_is_401() {
     assert_eq!(app.stored().await, 1);
 }
 
+/// `GET /v1/project` names the project of a read key (the dashboard's sign-in and picker);
+/// a write key or an unknown key reads nothing.
+#[tokio::test]
+async fn a_read_key_names_its_project() {
+    let app = app(Backend::Sqlite).await;
+    let a = app
+        .send(
+            Request::get("/v1/project")
+                .header("authorization", format!("Bearer {}", app.project.read_key))
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.text);
+    assert_eq!(a.json["name"], app.project.name.as_str());
+    assert_eq!(a.json["id"], app.project.id.to_string());
+    for key in [app.project.write_key.as_str(), "rk_nope"] {
+        let a = app.get(&format!("/v1/project?key={key}")).await;
+        assert_eq!(a.status, StatusCode::UNAUTHORIZED, "{key}: {}", a.text);
+        assert!(a.json.get("name").is_none());
+    }
+}
+
 #[tokio::test]
 async fn wrong_origin_is_403_and_allowed_origin_gets_cors_headers() {
     let app = app(Backend::Postgres).await;

@@ -316,6 +316,9 @@ test('several read keys: the project picker switches between them', async () => 
   await signIn(page, projects[1].read_key);
   await page.waitForFunction(() => document.querySelectorAll('#project option').length === 2);
   await ready(page);
+  // The picker names each project (GET /v1/project), with the start of its key.
+  const options = await page.$$eval('#project option', (os) => os.map((o) => o.textContent));
+  assert.deepEqual(options, [`shop (${projects[0].read_key.slice(0, 11)}…)`, `blog (${projects[1].read_key.slice(0, 11)}…)`]);
   assert.equal(await page.$eval('[data-metric="visitors"]', (e) => e.textContent), '1');
   await assertMatchesApi(page, projects[1].read_key);
   await page.selectOption('#project', projects[0].read_key);
