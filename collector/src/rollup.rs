@@ -1,23 +1,30 @@
 //! Rollups on Postgres: what keeps the stats API fast on millions of events.
 //!
-//! Two tables (migration 0004): `rollup_hourly`, per project, dimension value and hour, the
-//! events, page views and a HyperLogLog of the visitors (`hll` extension); and
+//! Tables (migrations 0004 and 0007): `rollup_hourly`, per project, dimension value and
+//! hour, the events, page views and a HyperLogLog of the visitors (`hll` extension);
 //! `rollup_sessions`, one row per session (first and last event time, events, page views,
-//! entry and exit page view).
-//! The statement that inserts events updates both from the rows it actually inserted
-//! ([`insert_sql`]), so they are committed exactly when the events are and a duplicate never
-//! counts twice. [`rebuild`] fills them from stored events with the same SQL.
+//! entry and exit page view); `rollup_session_hours` and `rollup_session_ends`, per hour of
+//! a session's start, its sessions, bounces and length, and per entry and exit page its
+//! sessions and visitors; and `rollup_inbox`, the committed events not yet counted.
+//!
+//! The statement that inserts events only adds the rows it stored to the inbox
+//! ([`insert_sql`]), so the rollups cost a group commit one narrow insert. [`drain`] counts
+//! the inbox in bulk under an advisory lock, deleting what it counts in the same
+//! transaction: every committed event is counted exactly once, whichever collector drains,
+//! and a duplicate never reaches the inbox. It moves a changed session's contribution
+//! between hours and pages (the old figures out, the new in). `serve` and `sink` drain every
+//! [`DRAIN_INTERVAL`] ([`keep_drained`]); a stats query drains first, so it sees every event
+//! committed before it. [`rebuild`] fills the tables from stored events.
 //!
 //! A query is answered from them when they can answer it exactly as the raw-event SQL of
 //! [`crate::analytics`] would (visitors aside, which HyperLogLog estimates: exact for small
 //! sets, about 2 % off beyond a few hundred): the whole hours of the range come from the
-//! rollups, the partial hours at its ends from raw events, and sessions that cross either
-//! end are recomputed from their raw events in the range. Session figures (summary, entry
-//! and exit pages) read one `rollup_sessions` index entry per session of the range, so they
-//! grow with the sessions (about 0.4 s for a million on two cores); the hourly figures do
-//! not. Whatever else (filters the rollups do not hold, props) gets `None` here and runs
-//! the raw SQL. Without the extension (no tables) everything runs the raw SQL;
-//! [`Availability`] says which.
+//! rollups, the partial hours at its ends from raw events; sessions come from the per-hour
+//! session rollups, but those near the range's ends come one row each from
+//! `rollup_sessions` and those crossing an end are recomputed from their raw events in the
+//! range ([`session_parts`]). Whatever else (filters the rollups do not hold, props) gets
+//! `None` here and runs the raw SQL. Without the extension (no tables) everything runs the
+//! raw SQL; [`Availability`] says which.
 
 use std::sync::atomic::{AtomicU8, Ordering};
 
