@@ -568,7 +568,7 @@ fn session_parts(p: &str, from: &str, to: &str, m1: &str, m2: &str) -> String {
             "SELECT session_id, first_time, last_time, events, pageviews, entry_page, \
                  entry_visitor, exit_page, exit_visitor, \
                  first_time >= {from} AND last_time < {to} AS inside \
-             FROM rollup_sessions, span WHERE project_id = {p} AND last_time >= {from} \
+             FROM rollup_sessions WHERE project_id = {p} AND last_time >= {from} \
                  AND {range}"
         )
     };
@@ -579,10 +579,10 @@ fn session_parts(p: &str, from: &str, to: &str, m1: &str, m2: &str) -> String {
              FROM rollup_session_hours WHERE project_id = {p} AND hour < {to}), \
          rows AS ({} UNION ALL {}), ",
         row(&format!(
-            "first_time >= span.lo AND first_time < least({m1}, {to})"
+            "first_time >= (SELECT lo FROM span) AND first_time < least({m1}, {to})"
         )),
         row(&format!(
-            "first_time >= greatest(span.c, {m1}) AND first_time < {to}"
+            "first_time >= greatest((SELECT c FROM span), {m1}) AND first_time < {to}"
         ))
     )
 }
@@ -614,8 +614,8 @@ pub fn summary_sql(q: &Query) -> Option<Statement> {
          agg AS (SELECT coalesce(sum(sessions), 0)::int8 AS n, \
                  coalesce(sum(bounces), 0)::int8 AS bounced, \
                  coalesce(sum(micros), 0)::int8 AS micros \
-             FROM rollup_session_hours, span \
-             WHERE project_id = {p} AND hour >= {m1} AND hour < span.c), \
+             FROM rollup_session_hours \
+             WHERE project_id = {p} AND hour >= {m1} AND hour < (SELECT c FROM span)), \
          sess AS (SELECT count(*) FILTER (WHERE inside) AS n, \
                  count(*) FILTER (WHERE inside AND events = 1 AND pageviews = 1) AS bounced, \
                  coalesce(sum({MICROS}) FILTER (WHERE inside), 0)::int8 AS micros, \
@@ -755,8 +755,8 @@ fn session_ends_sql(q: &Query, by: &Dimension, limit: u32) -> Option<Statement> 
          parts AS (\
              SELECT page AS key, sessions AS n, \
                  CASE WHEN stale THEN {stale} ELSE visitors END AS v \
-             FROM rollup_session_ends e, span WHERE e.project_id = {p} AND kind = {kind} \
-                 AND hour >= {m1} AND hour < span.c AND sessions > 0 \
+             FROM rollup_session_ends e WHERE e.project_id = {p} AND kind = {kind} \
+                 AND hour >= {m1} AND hour < (SELECT c FROM span) AND sessions > 0 \
              UNION ALL \
              SELECT {end}_page, count(*), hll_add_agg(hll_hash_text({end}_visitor)) FROM rows \
              WHERE inside AND {end}_page IS NOT NULL GROUP BY 1 \

@@ -236,17 +236,16 @@ async fn bench(args: &Args, url: &str) -> anyhow::Result<()> {
         "VACUUM ANALYZE events, rollup_hourly, rollup_sessions, rollup_session_hours, \
          rollup_session_ends",
     )
-        .execute(&pool)
-        .await?;
+    .execute(&pool)
+    .await?;
     let rollup_secs = started.elapsed().as_secs_f64();
-    let (hourly, session_rows, session_hours, session_ends): (i64, i64, i64, i64) =
-        sqlx::query_as(
-            "SELECT (SELECT count(*) FROM rollup_hourly), (SELECT count(*) FROM rollup_sessions), \
+    let (hourly, session_rows, session_hours, session_ends): (i64, i64, i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM rollup_hourly), (SELECT count(*) FROM rollup_sessions), \
                  (SELECT count(*) FROM rollup_session_hours), \
                  (SELECT count(*) FROM rollup_session_ends)",
-        )
-        .fetch_one(&pool)
-        .await?;
+    )
+    .fetch_one(&pool)
+    .await?;
     println!(
         "rollups: {counted} events counted into {hourly} hourly rows, {session_rows} sessions, {session_hours} session hours and {session_ends} entry/exit rows in {rollup_secs:.0} s (with VACUUM ANALYZE)"
     );

@@ -422,8 +422,8 @@ async fn bench(args: &Args, url: &str) -> anyhow::Result<()> {
             "DROP TABLE IF EXISTS rollup_hourly, rollup_sessions, rollup_inbox, \
              rollup_session_hours, rollup_session_ends",
         )
-            .execute(store.pool())
-            .await?;
+        .execute(store.pool())
+        .await?;
     }
     let receiver = if args.webhook {
         let receiver = WebhookReceiver::start().await?;
