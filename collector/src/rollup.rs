@@ -600,7 +600,8 @@ pub fn summary_sql(q: &Query) -> Option<Statement> {
     let (m1, m2) = whole_hours(q.from, q.to);
     let (m1, m2) = (b.bind(Value::Time(m1)), b.bind(Value::Time(m2)));
     let parts = session_parts(&p, &from, &to, &m1, &m2);
-    // Sessions entirely in the range are summed (per hour, or per row at the ends); those
+    // Session lengths are summed exactly (microseconds, numeric) and rounded once, as the
+    // raw SQL does. Sessions entirely in the range are summed (per hour, or per row at the ends); those
     // with events on both sides of an end are recomputed from their events in the range,
     // which lie between `from` and the latest end of those crossing it, or between the
     // earliest start of those crossing `to` and `to` (so only the ends of the range are
@@ -624,7 +625,7 @@ pub fn summary_sql(q: &Query) -> Option<Statement> {
                  min(first_time) FILTER (WHERE last_time >= {to}) AS hi \
              FROM rows), \
          crossing AS (SELECT count(*) AS n, count(*) FILTER (WHERE name = '{PAGE_VIEW}') AS pv, \
-                 extract(epoch FROM max(time) - min(time))::float8 AS secs \
+                 extract(epoch FROM max(time) - min(time)) AS secs \
              FROM events WHERE {events} \
                  AND (time <= (SELECT lo FROM sess) OR time >= (SELECT hi FROM sess)) \
                  AND session_id = ANY ((SELECT crossing FROM sess)::text[]) \
@@ -641,8 +642,8 @@ pub fn summary_sql(q: &Query) -> Option<Statement> {
              (SELECT bounced FROM agg) + (SELECT bounced FROM sess) \
                  + (SELECT count(*) FROM crossing WHERE n = 1 AND pv = 1), \
              CASE WHEN (SELECT n FROM sessions) > 0 THEN \
-                 ((SELECT micros FROM agg) + (SELECT micros FROM sess)) / 1e6::float8 \
-                 + (SELECT coalesce(sum(secs), 0) FROM crossing) END"
+                 (((SELECT micros FROM agg) + (SELECT micros FROM sess)) / 1000000.0 \
+                 + (SELECT coalesce(sum(secs), 0) FROM crossing))::float8 END"
     );
     Some(b.finish(sql))
 }
