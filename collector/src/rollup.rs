@@ -90,6 +90,7 @@ pub fn upsert_ctes(source: &str, moves: bool) -> String {
         .collect();
     let keys = keys.join(", ");
     let (ends, ends_agg, ends_set) = session_ends();
+    let ends_join = session_ends_join(source);
     let first_hour = hour_of("first_time");
     let (old, returning, moved) = if moves {
         (
@@ -157,10 +158,14 @@ pub fn upsert_ctes(source: &str, moves: bool) -> String {
          {old}rollup_sessions_seen AS (\
              INSERT INTO rollup_sessions AS s (project_id, session_id, first_time, last_time, \
                  events, pageviews, {ends}) \
-             SELECT project_id, session_id, min(time), max(time), count(*), \
-                 count(*) FILTER (WHERE name = '{PAGE_VIEW}'), {ends_agg} \
-             FROM {source} WHERE NOT is_bot \
-             GROUP BY 1, 2 ORDER BY 1, 2 \
+             SELECT g.project_id, g.session_id, first_time, last_time, events, pageviews, \
+                 {ends_agg} \
+             FROM (SELECT project_id, session_id, min(time) AS first_time, \
+                     max(time) AS last_time, count(*) AS events, \
+                     count(*) FILTER (WHERE name = '{PAGE_VIEW}') AS pageviews \
+                 FROM {source} WHERE NOT is_bot GROUP BY 1, 2) AS g \
+             {ends_join} \
+             ORDER BY 1, 2 \
              ON CONFLICT (project_id, session_id) DO UPDATE SET \
                  first_time = least(s.first_time, excluded.first_time), \
                  last_time = greatest(s.last_time, excluded.last_time), \
@@ -198,31 +203,29 @@ fn fill_session_sql() -> [String; 2] {
     ]
 }
 
-/// A session's entry and exit page views: (column prefix, order, comparison that makes
-/// the new one replace the stored one).
+/// A session's entry and exit page views: (column prefix and alias, order, comparison that
+/// makes the new one replace the stored one).
 const ENDS: [(&str, &str, &str); 2] = [("entry", "ASC", "<"), ("exit", "DESC", ">")];
-/// Column list, aggregates and upsert assignments of the session ends, for [`upsert_ctes`].
+/// The columns of each end, and what they hold for its page view.
+const END_COLUMNS: [(&str, &str); 4] = [
+    ("time", "time"),
+    ("id", "id"),
+    ("page", "page"),
+    ("visitor", "anonymous_id"),
+];
+
+/// Column list, values (from [`session_ends_join`]) and upsert assignments of the session
+/// ends, for [`upsert_ctes`].
 fn session_ends() -> (String, String, String) {
-    let path = Builder::new(Dialect::Postgres).expr(&Dimension::Page);
-    // The columns of each end, and what they hold for its page view.
-    let end_columns = [
-        ("time", "time"),
-        ("id", "id"),
-        ("page", path.as_str()),
-        ("visitor", "anonymous_id"),
-    ];
-    let (mut columns, mut aggregates, mut assignments) = (Vec::new(), Vec::new(), Vec::new());
-    for (end, order, newer) in ENDS {
+    let (mut columns, mut values, mut assignments) = (Vec::new(), Vec::new(), Vec::new());
+    for (end, _, newer) in ENDS {
         let replaces = format!(
             "excluded.{end}_time IS NOT NULL AND (s.{end}_time IS NULL \
              OR (excluded.{end}_time, excluded.{end}_id) {newer} (s.{end}_time, s.{end}_id))"
         );
-        for (column, value) in end_columns {
+        for (column, _) in END_COLUMNS {
             columns.push(format!("{end}_{column}"));
-            aggregates.push(format!(
-                "(array_agg({value} ORDER BY time {order}, id {order}) \
-                 FILTER (WHERE name = '{PAGE_VIEW}'))[1]"
-            ));
+            values.push(format!("{end}.{column}"));
             assignments.push(format!(
                 "{end}_{column} = CASE WHEN {replaces} THEN excluded.{end}_{column} \
                  ELSE s.{end}_{column} END"
@@ -231,9 +234,37 @@ fn session_ends() -> (String, String, String) {
     }
     (
         columns.join(", "),
-        aggregates.join(", "),
+        values.join(", "),
         assignments.join(", "),
     )
+}
+
+/// The first and last page view of each session of `source` (one sort each, `DISTINCT ON`),
+/// joined to the sessions `g`.
+fn session_ends_join(source: &str) -> String {
+    let path = Builder::new(Dialect::Postgres).expr(&Dimension::Page);
+    let mut joins = Vec::new();
+    for (end, order, _) in ENDS {
+        let values: Vec<String> = END_COLUMNS
+            .iter()
+            .map(|(column, value)| {
+                let value = if *column == "page" {
+                    path.as_str()
+                } else {
+                    value
+                };
+                format!("{value} AS {column}")
+            })
+            .collect();
+        joins.push(format!(
+            "LEFT JOIN (SELECT DISTINCT ON (project_id, session_id) project_id, session_id, {} \
+                 FROM {source} WHERE NOT is_bot AND name = '{PAGE_VIEW}' \
+                 ORDER BY project_id, session_id, time {order}, id {order}) AS {end} \
+             ON {end}.project_id = g.project_id AND {end}.session_id = g.session_id",
+            values.join(", ")
+        ));
+    }
+    joins.join(" ")
 }
 
 /// The event insert of the commit path with the rollups on: `with` are its leading `WITH`
@@ -309,6 +340,10 @@ pub async fn drain(pool: &PgPool, max_events: i64) -> Result<i64, StoreError> {
         let mut tx = pool.begin().await?;
         sqlx::query("SELECT pg_advisory_xact_lock($1)")
             .bind(ROLLUP_LOCK_ID)
+            .execute(&mut *tx)
+            .await?;
+        // The drain's sorts and aggregates over tens of thousands of events stay in memory.
+        sqlx::query("SET LOCAL work_mem = '64MB'")
             .execute(&mut *tx)
             .await?;
         let n: i64 = sqlx::query_scalar(&sql)
