@@ -274,12 +274,16 @@ fn session_ends_join(source: &str) -> String {
 /// inserted `(project_id, id)` like the plain statement.
 pub fn insert_sql(with: &str, insert: &str) -> String {
     format!(
-        "WITH {with}, ins AS ({insert} RETURNING project_id, id, ts, is_bot), \
-         inbox AS (INSERT INTO rollup_inbox (project_id, id, ts) \
-             SELECT project_id, id, ts FROM ins WHERE NOT is_bot) \
+        "WITH {with}, ins AS ({insert} RETURNING {SOURCE_COLUMNS}), \
+         inbox AS (INSERT INTO rollup_inbox ({INBOX_COLUMNS}) \
+             SELECT {INBOX_COLUMNS} FROM ins WHERE NOT is_bot) \
          SELECT project_id, id FROM ins"
     )
 }
+
+/// The columns of `rollup_inbox`: [`SOURCE_COLUMNS`] but `is_bot` (bots are not counted).
+const INBOX_COLUMNS: &str = "project_id, id, time, name, anonymous_id, session_id, context, \
+     browser, os, device_type, country";
 
 /// Advisory lock held by whoever changes the rollups ([`drain`], [`rebuild`],
 /// [`forget_before`]): one writer at a time, so a session's previous figures read by a drain
@@ -298,18 +302,11 @@ pub const STATS_DRAIN_MAX: i64 = 200_000;
 /// The drain statement: takes up to `$1` events out of `rollup_inbox` and counts them into
 /// the rollups; returns how many events it counted.
 fn drain_sql() -> String {
-    let columns: Vec<String> = SOURCE_COLUMNS
-        .split(',')
-        .map(|c| format!("e.{}", c.trim()))
-        .collect();
     format!(
-        "WITH drained AS (DELETE FROM rollup_inbox \
+        "WITH src AS (DELETE FROM rollup_inbox \
              WHERE ctid = ANY (ARRAY(SELECT ctid FROM rollup_inbox LIMIT $1)) \
-             RETURNING project_id, id, ts), \
-         src AS MATERIALIZED (SELECT {} FROM drained d JOIN events e \
-             ON e.project_id = d.project_id AND e.id = d.id AND e.ts = d.ts), \
+             RETURNING {INBOX_COLUMNS}, false AS is_bot), \
          {} SELECT count(*) FROM src",
-        columns.join(", "),
         upsert_ctes("src", true)
     )
 }

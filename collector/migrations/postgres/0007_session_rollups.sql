@@ -1,10 +1,11 @@
 -- Rollups off the insert's path, and per-hour session figures (collector/src/rollup.rs).
 --
--- `rollup_inbox`: the statement that inserts events now only adds (project_id, id, ts) of
--- each new event that is not a bot's here, in the commit's transaction. A rollup task drains
--- it in bulk (`DELETE ... RETURNING` under an advisory lock, the rollups upserted in the same
--- transaction), so every committed event is counted exactly once, whoever drains it. No
--- index: it is only ever read whole.
+-- `rollup_inbox`: the statement that inserts events now only adds here the columns the
+-- rollups are computed from, of each new event that is not a bot's, in the commit's
+-- transaction. A rollup task drains it in bulk (`DELETE ... RETURNING` under an advisory
+-- lock, the rollups upserted in the same transaction), so every committed event is counted
+-- exactly once, whoever drains it. No index: it is only ever read whole (carrying the
+-- columns spares the drain an index probe into `events` per event).
 --
 -- `rollup_session_hours` and `rollup_session_ends`: per project and hour of a session's
 -- start, its sessions, bounces and summed length; and per entry (kind 0) or exit (kind 1)
@@ -22,9 +23,17 @@ BEGIN
     END IF;
 
     CREATE TABLE rollup_inbox (
-        project_id  uuid NOT NULL,
-        id          uuid NOT NULL,
-        ts          timestamptz NOT NULL
+        project_id      uuid NOT NULL,
+        id              uuid NOT NULL,
+        time            timestamptz NOT NULL,
+        name            text NOT NULL,
+        anonymous_id    text NOT NULL,
+        session_id      text NOT NULL,
+        context         jsonb,
+        browser         text,
+        os              text,
+        device_type     text,
+        country         text
     );
 
     CREATE TABLE rollup_session_hours (
