@@ -446,10 +446,20 @@ impl Builder {
         sql
     }
 
+    /// Seconds between two times; on Postgres an exact `numeric` (microseconds), so a sum of
+    /// them is exact and rounds once, as the rollups' does ([`Builder::float_sum`]).
     fn seconds_between(&self, later: &str, earlier: &str) -> String {
         match self.dialect {
-            Dialect::Postgres => format!("extract(epoch FROM {later} - {earlier})::float8"),
+            Dialect::Postgres => format!("extract(epoch FROM {later} - {earlier})"),
             Dialect::Sqlite => format!("({later} - {earlier}) / 1000.0"),
+        }
+    }
+
+    /// `sum(x)` as a float.
+    fn float_sum(&self, x: &str) -> String {
+        match self.dialect {
+            Dialect::Postgres => format!("sum({x})::float8"),
+            Dialect::Sqlite => format!("sum({x})"),
         }
     }
 
@@ -476,6 +486,7 @@ pub fn summary_sql(dialect: Dialect, q: &Query) -> Statement {
     let selected = b.selected(q);
     let base = b.base(q);
     let seconds = b.seconds_between("max(time)", "min(time)");
+    let total = b.float_sum("secs");
     let sql = format!(
         "WITH ev AS (SELECT anonymous_id, session_id, name FROM events WHERE {selected}), \
          sess AS (SELECT count(*) AS n, count(*) FILTER (WHERE name = '{PAGE_VIEW}') AS pv, \
@@ -488,7 +499,7 @@ pub fn summary_sql(dialect: Dialect, q: &Query) -> Statement {
              (SELECT count(*) FROM ev), \
              (SELECT count(*) FROM sess), \
              (SELECT count(*) FROM sess WHERE n = 1 AND pv = 1), \
-             (SELECT sum(secs) FROM sess)"
+             (SELECT {total} FROM sess)"
     );
     b.finish(sql)
 }

@@ -809,6 +809,11 @@ pub async fn serve(db: &DbConfig, config: ServeConfig) -> anyhow::Result<()> {
         config.clone(),
         shutdown.clone(),
     ));
+    let rollups = tokio::spawn(crate::rollup::keep_drained(
+        store.clone(),
+        crate::rollup::DRAIN_INTERVAL,
+        shutdown.clone(),
+    ));
     let receipt_cleanup = tokio::spawn(receipts::keep_receipts(
         store.clone(),
         config.batch_receipt_ttl,
@@ -879,6 +884,12 @@ pub async fn serve(db: &DbConfig, config: ServeConfig) -> anyhow::Result<()> {
     }
     // The ingest health counts of the last requests (normally written once a second).
     health.flush(store.as_ref()).await;
+    // The rollups of the last commits (another collector, or the next start, would count
+    // them otherwise).
+    let _ = rollups.await;
+    if let Err(e) = store.drain_rollups().await {
+        tracing::warn!(error = %e, "draining the rollup inbox at shutdown failed; it is kept");
+    }
     projects.stop();
     maintenance.abort();
     receipt_cleanup.abort();

@@ -1,7 +1,9 @@
 //! The Postgres rollups (`collector/src/rollup.rs`) against the raw-event queries they stand
 //! in for: the same answers over ranges that cut hours and sessions, after duplicates and
-//! late events; the same rollups whether filled by the commit path or rebuilt; visitors
-//! within HyperLogLog's error on a larger set; and the raw fallback without the tables.
+//! late events, and for a session extended batch after batch across an hour boundary (its
+//! contribution moved between hours, stale entry/exit rows read right); the inbox counted
+//! exactly once; the same rollups whether filled by the drain or rebuilt; visitors within
+//! HyperLogLog's error on a larger set; and the raw fallback without the tables.
 //!
 //! Needs the `hll` extension on the test server (Debian `postgresql-15-hll`): without it the
 //! first test fails and says so.
@@ -158,14 +160,21 @@ async fn assert_same_answers(rollups: &dyn EventStore, raw: &dyn EventStore, q0:
     }
 }
 
-/// The rollups as comparable rows (HyperLogLogs as their cardinality).
+/// The rollups as comparable rows (HyperLogLogs as their cardinality), once the inbox is
+/// drained (which also recomputes stale entry/exit rows). Hour rows left without sessions
+/// and the longest-session bounds (only ever raised) are left out: a rebuild has neither.
 async fn snapshot(pool: &PgPool) -> Vec<(String, i64, i64, f64)> {
+    rollup::drain(pool, i64::MAX).await.unwrap();
     let mut rows: Vec<(String, i64, i64, f64)> = sqlx::query_as(
         "SELECT dim || ' ' || hour || ' ' || key, events, pageviews, \
              hll_cardinality(visitors) FROM rollup_hourly \
          UNION ALL SELECT concat_ws(' ', session_id, first_time, last_time, entry_time, \
              entry_id, entry_page, entry_visitor, exit_time, exit_id, exit_page, exit_visitor), \
-             events, pageviews, 0 FROM rollup_sessions",
+             events, pageviews, 0 FROM rollup_sessions \
+         UNION ALL SELECT 'hour ' || hour, sessions, bounces, micros::float8 \
+             FROM rollup_session_hours WHERE sessions <> 0 \
+         UNION ALL SELECT concat_ws(' ', 'end', kind, hour, page, stale), sessions, 0, \
+             hll_cardinality(visitors) FROM rollup_session_ends WHERE sessions <> 0",
     )
     .fetch_all(pool)
     .await
@@ -198,17 +207,32 @@ async fn rollups_answer_like_raw_events_after_duplicates_and_late_events() {
         to: DateTime::from_timestamp_millis(sent_at as i64).unwrap(),
         filters: Filters::default(),
     };
-    // Not vacuous: the rollups hold every event but the bot's, once.
-    let (events, in_rollups, in_sessions): (i64, i64, i64) = sqlx::query_as(
+    // The commits only filled the inbox; a drain counts it, once.
+    let (events, waiting): (i64, i64) = sqlx::query_as(
         "SELECT (SELECT count(*) FROM events WHERE NOT is_bot), \
-             (SELECT sum(events)::int8 FROM rollup_hourly WHERE dim = 0), \
-             (SELECT sum(events)::int8 FROM rollup_sessions)",
+             (SELECT count(*) FROM rollup_inbox)",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(waiting, events);
+    assert_eq!(rollup::drain(&pool, i64::MAX).await.unwrap(), events);
+    assert_eq!(rollup::drain(&pool, i64::MAX).await.unwrap(), 0);
+    // Not vacuous: the rollups hold every event but the bot's, once.
+    let (in_rollups, in_sessions, sessions, waiting): (i64, i64, i64, i64) = sqlx::query_as(
+        "SELECT (SELECT sum(events)::int8 FROM rollup_hourly WHERE dim = 0), \
+             (SELECT sum(events)::int8 FROM rollup_sessions), \
+             (SELECT sum(sessions)::int8 FROM rollup_session_hours), \
+             (SELECT count(*) FROM rollup_inbox)",
     )
     .fetch_one(&pool)
     .await
     .unwrap();
     assert!(events > 40, "{events}");
-    assert_eq!((in_rollups, in_sessions), (events, events));
+    assert_eq!(
+        (in_rollups, in_sessions, sessions, waiting),
+        (events, events, 18, 0)
+    );
     assert_same_answers(app.store.as_ref(), &raw, &q).await;
 
     // The same requests again, and one mixing old and new events: duplicates count once.
@@ -245,6 +269,92 @@ async fn rollups_answer_like_raw_events_after_duplicates_and_late_events() {
     let built = snapshot(&pool).await;
     let counted = rollup::rebuild(&pool, Some(app.project.id)).await.unwrap();
     assert!(counted > events, "{counted}");
+    assert_eq!(snapshot(&pool).await, built);
+}
+
+/// One page view of session `session` by `visitor` at `ts` (ms), event id `n`.
+fn view(n: u64, session: &str, visitor: &str, ts: u64, path: &str) -> Value {
+    json!({
+        "id": format!("0190b6f0-0000-7000-8000-{n:012}"),
+        "name": "page_view",
+        "ts": ts,
+        "anonymous_id": visitor,
+        "session_id": session,
+        "context": {"path": path},
+    })
+}
+
+#[tokio::test]
+async fn a_session_extended_batch_by_batch_across_an_hour_moves_its_figures() {
+    let app = app(Backend::Postgres).await;
+    let pool = pool_of(&app).await;
+    let raw = PgStore::without_rollups(pool.clone());
+    let now = Utc::now().timestamp_millis() as u64;
+    // The last hour boundary at least 90 minutes back, so every event is in the past.
+    let boundary = (now - 90 * 60_000) / 3_600_000 * 3_600_000;
+    let min = 60_000;
+    let q = Query {
+        project_id: app.project.id,
+        from: DateTime::from_timestamp_millis((boundary - 3 * 3_600_000) as i64).unwrap(),
+        to: Utc::now() + Duration::minutes(1),
+        filters: Filters::default(),
+    };
+    // Visitor w has a second session that exits on /a, so /a keeps w after s1 leaves it.
+    let batches = [
+        // A bounce on /a ten minutes before the boundary, and w's other session.
+        vec![
+            view(1, "s1", "v", boundary - 10 * min, "/a"),
+            view(2, "s2", "w", boundary - 30 * min, "/a"),
+            view(3, "s3", "w", boundary - 20 * min, "/a"),
+        ],
+        // Extended past the boundary: no longer a bounce, exit /b, longer.
+        vec![
+            view(4, "s1", "v", boundary + 5 * min, "/b"),
+            view(5, "s3", "w", boundary + 6 * min, "/c"),
+        ],
+        // An earlier page view: the session now starts an hour sooner, entry /z.
+        vec![view(6, "s1", "v", boundary - 65 * min, "/z")],
+        // A later one again.
+        vec![view(7, "s1", "v", boundary + 40 * min, "/d")],
+    ];
+    let mut answers = Vec::new();
+    for events in batches {
+        post_as(&app, UAS[1], now, events).await;
+        let summary = app.store.analytics_summary(&q).await.unwrap();
+        assert_eq!(summary, raw.analytics_summary(&q).await.unwrap());
+        answers.push(summary);
+        assert_same_answers(app.store.as_ref(), &raw, &q).await;
+    }
+    // Not vacuous: bounces 3, 1, 1, 1 of 3 sessions (s2 stays one).
+    let bounces: Vec<i64> = answers.iter().map(|a| a.5).collect();
+    assert_eq!(bounces, [3, 1, 1, 1]);
+    let hours: Vec<(DateTime<Utc>, i64)> = sqlx::query_as(
+        "SELECT hour, sessions FROM rollup_session_hours WHERE sessions <> 0 ORDER BY hour",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    let hour = |ms: u64| DateTime::from_timestamp_millis(ms as i64).unwrap();
+    assert_eq!(
+        hours,
+        [
+            (hour(boundary - 2 * 3_600_000), 1),
+            (hour(boundary - 3_600_000), 2)
+        ]
+    );
+
+    // Stale entry/exit rows (their visitors may hold one that left) are read from the
+    // sessions, not from their HyperLogLog: give each a visitor it does not have.
+    app.execute(
+        "UPDATE rollup_session_ends SET stale = true, \
+             visitors = hll_add(visitors, hll_hash_text('ghost'))",
+    )
+    .await;
+    assert_same_answers(app.store.as_ref(), &raw, &q).await;
+    // The drain recomputes them: the rebuild finds the same rollups.
+    let built = snapshot(&pool).await;
+    assert!(!built.iter().any(|r| r.0.ends_with(" true")), "{built:?}");
+    rollup::rebuild(&pool, Some(app.project.id)).await.unwrap();
     assert_eq!(snapshot(&pool).await, built);
 }
 
@@ -313,7 +423,7 @@ async fn visitors_are_within_the_hyperloglog_error_on_a_larger_set() {
 async fn without_the_rollup_tables_the_stats_come_from_raw_events() {
     let app = app(Backend::Postgres).await;
     // Before the store's first insert or query, which is when it looks for them.
-    app.execute("DROP TABLE rollup_hourly, rollup_sessions")
+    app.execute("DROP TABLE rollup_hourly, rollup_sessions, rollup_session_hours, rollup_inbox")
         .await;
     let sent_at = Utc::now().timestamp_millis() as u64;
     load(&app, sent_at).await;

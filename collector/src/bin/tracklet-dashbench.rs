@@ -3,7 +3,7 @@
 //! Creates a scratch Postgres database, generates `--events` events for one project over
 //! `--days` days with a SQL `generate_series` (sessions of one to nine events, `--visitors`
 //! visitors, 50 pages, 30 referrers, a few browsers, systems, devices and countries), fills
-//! the rollups with [`rollup::rebuild`] (the commit path's SQL, a day at a time), starts the
+//! the rollups with [`rollup::rebuild`] (the drain's SQL, a day at a time), starts the
 //! real `tracklet-collector` binary on it and times every call the dashboard's default view
 //! (the last 30 days) makes, with and without a filter: `--runs` times each after one
 //! warm-up, p50 and p95; with `--page-script`, the time until the dashboard page has drawn
@@ -232,17 +232,22 @@ async fn bench(args: &Args, url: &str) -> anyhow::Result<()> {
 
     let started = Instant::now();
     let counted = rollup::rebuild(&pool, Some(project.id)).await?;
-    sqlx::query("VACUUM ANALYZE events, rollup_hourly, rollup_sessions")
-        .execute(&pool)
-        .await?;
+    sqlx::query(
+        "VACUUM ANALYZE events, rollup_hourly, rollup_sessions, rollup_session_hours, \
+         rollup_session_ends",
+    )
+    .execute(&pool)
+    .await?;
     let rollup_secs = started.elapsed().as_secs_f64();
-    let (hourly, session_rows): (i64, i64) = sqlx::query_as(
-        "SELECT (SELECT count(*) FROM rollup_hourly), (SELECT count(*) FROM rollup_sessions)",
+    let (hourly, session_rows, session_hours, session_ends): (i64, i64, i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM rollup_hourly), (SELECT count(*) FROM rollup_sessions), \
+                 (SELECT count(*) FROM rollup_session_hours), \
+                 (SELECT count(*) FROM rollup_session_ends)",
     )
     .fetch_one(&pool)
     .await?;
     println!(
-        "rollups: {counted} events counted into {hourly} hourly rows and {session_rows} sessions in {rollup_secs:.0} s (with VACUUM ANALYZE)"
+        "rollups: {counted} events counted into {hourly} hourly rows, {session_rows} sessions, {session_hours} session hours and {session_ends} entry/exit rows in {rollup_secs:.0} s (with VACUUM ANALYZE)"
     );
     // The most viewed page, for the filtered calls.
     let top_page: String = sqlx::query_scalar(

@@ -418,9 +418,12 @@ async fn bench(args: &Args, url: &str) -> anyhow::Result<()> {
     let project = Project::new("bench", vec![], Some(0));
     store.add_project(&project).await?;
     if args.without_rollups {
-        sqlx::query("DROP TABLE IF EXISTS rollup_hourly, rollup_sessions")
-            .execute(store.pool())
-            .await?;
+        sqlx::query(
+            "DROP TABLE IF EXISTS rollup_hourly, rollup_sessions, rollup_inbox, \
+             rollup_session_hours, rollup_session_ends",
+        )
+        .execute(store.pool())
+        .await?;
     }
     let receiver = if args.webhook {
         let receiver = WebhookReceiver::start().await?;
@@ -473,6 +476,19 @@ async fn bench(args: &Args, url: &str) -> anyhow::Result<()> {
     let max_started = Instant::now();
     let max = closed_loop(args, &batch_url, bodies, &mut watch).await?;
     print_phase("max", &max);
+    // The rollups are counted off the commit path (the collector drains `rollup_inbox`):
+    // how far behind they were when the phase ended, and how long they took to catch up.
+    let rollup_lag = if args.without_rollups {
+        None
+    } else {
+        Some(rollup_catch_up(&mut *watch.conn).await?)
+    };
+    if let Some((backlog, secs)) = rollup_lag {
+        println!(
+            "rollups: {backlog} events waiting in the inbox when the max phase ended, counted {secs:.1} s later; max phase with the rollups caught up: {:.0} events/s",
+            max.accepted as f64 / (max.elapsed + secs)
+        );
+    }
     let drained = match &receiver {
         Some(receiver) => Some(receiver.drain(max.accepted, max_started).await),
         None => None,
@@ -553,6 +569,24 @@ async fn bench(args: &Args, url: &str) -> anyhow::Result<()> {
         100.0 * max.cpu.loadgen / max.cpu.machine.max(1e-9)
     );
     Ok(())
+}
+
+/// Events waiting in `rollup_inbox` now, and the seconds until it is empty (at most 120).
+async fn rollup_catch_up(conn: &mut sqlx::PgConnection) -> anyhow::Result<(i64, f64)> {
+    let started = Instant::now();
+    let backlog: i64 = sqlx::query_scalar("SELECT count(*) FROM rollup_inbox")
+        .fetch_one(&mut *conn)
+        .await?;
+    while started.elapsed() < Duration::from_secs(120) {
+        let waiting: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM rollup_inbox)")
+            .fetch_one(&mut *conn)
+            .await?;
+        if !waiting {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok((backlog, started.elapsed().as_secs_f64()))
 }
 
 fn print_phase(name: &str, p: &PhaseResult) {

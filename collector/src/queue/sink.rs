@@ -122,6 +122,11 @@ pub async fn run(db: &DbConfig, config: SinkConfig) -> anyhow::Result<()> {
         config.partition_months_ahead,
         shutdown.clone(),
     ));
+    let rollups = tokio::spawn(crate::rollup::keep_drained(
+        store.clone(),
+        crate::rollup::DRAIN_INTERVAL,
+        shutdown.clone(),
+    ));
     let js = jetstream::new(client.clone());
     let Some(consumer) = open_consumer(&js, &config, &shutdown).await else {
         return Ok(());
@@ -146,6 +151,7 @@ pub async fn run(db: &DbConfig, config: SinkConfig) -> anyhow::Result<()> {
     upkeep.abort();
     lag.abort();
     partitions.abort();
+    rollups.abort();
     let _ = http.await;
     tracing::info!("sink stopped; bye");
     Ok(())

@@ -377,6 +377,11 @@ pub trait EventStore: Send + Sync + 'static {
         months_ahead: u32,
         retention_months: u32,
     ) -> Result<PartitionReport, StoreError>;
+    /// Counts events committed since the last call into the rollups (at most
+    /// [`crate::rollup::DRAIN_BATCH`]); returns how many. Only Postgres has rollups.
+    async fn drain_rollups(&self) -> Result<i64, StoreError> {
+        Ok(0)
+    }
 }
 
 /// Opens the store the configuration names: Postgres when a database URL is given, else the

@@ -76,6 +76,22 @@ impl PgStore {
         &self.pool
     }
 
+    /// The rollup statement for a stats query, when the rollups are on and can answer it;
+    /// the events committed before it are drained into them first.
+    async fn with_rollups(
+        &self,
+        statement: impl FnOnce() -> Option<Statement>,
+    ) -> Result<Option<Statement>, StoreError> {
+        if !self.rollups.on(&self.pool).await? {
+            return Ok(None);
+        }
+        let Some(statement) = statement() else {
+            return Ok(None);
+        };
+        rollup::drain_for_query(&self.pool).await?;
+        Ok(Some(statement))
+    }
+
     /// Runs one stats API statement in a read-only transaction with a statement timeout.
     async fn analytics_rows<T>(&self, statement: Statement) -> Result<Vec<T>, StoreError>
     where
@@ -170,7 +186,7 @@ impl EventStore for PgStore {
         sqlx::migrate!("./migrations/postgres")
             .run(&self.pool)
             .await?;
-        // Migration 0004 just created the rollups: count the events stored before it.
+        // Migration 0004 or 0007 just created rollups: count the events stored before it.
         if !had_rollups && rollup::exist(&self.pool).await? {
             let counted = rollup::rebuild(&self.pool, None).await?;
             tracing::info!(events = counted, "rollups filled from the stored events");
@@ -458,8 +474,7 @@ impl EventStore for PgStore {
     }
 
     async fn analytics_summary(&self, q: &Query) -> Result<SummaryRow, StoreError> {
-        let rollup = self.rollups.on(&self.pool).await?;
-        let statement = rollup.then(|| rollup::summary_sql(q)).flatten();
+        let statement = self.with_rollups(|| rollup::summary_sql(q)).await?;
         let rows = self
             .analytics_rows(
                 statement.unwrap_or_else(|| analytics::summary_sql(Dialect::Postgres, q)),
@@ -473,10 +488,9 @@ impl EventStore for PgStore {
         q: &Query,
         interval: Interval,
     ) -> Result<Vec<(i64, i64, i64)>, StoreError> {
-        let rollup = self.rollups.on(&self.pool).await?;
-        let statement = rollup
-            .then(|| rollup::timeseries_sql(q, interval))
-            .flatten();
+        let statement = self
+            .with_rollups(|| rollup::timeseries_sql(q, interval))
+            .await?;
         self.analytics_rows(
             statement.unwrap_or_else(|| analytics::timeseries_sql(Dialect::Postgres, q, interval)),
         )
@@ -489,10 +503,9 @@ impl EventStore for PgStore {
         by: &Dimension,
         limit: u32,
     ) -> Result<Vec<(String, i64, i64)>, StoreError> {
-        let rollup = self.rollups.on(&self.pool).await?;
-        let statement = rollup
-            .then(|| rollup::breakdown_sql(q, by, limit))
-            .flatten();
+        let statement = self
+            .with_rollups(|| rollup::breakdown_sql(q, by, limit))
+            .await?;
         self.analytics_rows(
             statement.unwrap_or_else(|| analytics::breakdown_sql(Dialect::Postgres, q, by, limit)),
         )
@@ -649,6 +662,13 @@ impl EventStore for PgStore {
         }
         tx.commit().await?;
         Ok(report)
+    }
+
+    async fn drain_rollups(&self) -> Result<i64, StoreError> {
+        if !self.rollups.on(&self.pool).await? {
+            return Ok(0);
+        }
+        rollup::drain(&self.pool, rollup::DRAIN_BATCH).await
     }
 }
 
