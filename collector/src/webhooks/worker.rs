@@ -13,8 +13,6 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use rand::Rng;
-use serde::Serialize;
-use serde_json::value::RawValue;
 use tokio::sync::{mpsc, Notify, Semaphore};
 use tokio::task::JoinSet;
 use uuid::Uuid;
@@ -88,35 +86,22 @@ pub fn parse_retry_after(value: &str, now: std::time::SystemTime) -> Option<Dura
     Some(at.duration_since(now).unwrap_or(Duration::ZERO))
 }
 
-/// The body of a delivery: the same bytes on every attempt.
-#[derive(Serialize)]
-struct Body<'a> {
-    r#type: &'static str,
-    timestamp: String,
-    data: Data<'a>,
-}
-
-#[derive(Serialize)]
-struct Data<'a> {
-    project: &'a str,
-    events: &'a RawValue,
-}
-
-/// `{"type":"events.committed","timestamp":...,"data":{"project":...,"events":[...]}}`.
+/// `{"type":"events.committed","timestamp":...,"data":{"project":...,"events":[...]}}`: the
+/// same bytes on every attempt. The events are the JSON array the outbox encoded (compact,
+/// by serde), copied in as they are rather than parsed again (50 KB for 100 events).
 pub fn body(claimed: &Claimed) -> Result<Vec<u8>, String> {
-    let events: Box<RawValue> =
-        RawValue::from_string(claimed.events.clone()).map_err(|e| e.to_string())?;
-    serde_json::to_vec(&Body {
-        r#type: "events.committed",
-        timestamp: claimed
-            .created_at
-            .to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
-        data: Data {
-            project: &claimed.project,
-            events: &events,
-        },
-    })
-    .map_err(|e| e.to_string())
+    let timestamp = claimed
+        .created_at
+        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    let mut out = Vec::with_capacity(claimed.events.len() + claimed.project.len() + 96);
+    out.extend_from_slice(br#"{"type":"events.committed","timestamp":""#);
+    out.extend_from_slice(timestamp.as_bytes());
+    out.extend_from_slice(br#"","data":{"project":"#);
+    serde_json::to_writer(&mut out, &claimed.project).map_err(|e| e.to_string())?;
+    out.extend_from_slice(br#","events":"#);
+    out.extend_from_slice(claimed.events.as_bytes());
+    out.extend_from_slice(b"}}");
+    Ok(out)
 }
 
 /// The HTTP client deliveries are sent with: no redirects, a timeout per attempt, and
@@ -473,7 +458,13 @@ mod tests {
             created_at: DateTime::from_timestamp_millis(1_763_800_000_123).unwrap(),
             attempt: 1,
         };
-        let body: serde_json::Value = serde_json::from_slice(&body(&claimed).unwrap()).unwrap();
+        let bytes = body(&claimed).unwrap();
+        // Compact, in this order: what serde wrote for the same structure.
+        assert_eq!(
+            String::from_utf8(bytes.clone()).unwrap(),
+            r#"{"type":"events.committed","timestamp":"2025-11-22T08:26:40.123Z","data":{"project":"shop \"one\"","events":[{"id":"x","props":{"a":1}}]}}"#
+        );
+        let body: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
         assert_eq!(
             body,
             serde_json::json!({
