@@ -94,6 +94,30 @@ pub enum Finish {
     Gone { error: String },
 }
 
+/// An attempt's outcome, to record while the attempt's lease holds.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Outcome {
+    pub delivery: Uuid,
+    pub destination_id: Uuid,
+    /// The attempt's number ([`Claimed::attempt`]): a later claim's outcome is not this one.
+    pub attempt: u32,
+    /// When the attempt ended.
+    pub at: DateTime<Utc>,
+    pub finish: Finish,
+}
+
+impl Outcome {
+    pub fn of(claimed: &Claimed, at: DateTime<Utc>, finish: Finish) -> Outcome {
+        Outcome {
+            delivery: claimed.id,
+            destination_id: claimed.destination_id,
+            attempt: claimed.attempt,
+            at,
+            finish,
+        }
+    }
+}
+
 /// Per destination: the queue and its last trouble (`destinations status`,
 /// `GET /v1/destinations/status`).
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -149,13 +173,27 @@ pub trait DeliveryStore: Send + Sync + 'static {
     ) -> Result<Vec<Claimed>, StoreError>;
     /// Records an attempt's outcome, if `owner` still holds the lease of that attempt
     /// (false: the lease expired and the delivery was claimed again).
-    async fn finish(
+    async fn finish(&self, outcome: &Outcome, owner: Uuid) -> Result<bool, StoreError>;
+    /// Records `outcomes` as [`DeliveryStore::finish`] does (whether each was, in order),
+    /// then claims as [`DeliveryStore::claim`] does: the workers' one call per round. A
+    /// backend may do both in one transaction (Postgres does); on an error nothing is
+    /// recorded or claimed that the caller cannot record again.
+    async fn finish_and_claim(
         &self,
-        claimed: &Claimed,
+        outcomes: &[Outcome],
         owner: Uuid,
         now: DateTime<Utc>,
-        finish: &Finish,
-    ) -> Result<bool, StoreError>;
+        max: u32,
+        per_destination: u32,
+        lease: Duration,
+    ) -> Result<(Vec<bool>, Vec<Claimed>), StoreError> {
+        let mut recorded = Vec::with_capacity(outcomes.len());
+        for outcome in outcomes {
+            recorded.push(self.finish(outcome, owner).await?);
+        }
+        let claimed = self.claim(owner, now, max, per_destination, lease).await?;
+        Ok((recorded, claimed))
+    }
     /// Queues the destination's failed deliveries created in `[from, to)` again (same ids,
     /// so the same `webhook-id`); returns how many.
     async fn replay(

@@ -7,14 +7,14 @@
 //! (in `ts` order), one delivery per group; the group's first event id is unique per
 //! destination, so a group can never be queued twice.
 
-use std::collections::HashMap;
-
 use chrono::{DateTime, Utc};
+use serde::Serialize;
 use serde_json::value::RawValue;
 use sqlx::Row;
 use uuid::Uuid;
 
-use crate::export::StoredEvent;
+use crate::enrich::Enrichment;
+use crate::export::{micros, StoredEvent};
 use crate::store::{EventRow, StoreError};
 
 /// A destination as the outbox sees it.
@@ -63,6 +63,48 @@ pub fn stored_event(row: &EventRow) -> StoredEvent {
     }
 }
 
+/// An event row as the webhook body carries it: [`StoredEvent`]'s fields in its order and
+/// format, borrowed from the row (the outbox encodes every new event it queues, on the
+/// commit path: no copies).
+#[derive(Serialize)]
+struct EventJson<'a> {
+    id: Uuid,
+    name: &'a str,
+    #[serde(serialize_with = "micros")]
+    ts: DateTime<Utc>,
+    #[serde(serialize_with = "micros")]
+    time: DateTime<Utc>,
+    #[serde(serialize_with = "micros")]
+    sent_at: DateTime<Utc>,
+    #[serde(serialize_with = "micros")]
+    received_at: DateTime<Utc>,
+    anonymous_id: &'a str,
+    session_id: &'a str,
+    user_id: Option<&'a str>,
+    props: Option<&'a RawValue>,
+    context: Option<&'a RawValue>,
+    enrichment: &'a Enrichment,
+}
+
+impl<'a> EventJson<'a> {
+    fn of(row: &'a EventRow) -> EventJson<'a> {
+        EventJson {
+            id: row.id,
+            name: &row.name,
+            ts: row.ts,
+            time: row.time,
+            sent_at: row.sent_at,
+            received_at: row.received_at,
+            anonymous_id: &row.anonymous_id,
+            session_id: &row.session_id,
+            user_id: row.user_id.as_deref(),
+            props: row.props.as_deref(),
+            context: row.context.as_deref(),
+            enrichment: &row.enrichment,
+        }
+    }
+}
+
 /// The deliveries for the newly stored (`new[i]`) `rows`, given the destinations.
 pub fn plan(
     rows: &[EventRow],
@@ -77,33 +119,42 @@ pub fn plan(
         .collect();
     fresh.sort_by_key(|r| (r.ts, r.id));
     // Each event is encoded once, however many destinations receive it.
-    let mut encoded: HashMap<(Uuid, Uuid), Box<RawValue>> = HashMap::new();
-    for row in &fresh {
-        if subscribers.iter().any(|s| s.wants(row)) {
-            encoded.insert(
-                (row.project_id, row.id),
-                serde_json::value::to_raw_value(&stored_event(row))?,
-            );
-        }
-    }
+    let encoded: Vec<Option<String>> = fresh
+        .iter()
+        .map(|row| {
+            subscribers
+                .iter()
+                .any(|s| s.wants(row))
+                .then(|| serde_json::to_string(&EventJson::of(row)))
+                .transpose()
+        })
+        .collect::<Result<_, _>>()?;
     let mut deliveries = Vec::new();
     for subscriber in subscribers {
-        let wanted: Vec<&EventRow> = fresh
-            .iter()
-            .copied()
-            .filter(|r| subscriber.wants(r))
+        let wanted: Vec<usize> = (0..fresh.len())
+            .filter(|&i| subscriber.wants(fresh[i]))
             .collect();
         for group in wanted.chunks(subscriber.batch_size.max(1) as usize) {
-            let events: Vec<&RawValue> = group
+            let jsons: Vec<&str> = group
                 .iter()
-                .filter_map(|row| encoded.get(&(row.project_id, row.id)).map(AsRef::as_ref))
+                .filter_map(|&i| encoded[i].as_deref())
                 .collect();
+            let mut events =
+                String::with_capacity(jsons.iter().map(|e| e.len() + 1).sum::<usize>() + 2);
+            events.push('[');
+            for (n, json) in jsons.iter().enumerate() {
+                if n > 0 {
+                    events.push(',');
+                }
+                events.push_str(json);
+            }
+            events.push(']');
             deliveries.push(NewDelivery {
                 id: Uuid::now_v7(),
                 destination_id: subscriber.id,
-                first_event: group[0].id,
+                first_event: fresh[group[0]].id,
                 event_count: group.len() as i32,
-                events: serde_json::to_string(&events)?,
+                events,
             });
         }
     }
@@ -303,5 +354,26 @@ mod tests {
         assert_eq!(plan[2].destination_id, Uuid::from_u128(101));
         assert_eq!(plan[2].event_count, 2);
         assert!(plan.iter().all(|d| d.id != plan[0].id || d == &plan[0]));
+    }
+
+    #[test]
+    fn events_are_encoded_as_the_export_encodes_them() {
+        let mut full = row(Uuid::from_u128(1), 7, "buy");
+        full.user_id = Some("u \"1\"".into());
+        full.props = Some(RawValue::from_string(r#"{"sku":"a","n":[1,2]}"#.into()).unwrap());
+        full.context = Some(RawValue::from_string(r#"{"page":{"path":"/"}}"#.into()).unwrap());
+        full.ts += chrono::Duration::microseconds(123_456);
+        full.enrichment = Arc::new(Enrichment {
+            browser: Some("Firefox".into()),
+            country: Some("DE".into()),
+            is_bot: true,
+            ..Enrichment::default()
+        });
+        for row in [full, row(Uuid::from_u128(1), 8, "view")] {
+            assert_eq!(
+                serde_json::to_string(&EventJson::of(&row)).unwrap(),
+                serde_json::to_string(&stored_event(&row)).unwrap()
+            );
+        }
     }
 }

@@ -1,7 +1,8 @@
 //! The delivery queue on Postgres. Claims take a transaction-scoped advisory lock (claims
 //! of all collectors run one at a time, so the per-destination in-flight count they read is
 //! exact) and `FOR UPDATE SKIP LOCKED` (a delivery whose outcome is being written is never
-//! claimed under it).
+//! claimed under it). A worker's round is one transaction: the outcomes that came in since
+//! the last round in one statement (which takes the lock), then the claim.
 
 use std::time::Duration;
 
@@ -11,7 +12,9 @@ use sqlx::postgres::PgRow;
 use sqlx::Row;
 use uuid::Uuid;
 
-use super::{Claimed, DeliveryStore, Destination, DestinationStatus, Finish, NewDestination};
+use super::{
+    Claimed, DeliveryStore, Destination, DestinationStatus, Finish, NewDestination, Outcome,
+};
 use crate::store::postgres::PgStore;
 use crate::store::StoreError;
 
@@ -53,6 +56,72 @@ pub(super) fn finish_columns(
         Finish::Failed { status, error } => ("failed", status.map(i32::from), Some(error), None),
         Finish::Gone { error } => ("failed", Some(410), Some(error), None),
     }
+}
+
+/// Begins a worker's transaction. Its statements run on generic plans: Postgres kept
+/// planning the claim afresh on every execution (a custom plan, about twice the time of the
+/// execution itself); the claimed ids are picked in an `ARRAY(...)` so that the generic
+/// plan fetches them by primary key whatever `LIMIT` the parameters say.
+const BEGIN_GENERIC: &str = "BEGIN; SET LOCAL plan_cache_mode = force_generic_plan";
+
+/// Claims up to `max` due deliveries (see [`DeliveryStore::claim`]) in `tx`, which holds
+/// the claims' advisory lock.
+async fn claim_locked(
+    tx: &mut sqlx::PgConnection,
+    owner: Uuid,
+    now: DateTime<Utc>,
+    max: u32,
+    per_destination: u32,
+    lease: Duration,
+) -> Result<Vec<Claimed>, StoreError> {
+    let rows = sqlx::query(
+        "UPDATE webhook_deliveries AS w \
+         SET lease_owner = $1, lease_until = $2, attempts = w.attempts + 1, \
+             last_attempt_at = $3 \
+         FROM webhook_destinations AS d JOIN projects AS p ON p.id = d.project_id \
+         WHERE d.id = w.destination_id AND w.id = ANY(ARRAY( \
+             SELECT picked.id FROM webhook_destinations d \
+             CROSS JOIN LATERAL (SELECT count(*) AS busy FROM webhook_deliveries y \
+                 WHERE y.destination_id = d.id AND y.state = 'pending' \
+                   AND y.lease_until > $3) b \
+             CROSS JOIN LATERAL (SELECT x.id FROM webhook_deliveries x \
+                 WHERE x.destination_id = d.id AND x.state = 'pending' \
+                   AND x.next_attempt_at <= $3 \
+                   AND (x.lease_until IS NULL OR x.lease_until <= $3) \
+                 ORDER BY x.next_attempt_at \
+                 LIMIT greatest(0, $4 - b.busy) \
+                 FOR UPDATE SKIP LOCKED) picked \
+             WHERE d.enabled \
+             LIMIT $5)) \
+         RETURNING w.id, w.destination_id, w.attempts, w.events, w.created_at, d.url, \
+             d.secret, CASE WHEN d.previous_secret_until > $3 THEN d.previous_secret END \
+             AS previous_secret, p.name AS project",
+    )
+    .bind(owner)
+    .bind(now + lease_interval(lease))
+    .bind(now)
+    .bind(i64::from(per_destination))
+    .bind(i64::from(max))
+    .fetch_all(&mut *tx)
+    .await?;
+    let claimed = rows
+        .iter()
+        .map(|row| {
+            let mut secrets = vec![row.try_get::<String, _>("secret")?];
+            secrets.extend(row.try_get::<Option<String>, _>("previous_secret")?);
+            Ok::<_, sqlx::Error>(Claimed {
+                id: row.try_get("id")?,
+                destination_id: row.try_get("destination_id")?,
+                url: row.try_get("url")?,
+                secrets,
+                project: row.try_get("project")?,
+                events: row.try_get("events")?,
+                created_at: row.try_get("created_at")?,
+                attempt: row.try_get::<i32, _>("attempts")?.max(1) as u32,
+            })
+        })
+        .collect::<Result<_, _>>()?;
+    Ok(claimed)
 }
 
 #[async_trait]
@@ -142,107 +211,110 @@ impl DeliveryStore for PgStore {
         if max == 0 {
             return Ok(Vec::new());
         }
-        let mut tx = self.pool().begin().await?;
+        let mut tx = self.pool().begin_with(BEGIN_GENERIC).await?;
         sqlx::query("SELECT pg_advisory_xact_lock($1)")
             .bind(CLAIM_LOCK_ID)
             .execute(&mut *tx)
             .await?;
-        let rows = sqlx::query(
-            "UPDATE webhook_deliveries AS w \
-             SET lease_owner = $1, lease_until = $2, attempts = w.attempts + 1, \
-                 last_attempt_at = $3 \
-             FROM (SELECT picked.id FROM webhook_destinations d \
-                   CROSS JOIN LATERAL (SELECT count(*) AS busy FROM webhook_deliveries y \
-                       WHERE y.destination_id = d.id AND y.state = 'pending' \
-                         AND y.lease_until > $3) b \
-                   CROSS JOIN LATERAL (SELECT x.id FROM webhook_deliveries x \
-                       WHERE x.destination_id = d.id AND x.state = 'pending' \
-                         AND x.next_attempt_at <= $3 \
-                         AND (x.lease_until IS NULL OR x.lease_until <= $3) \
-                       ORDER BY x.next_attempt_at \
-                       LIMIT greatest(0, $4 - b.busy) \
-                       FOR UPDATE SKIP LOCKED) picked \
-                   WHERE d.enabled \
-                   LIMIT $5) AS c, \
-                  webhook_destinations AS d JOIN projects AS p ON p.id = d.project_id \
-             WHERE w.id = c.id AND d.id = w.destination_id \
-             RETURNING w.id, w.destination_id, w.attempts, w.events, w.created_at, d.url, \
-                 d.secret, CASE WHEN d.previous_secret_until > $3 THEN d.previous_secret END \
-                 AS previous_secret, p.name AS project",
-        )
-        .bind(owner)
-        .bind(now + lease_interval(lease))
-        .bind(now)
-        .bind(i64::from(per_destination))
-        .bind(i64::from(max))
-        .fetch_all(&mut *tx)
-        .await?;
+        let claimed = claim_locked(&mut tx, owner, now, max, per_destination, lease).await?;
         tx.commit().await?;
-        let claimed = rows
-            .iter()
-            .map(|row| {
-                let mut secrets = vec![row.try_get::<String, _>("secret")?];
-                secrets.extend(row.try_get::<Option<String>, _>("previous_secret")?);
-                Ok::<_, sqlx::Error>(Claimed {
-                    id: row.try_get("id")?,
-                    destination_id: row.try_get("destination_id")?,
-                    url: row.try_get("url")?,
-                    secrets,
-                    project: row.try_get("project")?,
-                    events: row.try_get("events")?,
-                    created_at: row.try_get("created_at")?,
-                    attempt: row.try_get::<i32, _>("attempts")?.max(1) as u32,
-                })
-            })
-            .collect::<Result<_, _>>()?;
         Ok(claimed)
     }
 
-    async fn finish(
+    async fn finish(&self, outcome: &Outcome, owner: Uuid) -> Result<bool, StoreError> {
+        let recorded = self
+            .finish_and_claim(
+                std::slice::from_ref(outcome),
+                owner,
+                outcome.at,
+                0,
+                0,
+                Duration::ZERO,
+            )
+            .await?
+            .0;
+        Ok(recorded.first().copied().unwrap_or(false))
+    }
+
+    async fn finish_and_claim(
         &self,
-        claimed: &Claimed,
+        outcomes: &[Outcome],
         owner: Uuid,
         now: DateTime<Utc>,
-        finish: &Finish,
-    ) -> Result<bool, StoreError> {
-        let (state, status, error, next) = finish_columns(finish);
-        let update = sqlx::query(
-            "UPDATE webhook_deliveries SET state = $4, last_status = $5, last_error = $6, \
-                 next_attempt_at = COALESCE($7, next_attempt_at), lease_owner = NULL, \
-                 lease_until = NULL, finished_at = CASE WHEN $4 = 'pending' THEN NULL ELSE $8 END \
-             WHERE id = $1 AND lease_owner = $2 AND attempts = $3 AND state = 'pending'",
-        )
-        .bind(claimed.id)
-        .bind(owner)
-        .bind(claimed.attempt as i32)
-        .bind(state)
-        .bind(status)
-        .bind(error)
-        .bind(next)
-        .bind(now);
-        let Some(error) = error else {
-            // Delivered: the delivery alone changes, one statement without a transaction.
-            return Ok(update.execute(self.pool()).await?.rows_affected() > 0);
-        };
-        let mut tx = self.pool().begin().await?;
-        if update.execute(&mut *tx).await?.rows_affected() == 0 {
-            return Ok(false);
+        max: u32,
+        per_destination: u32,
+        lease: Duration,
+    ) -> Result<(Vec<bool>, Vec<Claimed>), StoreError> {
+        if outcomes.is_empty() {
+            let claimed = self.claim(owner, now, max, per_destination, lease).await?;
+            return Ok((Vec::new(), claimed));
         }
-        let disable = matches!(finish, Finish::Gone { .. });
-        sqlx::query(
-            "UPDATE webhook_destinations SET last_error = $2, last_error_at = $3, \
-                 enabled = enabled AND NOT $4, \
-                 disabled_reason = CASE WHEN $4 THEN $2 ELSE disabled_reason END \
-             WHERE id = $1",
+        let columns: Vec<_> = outcomes.iter().map(|o| finish_columns(&o.finish)).collect();
+        let ids: Vec<Uuid> = outcomes.iter().map(|o| o.delivery).collect();
+        let attempts: Vec<i32> = outcomes.iter().map(|o| o.attempt as i32).collect();
+        let ats: Vec<DateTime<Utc>> = outcomes.iter().map(|o| o.at).collect();
+        let states: Vec<&str> = columns.iter().map(|c| c.0).collect();
+        let statuses: Vec<Option<i32>> = columns.iter().map(|c| c.1).collect();
+        let errors: Vec<Option<&str>> = columns.iter().map(|c| c.2).collect();
+        let nexts: Vec<Option<DateTime<Utc>>> = columns.iter().map(|c| c.3).collect();
+        let mut tx = self.pool().begin_with(BEGIN_GENERIC).await?;
+        // One statement records every outcome and, when a claim follows, takes the claims'
+        // lock: the claim's statement, after it, sees the recorded outcomes and every
+        // other collector's committed claims.
+        let recorded: Vec<Uuid> = sqlx::query_scalar(
+            "WITH lock AS MATERIALIZED (SELECT pg_advisory_xact_lock($1) WHERE $2), \
+             done AS (UPDATE webhook_deliveries AS w SET state = u.state, \
+                     last_status = u.status, last_error = u.error, \
+                     next_attempt_at = COALESCE(u.next, w.next_attempt_at), lease_owner = NULL, \
+                     lease_until = NULL, \
+                     finished_at = CASE WHEN u.state = 'pending' THEN NULL ELSE u.at END \
+                 FROM UNNEST($3::uuid[], $4::int[], $5::text[], $6::int[], $7::text[], \
+                     $8::timestamptz[], $9::timestamptz[]) \
+                     AS u(id, attempt, state, status, error, next, at) \
+                 WHERE w.id = u.id AND w.lease_owner = $10 AND w.attempts = u.attempt \
+                     AND w.state = 'pending' \
+                 RETURNING w.id) \
+             SELECT array(SELECT id FROM done) FROM (SELECT count(*) FROM lock) AS locked",
         )
-        .bind(claimed.destination_id)
-        .bind(error)
-        .bind(now)
-        .bind(disable)
-        .execute(&mut *tx)
+        .bind(CLAIM_LOCK_ID)
+        .bind(max > 0)
+        .bind(&ids)
+        .bind(&attempts)
+        .bind(&states)
+        .bind(&statuses)
+        .bind(&errors)
+        .bind(&nexts)
+        .bind(&ats)
+        .bind(owner)
+        .fetch_one(&mut *tx)
         .await?;
+        let recorded: Vec<bool> = ids.iter().map(|id| recorded.contains(id)).collect();
+        // The destination's last error (and a 410's disabling), in the order they happened.
+        for ((outcome, (_, _, error, _)), done) in outcomes.iter().zip(&columns).zip(&recorded) {
+            let (Some(error), true) = (error, done) else {
+                continue;
+            };
+            let disable = matches!(outcome.finish, Finish::Gone { .. });
+            sqlx::query(
+                "UPDATE webhook_destinations SET last_error = $2, last_error_at = $3, \
+                     enabled = enabled AND NOT $4, \
+                     disabled_reason = CASE WHEN $4 THEN $2 ELSE disabled_reason END \
+                 WHERE id = $1",
+            )
+            .bind(outcome.destination_id)
+            .bind(error)
+            .bind(outcome.at)
+            .bind(disable)
+            .execute(&mut *tx)
+            .await?;
+        }
+        let claimed = if max > 0 {
+            claim_locked(&mut tx, owner, now, max, per_destination, lease).await?
+        } else {
+            Vec::new()
+        };
         tx.commit().await?;
-        Ok(true)
+        Ok((recorded, claimed))
     }
 
     async fn replay(

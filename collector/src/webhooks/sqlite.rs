@@ -11,7 +11,9 @@ use sqlx::Row;
 use uuid::Uuid;
 
 use super::postgres::finish_columns;
-use super::{Claimed, DeliveryStore, Destination, DestinationStatus, Finish, NewDestination};
+use super::{
+    Claimed, DeliveryStore, Destination, DestinationStatus, Finish, NewDestination, Outcome,
+};
 use crate::store::sqlite::SqliteStore;
 use crate::store::StoreError;
 
@@ -199,13 +201,8 @@ impl DeliveryStore for SqliteStore {
         Ok(claimed)
     }
 
-    async fn finish(
-        &self,
-        claimed: &Claimed,
-        owner: Uuid,
-        now: DateTime<Utc>,
-        finish: &Finish,
-    ) -> Result<bool, StoreError> {
+    async fn finish(&self, outcome: &Outcome, owner: Uuid) -> Result<bool, StoreError> {
+        let (finish, now) = (&outcome.finish, outcome.at);
         let (state, status, error, next) = finish_columns(finish);
         let mut tx = self.pool().begin().await?;
         let done = sqlx::query(
@@ -214,9 +211,9 @@ impl DeliveryStore for SqliteStore {
                  lease_until = NULL, finished_at = CASE WHEN ?4 = 'pending' THEN NULL ELSE ?8 END \
              WHERE id = ?1 AND lease_owner = ?2 AND attempts = ?3 AND state = 'pending'",
         )
-        .bind(claimed.id.to_string())
+        .bind(outcome.delivery.to_string())
         .bind(owner.to_string())
-        .bind(i64::from(claimed.attempt))
+        .bind(i64::from(outcome.attempt))
         .bind(state)
         .bind(status)
         .bind(error)
@@ -235,7 +232,7 @@ impl DeliveryStore for SqliteStore {
                      disabled_reason = CASE WHEN ?4 THEN ?2 ELSE disabled_reason END \
                  WHERE id = ?1",
             )
-            .bind(claimed.destination_id.to_string())
+            .bind(outcome.destination_id.to_string())
             .bind(error)
             .bind(ms(now))
             .bind(disable)

@@ -2,7 +2,8 @@
 //!
 //! One loop per collector ([`run`]) claims up to its free slots every poll interval (or at
 //! once when an attempt ends), each claimed delivery is sent on a task of its own, and the
-//! outcome is written back only while the claim's lease still holds. Retries follow
+//! outcome is written back (by the loop, with the next claim) only while the claim's lease
+//! still holds. Retries follow
 //! [`WebhookConfig::retry_schedule`] with jitter, or the destination's `Retry-After` on 429
 //! and 503; a 410 disables the destination. Sending is at least once: a delivery whose
 //! answer was lost (a crash after sending) is sent again, with the same `webhook-id`.
@@ -12,15 +13,13 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use rand::Rng;
-use serde::Serialize;
-use serde_json::value::RawValue;
-use tokio::sync::{Notify, Semaphore};
+use tokio::sync::{mpsc, Notify, Semaphore};
 use tokio::task::JoinSet;
 use uuid::Uuid;
 
 use super::destinations::{self, GuardedResolver};
 use super::signing;
-use super::{Claimed, DeliveryStore, Finish, WebhookConfig};
+use super::{Claimed, DeliveryStore, Finish, Outcome, WebhookConfig};
 use crate::shutdown::Shutdown;
 
 /// Bytes of a destination's answer read (for the last error); the rest is never read.
@@ -87,35 +86,22 @@ pub fn parse_retry_after(value: &str, now: std::time::SystemTime) -> Option<Dura
     Some(at.duration_since(now).unwrap_or(Duration::ZERO))
 }
 
-/// The body of a delivery: the same bytes on every attempt.
-#[derive(Serialize)]
-struct Body<'a> {
-    r#type: &'static str,
-    timestamp: String,
-    data: Data<'a>,
-}
-
-#[derive(Serialize)]
-struct Data<'a> {
-    project: &'a str,
-    events: &'a RawValue,
-}
-
-/// `{"type":"events.committed","timestamp":...,"data":{"project":...,"events":[...]}}`.
+/// `{"type":"events.committed","timestamp":...,"data":{"project":...,"events":[...]}}`: the
+/// same bytes on every attempt. The events are the JSON array the outbox encoded (compact,
+/// by serde), copied in as they are rather than parsed again (50 KB for 100 events).
 pub fn body(claimed: &Claimed) -> Result<Vec<u8>, String> {
-    let events: Box<RawValue> =
-        RawValue::from_string(claimed.events.clone()).map_err(|e| e.to_string())?;
-    serde_json::to_vec(&Body {
-        r#type: "events.committed",
-        timestamp: claimed
-            .created_at
-            .to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
-        data: Data {
-            project: &claimed.project,
-            events: &events,
-        },
-    })
-    .map_err(|e| e.to_string())
+    let timestamp = claimed
+        .created_at
+        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    let mut out = Vec::with_capacity(claimed.events.len() + claimed.project.len() + 96);
+    out.extend_from_slice(br#"{"type":"events.committed","timestamp":""#);
+    out.extend_from_slice(timestamp.as_bytes());
+    out.extend_from_slice(br#"","data":{"project":"#);
+    serde_json::to_writer(&mut out, &claimed.project).map_err(|e| e.to_string())?;
+    out.extend_from_slice(br#","events":"#);
+    out.extend_from_slice(claimed.events.as_bytes());
+    out.extend_from_slice(b"}}");
+    Ok(out)
 }
 
 /// The HTTP client deliveries are sent with: no redirects, a timeout per attempt, and
@@ -237,15 +223,9 @@ fn count_outcome(finish: &Finish) {
     metrics::counter!("tracklet_deliveries_total", "result" => result).increment(1);
 }
 
-/// Sends `claimed` once and records the outcome.
-async fn deliver(
-    store: Arc<dyn DeliveryStore>,
-    client: reqwest::Client,
-    config: Arc<WebhookConfig>,
-    owner: Uuid,
-    claimed: Claimed,
-) {
-    let result = attempt(&client, &claimed, config.allow_private).await;
+/// Sends `claimed` once; the outcome, to record.
+async fn deliver(client: &reqwest::Client, config: &WebhookConfig, claimed: Claimed) -> Outcome {
+    let result = attempt(client, &claimed, config.allow_private).await;
     let now = Utc::now();
     let jitter = rand::rng().random::<f64>();
     let finish = decide(
@@ -256,23 +236,61 @@ async fn deliver(
         jitter,
     );
     count_outcome(&finish);
-    match store.finish(&claimed, owner, now, &finish).await {
-        Ok(true) => {}
-        Ok(false) => {
-            tracing::warn!(delivery = %claimed.id, "delivery lease expired before its outcome was recorded; it will be sent again")
-        }
-        // The lease runs out and the delivery is claimed again (same webhook-id).
-        Err(e) => {
-            tracing::warn!(delivery = %claimed.id, error = %e, "cannot record a delivery outcome; it will be sent again")
-        }
-    }
     if let Finish::Gone { .. } = finish {
         tracing::warn!(destination = %claimed.destination_id, "destination answered 410 Gone: disabled");
+    }
+    Outcome::of(&claimed, now, finish)
+}
+
+/// Outcomes not recorded for this long are dropped: their leases have run out (or nearly),
+/// so the deliveries are claimed and sent again anyway.
+fn stale(outcome: &Outcome, lease: Duration) -> bool {
+    let age = Utc::now() - outcome.at;
+    age.to_std().is_ok_and(|age| age >= lease)
+}
+
+/// Records the outcomes that came in, claims up to `free` deliveries; on an error the
+/// outcomes are kept for the next round (while their leases last).
+async fn round(
+    store: &dyn DeliveryStore,
+    config: &WebhookConfig,
+    owner: Uuid,
+    outcomes: &mut Vec<Outcome>,
+    free: u32,
+) -> Vec<Claimed> {
+    match store
+        .finish_and_claim(
+            outcomes,
+            owner,
+            Utc::now(),
+            free,
+            config.concurrency,
+            config.lease,
+        )
+        .await
+    {
+        Ok((recorded, claimed)) => {
+            for (outcome, _) in outcomes.iter().zip(recorded).filter(|(_, done)| !done) {
+                tracing::warn!(delivery = %outcome.delivery, "delivery lease expired before its outcome was recorded; it will be sent again");
+            }
+            outcomes.clear();
+            claimed
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, outcomes = outcomes.len(), "cannot record delivery outcomes or claim deliveries; will retry");
+            outcomes.retain(|o| !stale(o, config.lease));
+            Vec::new()
+        }
     }
 }
 
 /// Claims and sends deliveries until `shutdown`, then waits (at most one attempt's timeout)
-/// for the attempts in flight.
+/// for the attempts in flight and records their outcomes.
+///
+/// Each attempt runs on a task of its own and hands its outcome back to this loop, which
+/// records every outcome that came in and claims for the free slots in one call
+/// ([`DeliveryStore::finish_and_claim`]): one transaction per round rather than a claim and
+/// an outcome per delivery.
 pub async fn run(store: Arc<dyn DeliveryStore>, config: WebhookConfig, shutdown: Shutdown) {
     let client = match client(&config) {
         Ok(client) => client,
@@ -285,6 +303,8 @@ pub async fn run(store: Arc<dyn DeliveryStore>, config: WebhookConfig, shutdown:
     let owner = Uuid::new_v4();
     let slots = Arc::new(Semaphore::new(config.max_in_flight.max(1) as usize));
     let wake = Arc::new(Notify::new());
+    let (done, mut finished) = mpsc::unbounded_channel::<Outcome>();
+    let mut outcomes: Vec<Outcome> = Vec::new();
     let mut tasks = JoinSet::new();
     let (mut next_gauge, mut next_cleanup) =
         (tokio::time::Instant::now(), tokio::time::Instant::now());
@@ -295,6 +315,9 @@ pub async fn run(store: Arc<dyn DeliveryStore>, config: WebhookConfig, shutdown:
             _ = shutdown.wait() => break,
         }
         while tasks.try_join_next().is_some() {}
+        while let Ok(outcome) = finished.try_recv() {
+            outcomes.push(outcome);
+        }
         let now = tokio::time::Instant::now();
         if now >= next_gauge {
             next_gauge = now + GAUGE_INTERVAL;
@@ -308,28 +331,21 @@ pub async fn run(store: Arc<dyn DeliveryStore>, config: WebhookConfig, shutdown:
             delete_old_deliveries(store.as_ref(), &config).await;
         }
         let free = slots.available_permits() as u32;
-        if free == 0 {
+        if free == 0 && outcomes.is_empty() {
             continue;
         }
-        let claimed = match store
-            .claim(owner, Utc::now(), free, config.concurrency, config.lease)
-            .await
-        {
-            Ok(claimed) => claimed,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot claim deliveries; will retry");
-                continue;
-            }
-        };
-        for delivery in claimed {
+        for delivery in round(store.as_ref(), &config, owner, &mut outcomes, free).await {
             let Ok(permit) = slots.clone().try_acquire_owned() else {
                 break; // cannot happen: never more claimed than free slots
             };
-            let (store, client, config, wake) =
-                (store.clone(), client.clone(), config.clone(), wake.clone());
+            let (client, config, done, wake) =
+                (client.clone(), config.clone(), done.clone(), wake.clone());
             tasks.spawn(async move {
-                deliver(store, client, config, owner, delivery).await;
+                let outcome = deliver(&client, &config, delivery).await;
+                // The slot is free once the outcome is handed over: the round that records
+                // it claims (in the same transaction) for the slot.
                 drop(permit);
+                let _ = done.send(outcome);
                 wake.notify_one();
             });
         }
@@ -340,6 +356,12 @@ pub async fn run(store: Arc<dyn DeliveryStore>, config: WebhookConfig, shutdown:
         .is_err()
     {
         tracing::warn!("webhook attempts still in flight at shutdown; they will be sent again");
+    }
+    while let Ok(outcome) = finished.try_recv() {
+        outcomes.push(outcome);
+    }
+    if !outcomes.is_empty() {
+        round(store.as_ref(), &config, owner, &mut outcomes, 0).await;
     }
 }
 
@@ -436,7 +458,13 @@ mod tests {
             created_at: DateTime::from_timestamp_millis(1_763_800_000_123).unwrap(),
             attempt: 1,
         };
-        let body: serde_json::Value = serde_json::from_slice(&body(&claimed).unwrap()).unwrap();
+        let bytes = body(&claimed).unwrap();
+        // Compact, in this order: what serde wrote for the same structure.
+        assert_eq!(
+            String::from_utf8(bytes.clone()).unwrap(),
+            r#"{"type":"events.committed","timestamp":"2025-11-22T08:26:40.123Z","data":{"project":"shop \"one\"","events":[{"id":"x","props":{"a":1}}]}}"#
+        );
+        let body: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
         assert_eq!(
             body,
             serde_json::json!({
