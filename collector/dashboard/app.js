@@ -29,13 +29,17 @@ const state = { filters: [], propEvent: null, prop: '', funnel: '', loadId: 0 };
 
 // ---- keys -----------------------------------------------------------------------------
 
-function keys() {
+/** The JSON value kept under `name` in sessionStorage, or `fallback` if missing or unreadable. */
+function stored(name, fallback) {
   try {
-    const k = JSON.parse(sessionStorage.getItem(KEYS) || '[]');
-    return Array.isArray(k) ? k.filter((x) => typeof x === 'string') : [];
+    return JSON.parse(sessionStorage.getItem(name)) ?? fallback;
   } catch {
-    return [];
+    return fallback;
   }
+}
+function keys() {
+  const k = stored(KEYS, []);
+  return Array.isArray(k) ? k.filter((x) => typeof x === 'string') : [];
 }
 function saveKeys(list) {
   sessionStorage.setItem(KEYS, JSON.stringify(list));
@@ -45,12 +49,8 @@ function currentKey() {
   return k && keys().includes(k) ? k : keys()[0] || null;
 }
 function names() {
-  try {
-    const n = JSON.parse(sessionStorage.getItem(NAMES) || '{}');
-    return n && typeof n === 'object' ? n : {};
-  } catch {
-    return {};
-  }
+  const n = stored(NAMES, {});
+  return typeof n === 'object' ? n : {};
 }
 function keyLabel(key) {
   const name = names()[key];

@@ -72,22 +72,26 @@ for (const [label, statusRoute] of [
   });
 }
 
+/**
+ * Opens the music page behind a new proxy (a new origin, so a new connection: Chromium
+ * silently retries a request whose reused connection closes without an answer) that
+ * forwards the first batch to the collector and loses its answer.
+ */
+async function pageLosingFirstAnswer(page) {
+  let batches = 0;
+  const proxy = await startProxy(c.origin, (r) => (r.path === '/v1/batch' && ++batches === 1 ? 'lose-answer' : 'forward'));
+  await page.goto(musicUrl(c, { endpoint: proxy.origin, maxBatchSize: '1000', maxWaitTime: '600000', autocapture: 'false' }));
+  await sdkReady(page);
+  return proxy;
+}
+
 test('(d) a batch whose answer was lost is asked about, here and on the next page, not sent again', async () => {
   // The collector commits the batch but the page sees a network error, as when the browser
   // cuts a page's fetch off while it navigates away: the events may have arrived, so they
   // are held and the collector is asked before anything is resent.
   const page = await browser.context.newPage();
-  // A new proxy (a new origin, so a new connection: Chromium silently retries a request
-  // whose reused connection closes without an answer) that loses the first batch's answer.
-  const proxyLosingFirstAnswer = () => {
-    let batches = 0;
-    return startProxy(c.origin, (r) => (r.path === '/v1/batch' && ++batches === 1 ? 'lose-answer' : 'forward'));
-  };
-  const opts = { maxBatchSize: '1000', maxWaitTime: '600000', autocapture: 'false' };
-  let proxy = await proxyLosingFirstAnswer();
+  let proxy = await pageLosingFirstAnswer(page);
   try {
-    await page.goto(musicUrl(c, { ...opts, endpoint: proxy.origin }));
-    await sdkReady(page);
     const sent = await page.evaluate((n) => {
       for (let i = 0; i < n; i++) window.tracker.track('Song Played', { seq: i });
       return window.tracker.forceSend();
@@ -106,10 +110,8 @@ test('(d) a batch whose answer was lost is asked about, here and on the next pag
 
   // The same, but the page goes away before it could ask: the next page asks.
   await c.db.query('DELETE FROM events');
-  proxy = await proxyLosingFirstAnswer();
+  proxy = await pageLosingFirstAnswer(page);
   try {
-    await page.goto(musicUrl(c, { ...opts, endpoint: proxy.origin }));
-    await sdkReady(page);
     await page.evaluate((n) => {
       for (let i = 0; i < n; i++) window.tracker.track('Song Played', { seq: i + 1000 });
       window.tracker.forceSend().then(() => location.reload());
