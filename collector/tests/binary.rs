@@ -114,10 +114,9 @@ async fn serve_deletes_receipts_older_than_the_ttl() {
     .unwrap();
     let port = free_port();
     let mut server = serve(&db.url, port, &[("TRACKLET_BATCH_RECEIPT_TTL_DAYS", "7")]);
-    assert!(
-        wait_until_up(&reqwest::Client::new(), port).await,
-        "collector did not start"
-    );
+    if let Err(why) = wait_until_serving(&mut server, port).await {
+        panic!("{why}");
+    }
     // The cleanup runs at start, then hourly.
     let mut left = Vec::new();
     for _ in 0..100 {
@@ -161,10 +160,9 @@ async fn sigterm_drains_and_keeps_every_acknowledged_event() {
     let mut server = serve(&db.url, port, &[]);
     let client = reqwest::Client::new();
     let url = format!("http://127.0.0.1:{port}/v1/batch?key={key}");
-    assert!(
-        wait_until_up(&client, port).await,
-        "collector did not start"
-    );
+    if let Err(why) = wait_until_serving(&mut server, port).await {
+        panic!("{why}");
+    }
 
     // Eight clients post batches of 20 until the server goes away.
     let mut clients = Vec::new();

@@ -398,7 +398,9 @@ pub fn add_project_cli(database_url: &str, name: &str) -> serde_json::Value {
 
 /// Polls `/healthz` until the server answers (5 s at most).
 pub async fn wait_until_up(client: &reqwest::Client, port: u16) -> bool {
-    for _ in 0..100 {
+    // Generous: on a loaded CI machine a start on a fresh database (migrations, partitions)
+    // can take seconds; a process that exits is reported at once by `wait_until_serving`.
+    for _ in 0..600 {
         if client
             .get(format!("http://127.0.0.1:{port}/healthz"))
             .send()
@@ -412,7 +414,47 @@ pub async fn wait_until_up(client: &reqwest::Client, port: u16) -> bool {
     false
 }
 
-/// `serve` on 127.0.0.1:`port` against `database_url`, with `args` and `env` added, quiet.
+/// Waits until the collector started by `serve_binary` answers on `port`; if it exits or
+/// never answers, the error says so with the end of its log.
+pub async fn wait_until_serving(child: &mut std::process::Child, port: u16) -> Result<(), String> {
+    let client = reqwest::Client::new();
+    for _ in 0..600 {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(format!(
+                "the collector exited ({status}) before serving:\n{}",
+                serve_log_tail(port)
+            ));
+        }
+        if client
+            .get(format!("http://127.0.0.1:{port}/healthz"))
+            .send()
+            .await
+            .is_ok()
+        {
+            return Ok(());
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    Err(format!(
+        "the collector did not answer within 30 s:\n{}",
+        serve_log_tail(port)
+    ))
+}
+
+/// Where `serve_binary` writes the collector's log for `port`.
+fn serve_log(port: u16) -> std::path::PathBuf {
+    std::env::temp_dir().join(format!("tracklet-test-serve-{port}.log"))
+}
+
+/// The last lines of the log of the collector serving on `port`.
+pub fn serve_log_tail(port: u16) -> String {
+    let log = std::fs::read_to_string(serve_log(port)).unwrap_or_default();
+    let lines: Vec<&str> = log.lines().collect();
+    lines[lines.len().saturating_sub(40)..].join("\n")
+}
+
+/// `serve` on 127.0.0.1:`port` against `database_url`, with `args` and `env` added; its log
+/// goes to a file that `serve_log_tail` reads when a test needs to say why it failed.
 pub fn serve_binary(
     database_url: &str,
     port: u16,
@@ -430,7 +472,11 @@ pub fn serve_binary(
         .args(args)
         .envs(env.iter().copied())
         .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
+        .stderr(
+            std::fs::File::create(serve_log(port))
+                .map(std::process::Stdio::from)
+                .unwrap_or_else(|_| std::process::Stdio::null()),
+        )
         .spawn()
         .expect("start the collector binary")
 }
@@ -446,11 +492,10 @@ impl Server {
     pub async fn start(database_url: &str, args: &[&str]) -> Server {
         let port = free_port();
         let child = serve_binary(database_url, port, args, &[]);
-        let server = Server { child, port };
-        assert!(
-            wait_until_up(&reqwest::Client::new(), port).await,
-            "the collector did not start"
-        );
+        let mut server = Server { child, port };
+        if let Err(why) = wait_until_serving(&mut server.child, port).await {
+            panic!("{why}");
+        }
         server
     }
 
@@ -475,6 +520,7 @@ impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        let _ = std::fs::remove_file(serve_log(self.port));
     }
 }
 
