@@ -424,7 +424,13 @@ impl Builder {
         let at = find(&query, &needle);
         let rest = format!("substr({query}, {at} + {})", name.len() + 2);
         let end = find(&format!("({rest} || '&')"), "'&'");
-        format!("nullif(CASE WHEN {at} > 0 THEN substr({rest}, 1, {end} - 1) END, '')")
+        // Most URLs carry no such parameter: one cheap search first (the rollups compute
+        // this for every committed event).
+        let anywhere = find(&url, &format!("'{name}='"));
+        format!(
+            "CASE WHEN {anywhere} > 0 THEN \
+             nullif(CASE WHEN {at} > 0 THEN substr({rest}, 1, {end} - 1) END, '') END"
+        )
     }
 
     /// Project, range and no bots: what every event read satisfies.

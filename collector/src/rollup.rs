@@ -38,7 +38,9 @@ use crate::analytics::{
 use crate::store::StoreError;
 
 /// The dimensions `rollup_hourly` holds, by their `dim` code (0 is the total, key `''`).
-pub const DIMENSIONS: [(i16, Dimension); 7] = [
+/// A change here owes a rebuild: add a migration that inserts a row into
+/// `rollup_rebuild_requests` (as 0009 did for the UTM dimensions).
+pub const DIMENSIONS: [(i16, Dimension); 10] = [
     (1, Dimension::Page),
     (2, Dimension::Referrer),
     (3, Dimension::Browser),
@@ -46,6 +48,9 @@ pub const DIMENSIONS: [(i16, Dimension); 7] = [
     (5, Dimension::Device),
     (6, Dimension::Country),
     (7, Dimension::Event),
+    (8, Dimension::UtmSource),
+    (9, Dimension::UtmMedium),
+    (10, Dimension::UtmCampaign),
 ];
 
 /// The columns of inserted events the rollups are computed from (`RETURNING` list).
@@ -473,12 +478,56 @@ async fn tables_exist(pool: &PgPool) -> Result<bool, StoreError> {
 /// after. Returns the events counted.
 pub async fn rebuild(pool: &PgPool, project: Option<Uuid>) -> Result<i64, StoreError> {
     let mut tx = pool.begin().await?;
-    sqlx::query("SELECT pg_advisory_xact_lock($1)")
-        .bind(ROLLUP_LOCK_ID)
+    lock(&mut tx).await?;
+    let counted = refill(&mut tx, project).await?;
+    tx.commit().await?;
+    analyze(pool).await?;
+    Ok(counted)
+}
+
+/// Rebuilds every project's rollups if a migration asked for it (a row in
+/// `rollup_rebuild_requests`), and deletes the requests in the same transaction: of
+/// collectors starting together, the first to take the rollup lock rebuilds, the others
+/// then find nothing owed. `None` when nothing was owed or there are no rollups.
+pub async fn rebuild_if_requested(pool: &PgPool) -> Result<Option<i64>, StoreError> {
+    if !tables_exist(pool).await? || !rebuild_requested(pool).await? {
+        return Ok(None);
+    }
+    let mut tx = pool.begin().await?;
+    lock(&mut tx).await?;
+    if !rebuild_requested(&mut *tx).await? {
+        return Ok(None);
+    }
+    let counted = refill(&mut tx, None).await?;
+    sqlx::query("DELETE FROM rollup_rebuild_requests")
         .execute(&mut *tx)
         .await?;
+    tx.commit().await?;
+    analyze(pool).await?;
+    Ok(Some(counted))
+}
+
+async fn rebuild_requested<'c>(conn: impl sqlx::PgExecutor<'c>) -> Result<bool, StoreError> {
+    Ok(
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM rollup_rebuild_requests)")
+            .fetch_one(conn)
+            .await?,
+    )
+}
+
+/// Takes the rollup lock for the rest of the transaction.
+async fn lock(conn: &mut sqlx::PgConnection) -> Result<(), StoreError> {
+    sqlx::query("SELECT pg_advisory_xact_lock($1)")
+        .bind(ROLLUP_LOCK_ID)
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}
+
+/// The body of [`rebuild`], in a transaction holding the rollup lock.
+async fn refill(conn: &mut sqlx::PgConnection, project: Option<Uuid>) -> Result<i64, StoreError> {
     sqlx::query("LOCK TABLE events IN SHARE MODE")
-        .execute(&mut *tx)
+        .execute(&mut *conn)
         .await?;
     for table in [
         "rollup_inbox",
@@ -491,14 +540,14 @@ pub async fn rebuild(pool: &PgPool, project: Option<Uuid>) -> Result<i64, StoreE
             "DELETE FROM {table} WHERE $1::uuid IS NULL OR project_id = $1"
         ))
         .bind(project)
-        .execute(&mut *tx)
+        .execute(&mut *conn)
         .await?;
     }
     let (first, last): (Option<DateTime<Utc>>, Option<DateTime<Utc>>) = sqlx::query_as(
         "SELECT min(time), max(time) FROM events WHERE $1::uuid IS NULL OR project_id = $1",
     )
     .bind(project)
-    .fetch_one(&mut *tx)
+    .fetch_one(&mut *conn)
     .await?;
     let mut counted = 0;
     if let (Some(first), Some(last)) = (first, last) {
@@ -515,24 +564,27 @@ pub async fn rebuild(pool: &PgPool, project: Option<Uuid>) -> Result<i64, StoreE
                 .bind(project)
                 .bind(start)
                 .bind(end)
-                .fetch_one(&mut *tx)
+                .fetch_one(&mut *conn)
                 .await?;
             counted += n;
             start = end;
         }
     }
     for sql in fill_session_sql() {
-        sqlx::query(&sql).bind(project).execute(&mut *tx).await?;
+        sqlx::query(&sql).bind(project).execute(&mut *conn).await?;
     }
-    tx.commit().await?;
-    // Planner statistics for the tables just filled (and events, often bulk-loaded before).
+    Ok(counted)
+}
+
+/// Planner statistics for the tables just filled (and events, often bulk-loaded before).
+async fn analyze(pool: &PgPool) -> Result<(), StoreError> {
     sqlx::query(
         "ANALYZE events, rollup_hourly, rollup_sessions, rollup_session_hours, \
          rollup_session_ends",
     )
     .execute(pool)
     .await?;
-    Ok(counted)
+    Ok(())
 }
 
 /// Deletes the rollups of hours (and sessions ending) before `cutoff`: retention drops the
@@ -543,10 +595,7 @@ pub async fn forget_before(
     conn: &mut sqlx::PgConnection,
     cutoff: DateTime<Utc>,
 ) -> Result<(), StoreError> {
-    sqlx::query("SELECT pg_advisory_xact_lock($1)")
-        .bind(ROLLUP_LOCK_ID)
-        .execute(&mut *conn)
-        .await?;
+    lock(conn).await?;
     for sql in [
         "DELETE FROM rollup_hourly WHERE hour < $1",
         "DELETE FROM rollup_sessions WHERE last_time < $1",
@@ -559,11 +608,6 @@ pub async fn forget_before(
         sqlx::query(sql).bind(cutoff).execute(&mut *conn).await?;
     }
     Ok(())
-}
-
-/// Whether the tables exist (before migrating: to know whether they are new).
-pub async fn exist(pool: &PgPool) -> Result<bool, StoreError> {
-    tables_exist(pool).await
 }
 
 fn floor_hour(t: DateTime<Utc>) -> DateTime<Utc> {

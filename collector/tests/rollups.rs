@@ -43,7 +43,15 @@ fn session(base: u64, s: u64, start_min: u64, sent_at: u64) -> Vec<Value> {
     (0..1 + s % 5)
         .map(|i| {
             let n = base + s * 10 + i;
-            let mut context = json!({"path": PAGES[((s + i) % 5) as usize]});
+            let path = PAGES[((s + i) % 5) as usize];
+            // Campaign parameters on some landing pages (a third of them none).
+            let query = match s % 3 {
+                0 => format!("?utm_source=news&utm_medium=email&utm_campaign=c{}", s % 2),
+                1 => "?ref=1&utm_source=google#utm_medium=no".to_owned(),
+                _ => String::new(),
+            };
+            let mut context =
+                json!({"path": path, "url": format!("https://example.com{path}{query}")});
             if i == 0 {
                 context["referrer"] = json!(REFERRERS[(s % 4) as usize]);
             }
@@ -112,6 +120,7 @@ async fn assert_same_answers(rollups: &dyn EventStore, raw: &dyn EventStore, q0:
         vec![(Dimension::Page, "/pricing".to_owned())],
         vec![(Dimension::Referrer, "(direct)".to_owned())],
         vec![(Dimension::Browser, "Chrome".to_owned())],
+        vec![(Dimension::UtmSource, "news".to_owned())],
         vec![
             (Dimension::Event, "page_view".to_owned()),
             (Dimension::Page, "/".to_owned()),
@@ -146,6 +155,9 @@ async fn assert_same_answers(rollups: &dyn EventStore, raw: &dyn EventStore, q0:
                 Dimension::Device,
                 Dimension::Country,
                 Dimension::Event,
+                Dimension::UtmSource,
+                Dimension::UtmMedium,
+                Dimension::UtmCampaign,
                 Dimension::EntryPage,
                 Dimension::ExitPage,
                 Dimension::Prop("x".to_owned()),
@@ -270,6 +282,35 @@ async fn rollups_answer_like_raw_events_after_duplicates_and_late_events() {
     let counted = rollup::rebuild(&pool, Some(app.project.id)).await.unwrap();
     assert!(counted > events, "{counted}");
     assert_eq!(snapshot(&pool).await, built);
+
+    // A migration's request for a rebuild (as 0009's for the UTM dimensions, whose rows
+    // older rollups lack): of two collectors starting at once, one rebuilds and clears it,
+    // the other finds nothing owed.
+    let requests = "SELECT count(*) FROM rollup_rebuild_requests";
+    let owed: i64 = sqlx::query_scalar(requests).fetch_one(&pool).await.unwrap();
+    assert_eq!(
+        owed, 0,
+        "the migrations' requests were served when the app started"
+    );
+    sqlx::query("DELETE FROM rollup_hourly WHERE dim >= 8")
+        .execute(&pool)
+        .await
+        .unwrap();
+    assert_ne!(snapshot(&pool).await, built, "no UTM rows to rebuild");
+    sqlx::query("INSERT INTO rollup_rebuild_requests (reason) VALUES ('test')")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let (a, b) = tokio::join!(
+        rollup::rebuild_if_requested(&pool),
+        rollup::rebuild_if_requested(&pool)
+    );
+    let mut runs = [a.unwrap(), b.unwrap()];
+    runs.sort();
+    assert_eq!(runs, [None, Some(counted)]);
+    assert_eq!(snapshot(&pool).await, built);
+    let owed: i64 = sqlx::query_scalar(requests).fetch_one(&pool).await.unwrap();
+    assert_eq!(owed, 0);
 }
 
 /// One page view of session `session` by `visitor` at `ts` (ms), event id `n`.

@@ -182,13 +182,11 @@ impl EventStore for PgStore {
     }
 
     async fn migrate(&self) -> Result<(), StoreError> {
-        let had_rollups = rollup::exist(&self.pool).await?;
         sqlx::migrate!("./migrations/postgres")
             .run(&self.pool)
             .await?;
-        // Migration 0004 or 0007 just created rollups: count the events stored before it.
-        if !had_rollups && rollup::exist(&self.pool).await? {
-            let counted = rollup::rebuild(&self.pool, None).await?;
+        // A migration that changed what the rollups hold asked for them to be refilled.
+        if let Some(counted) = rollup::rebuild_if_requested(&self.pool).await? {
             tracing::info!(events = counted, "rollups filled from the stored events");
         }
         Ok(())
