@@ -148,7 +148,8 @@ fn start_collector(args: &Args, url: &str) -> anyhow::Result<(Collector, SocketA
 /// Per session: a visitor (`$5` of them, their browser, system, device and country follow
 /// from the visitor), a start in the last `$4` days, one to nine events a minute or two
 /// apart (skewed to short sessions: a third are bounces), a referrer on the first event
-/// (40 % direct), pages and custom events skewed towards the first of each list.
+/// (40 % direct) and UTM source, medium and campaign on the landing page's URL of a quarter
+/// of the sessions, pages and custom events skewed towards the first of each list.
 const GENERATE: &str = "\
 INSERT INTO events (project_id, id, ts, name, anonymous_id, session_id, context, sent_at, \
     received_at, time, browser, os, device_type, country) \
@@ -169,7 +170,12 @@ FROM ( \
             'www.producthunt.com','slack.com','discord.com','mail.google.com', \
             'outlook.live.com','substack.com','www.baidu.com','www.qwant.com', \
             'search.brave.com','kagi.com','example.org'])[1 + floor(random() ^ 2 * 30)::int] \
-            || '/' END AS referrer \
+            || '/' END AS referrer, \
+        CASE WHEN random() < 0.25 THEN \
+            '?utm_source=' || (ARRAY['newsletter','google','facebook','twitter','partner'])[1 + floor(random() ^ 2 * 5)::int] \
+            || '&utm_medium=' || (ARRAY['email','cpc','social'])[1 + floor(random() * 3)::int] \
+            || '&utm_campaign=campaign-' || floor(random() ^ 2 * 12)::int \
+            ELSE '' END AS utm \
     FROM generate_series($2::int8, $3::int8 - 1) AS k) AS s, \
 LATERAL ( \
     SELECT start + (j * 75 + floor(random() * 30)) * interval '1 second' AS t, \
@@ -177,10 +183,12 @@ LATERAL ( \
             (ARRAY['signup','Song Played','Add To Cart','Download','Search'])[1 + floor(random() ^ 2 * 5)::int] \
             ELSE 'page_view' END AS name, \
         jsonb_strip_nulls(jsonb_build_object( \
-            'path', CASE WHEN j = 0 AND random() < 0.3 THEN '/' \
-                ELSE '/page-' || floor(random() ^ 2 * 50)::int END, \
+            'path', path, \
+            'url', 'https://example.com' || path || CASE WHEN j = 0 THEN utm ELSE '' END, \
             'referrer', CASE WHEN j = 0 THEN referrer END)) AS context \
-    FROM generate_series(0, size - 1) AS j) AS e";
+    FROM generate_series(0, size - 1) AS j, \
+    LATERAL (SELECT CASE WHEN j = 0 AND random() < 0.3 THEN '/' \
+        ELSE '/page-' || floor(random() ^ 2 * 50)::int END AS path) AS p) AS e";
 
 /// Mean session length of [`GENERATE`]: 1 + 9 * E[u^2] (then floored) is about 3.5.
 const EVENTS_PER_SESSION: f64 = 3.5;
@@ -285,8 +293,15 @@ async fn bench(args: &Args, url: &str) -> anyhow::Result<()> {
             "device",
             "country",
             "event",
+            "utm_source",
+            "utm_medium",
+            "utm_campaign",
         ] {
             add("/v1/stats/breakdown", &format!("&by={by}"));
+        }
+        if filter.is_empty() {
+            // The page asks for the ingest health too (not filtered).
+            add("/v1/stats/health", "");
         }
     }
 
@@ -369,6 +384,9 @@ fn page_interactive(script: &std::path::Path, origin: &str, key: &str, runs: usi
 
 /// Which statement answers a call (mirrors `rollup::*_sql`): for the table.
 fn source_of(call: &str) -> &'static str {
+    if call.contains("/health") {
+        return "ingest health counters";
+    }
     let filtered = call.contains("&page=");
     let by = call
         .split("by=")
