@@ -400,6 +400,12 @@ pub struct WebhookArgs {
     /// Days delivered deliveries are kept (failed ones are kept until replayed or removed).
     #[arg(long, env = "TRACKLET_WEBHOOK_KEEP_DELIVERED_DAYS", default_value_t = 7, value_parser = clap::value_parser!(u32).range(1..))]
     pub webhook_keep_delivered_days: u32,
+    /// Webhook requests in flight in this collector while ingest is saturated (every
+    /// commit slot busy in the last second): deliveries yield the cores to the requests
+    /// waiting for their commit, and catch up after. Set it to --webhook-max-in-flight to
+    /// never yield.
+    #[arg(long, env = "TRACKLET_WEBHOOK_BUSY_IN_FLIGHT", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    pub webhook_busy_in_flight: u32,
     /// Send no webhooks from this collector (others sharing the database do).
     #[arg(long, env = "TRACKLET_NO_WEBHOOK_WORKERS")]
     pub no_webhook_workers: bool,
@@ -413,6 +419,7 @@ impl WebhookArgs {
         webhooks::WebhookConfig {
             concurrency: self.webhook_concurrency,
             max_in_flight: self.webhook_max_in_flight,
+            busy_in_flight: self.webhook_busy_in_flight.min(self.webhook_max_in_flight),
             retry_schedule: self.webhook_retry_schedule.clone(),
             timeout: self.webhook_timeout.max(Duration::from_millis(100)),
             lease: self
@@ -827,15 +834,6 @@ pub async fn serve(db: &DbConfig, config: ServeConfig) -> anyhow::Result<()> {
         ))
     });
 
-    let deliveries = match (config.webhooks.disabled, store.deliveries()) {
-        (false, Some(queue)) => Some(tokio::spawn(webhooks::worker::run(
-            queue,
-            config.webhooks.clone(),
-            shutdown.clone(),
-        ))),
-        _ => None,
-    };
-
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
@@ -847,7 +845,17 @@ pub async fn serve(db: &DbConfig, config: ServeConfig) -> anyhow::Result<()> {
     };
     let queue = config.queue.clone();
     // Fails when the projects cannot be loaded: serving without them would refuse every key.
+    let webhook_config = config.webhooks.clone();
     let (mut state, committer) = AppState::new(config, store.clone()).await?;
+    let deliveries = match (webhook_config.disabled, store.deliveries()) {
+        (false, Some(queue)) => Some(tokio::spawn(webhooks::worker::run(
+            queue,
+            webhook_config,
+            state.ingest_pressure(),
+            shutdown.clone(),
+        ))),
+        _ => None,
+    };
     if let Some(queue) = queue {
         tracing::info!(url = %queue.url, stream = %queue.stream, "publishing accepted events to the queue");
         state = state.with_publisher(Arc::new(EventPublisher::start(queue).await?));

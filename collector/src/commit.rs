@@ -10,7 +10,7 @@
 //! same transaction as the rows (one row of queue capacity), so "the batch arrived" is
 //! committed exactly when its events are, even when it has no rows to store.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -34,6 +34,51 @@ pub enum CommitError {
     Refused(String),
     #[error("the collector is shutting down")]
     Stopped,
+}
+
+/// Whether ingest is saturated: every commit slot was busy with rows waiting for one within
+/// the last [`IngestPressure::MEMORY`]. Work that can wait (webhook deliveries) yields to
+/// ingest while it is: a request waits for its commit, a delivery only runs a little later.
+#[derive(Clone)]
+pub struct IngestPressure {
+    since: Instant,
+    /// Milliseconds after `since` when the committer last found every slot busy;
+    /// `u64::MAX`: never.
+    last_full: Arc<AtomicU64>,
+}
+
+impl IngestPressure {
+    /// How long one moment of saturation keeps the pressure high.
+    pub const MEMORY: Duration = Duration::from_secs(1);
+
+    /// A pressure that is high only once [`IngestPressure::mark_full`] is called (a
+    /// collector without a committer of its own never calls it).
+    pub fn new() -> IngestPressure {
+        IngestPressure {
+            since: Instant::now(),
+            last_full: Arc::new(AtomicU64::new(u64::MAX)),
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.since.elapsed().as_millis()).unwrap_or(u64::MAX - 1)
+    }
+
+    /// Every commit slot is busy and a job waits for one.
+    pub fn mark_full(&self) {
+        self.last_full.store(self.now_ms(), Ordering::Relaxed);
+    }
+
+    pub fn high(&self) -> bool {
+        let last = self.last_full.load(Ordering::Relaxed);
+        last != u64::MAX && self.now_ms().saturating_sub(last) < Self::MEMORY.as_millis() as u64
+    }
+}
+
+impl Default for IngestPressure {
+    fn default() -> Self {
+        IngestPressure::new()
+    }
 }
 
 /// Rows of one request waiting for their transaction.
@@ -64,6 +109,7 @@ pub struct GroupCommitter {
     config: CommitConfig,
     /// Told of every successful commit (last commit time, live events).
     feed: Arc<CommitFeed>,
+    pressure: IngestPressure,
 }
 
 impl GroupCommitter {
@@ -76,12 +122,14 @@ impl GroupCommitter {
         let (jobs, receiver) = mpsc::unbounded_channel();
         let queued_rows = Arc::new(AtomicUsize::new(0));
         let feed = Arc::new(CommitFeed::default());
+        let pressure = IngestPressure::new();
         let task = tokio::spawn(run_committer(
             store,
             receiver,
             config.clone(),
             queued_rows.clone(),
             feed.clone(),
+            pressure.clone(),
         ));
         let byte_capacity = config
             .queue_capacity_bytes
@@ -94,6 +142,7 @@ impl GroupCommitter {
             queued_rows,
             config,
             feed,
+            pressure,
         };
         (committer, task)
     }
@@ -154,6 +203,11 @@ impl GroupCommitter {
         self.feed.clone()
     }
 
+    /// Whether ingest is saturated (see [`IngestPressure`]).
+    pub fn pressure(&self) -> IngestPressure {
+        self.pressure.clone()
+    }
+
     /// False when the queue is above its high-water mark (`/readyz` then says not ready).
     pub fn below_high_water(&self) -> bool {
         self.queued_rows() < self.config.high_water_rows
@@ -166,6 +220,7 @@ async fn run_committer(
     config: CommitConfig,
     queued_rows: Arc<AtomicUsize>,
     feed: Arc<CommitFeed>,
+    pressure: IngestPressure,
 ) {
     // Up to `concurrency` transactions in flight: while one waits for its commit record to be
     // flushed, the next one gathers the rows that arrived meanwhile and inserts them. Rows
@@ -174,8 +229,19 @@ async fn run_committer(
     let slots = Arc::new(Semaphore::new(config.concurrency.max(1)));
     let mut in_flight = tokio::task::JoinSet::new();
     loop {
-        let Ok(slot) = slots.clone().acquire_owned().await else {
-            break;
+        let slot = match slots.clone().try_acquire_owned() {
+            Ok(slot) => slot,
+            Err(_) => {
+                let Ok(slot) = slots.clone().acquire_owned().await else {
+                    break;
+                };
+                // Every transaction slot was busy; if rows waited for one meanwhile, ingest
+                // is saturated.
+                if !receiver.is_empty() {
+                    pressure.mark_full();
+                }
+                slot
+            }
         };
         while in_flight.try_join_next().is_some() {}
         let Some(first) = receiver.recv().await else {

@@ -118,6 +118,11 @@ impl AppState {
         self.projects.clone()
     }
 
+    /// Whether ingest is saturated (webhook deliveries yield to it while it is).
+    pub fn ingest_pressure(&self) -> crate::commit::IngestPressure {
+        self.committer.pressure()
+    }
+
     /// The ingest health counts not yet written (flushed once more at shutdown).
     pub fn ingest_health(&self) -> Arc<IngestHealth> {
         self.health.clone()

@@ -721,3 +721,55 @@ async fn sqlite_delivers_and_signs_with_both_secrets_during_a_rotation() {
     drop(server);
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// Webhook workers yield to ingest while it is saturated (`--webhook-busy-in-flight`):
+/// the signal is high only while commits wait for a transaction slot, and for a second
+/// after.
+#[tokio::test]
+async fn ingest_pressure_is_high_only_while_commits_wait_for_a_slot() {
+    use tracklet_collector::commit::{GroupCommitter, IngestPressure};
+    use tracklet_collector::config::CommitConfig;
+    use tracklet_collector::store::BatchReceipt;
+
+    let app = app(Backend::Sqlite).await;
+    // One transaction at a time, one job per transaction: the rest wait.
+    let config = CommitConfig {
+        max_rows: 1,
+        concurrency: 1,
+        ..CommitConfig::default()
+    };
+    let (committer, task) = GroupCommitter::start(app.store.clone(), config);
+    let pressure = committer.pressure();
+    let receipt = |n: usize| BatchReceipt {
+        project_id: app.project.id,
+        batch_id: format!("pressure-{n}"),
+        received_at: chrono::Utc::now(),
+    };
+    // Commits one after the other never wait for a slot.
+    for n in 0..5 {
+        committer
+            .commit(Vec::new(), Some(receipt(n)))
+            .await
+            .unwrap();
+    }
+    assert!(!pressure.high(), "sequential commits are not pressure");
+    // Forty at once: all but the first wait.
+    let commits: Vec<_> = (5..45)
+        .map(|n| {
+            let committer = committer.clone();
+            let receipt = receipt(n);
+            tokio::spawn(async move { committer.commit(Vec::new(), Some(receipt)).await })
+        })
+        .collect();
+    for commit in commits {
+        commit.await.unwrap().unwrap();
+    }
+    assert!(pressure.high(), "forty concurrent commits through one slot");
+    tokio::time::sleep(IngestPressure::MEMORY + Duration::from_millis(100)).await;
+    assert!(
+        !pressure.high(),
+        "the pressure ends a second after the last wait"
+    );
+    drop(committer);
+    task.await.unwrap();
+}

@@ -226,6 +226,8 @@ pub struct WebhookConfig {
     pub concurrency: u32,
     /// Requests in flight in this collector, all destinations together.
     pub max_in_flight: u32,
+    /// ... while ingest is saturated ([`crate::commit::IngestPressure`]).
+    pub busy_in_flight: u32,
     /// Waits before the 2nd, 3rd, ... attempt; after the last, a delivery fails.
     pub retry_schedule: Vec<Duration>,
     /// Per attempt, connect to last byte.
@@ -250,6 +252,7 @@ impl Default for WebhookConfig {
         WebhookConfig {
             concurrency: 3,
             max_in_flight: 64,
+            busy_in_flight: 1,
             retry_schedule: parse_schedule(DEFAULT_RETRY_SCHEDULE).unwrap_or_default(),
             timeout: Duration::from_secs(15),
             lease: Duration::from_secs(60),

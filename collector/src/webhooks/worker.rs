@@ -20,6 +20,7 @@ use uuid::Uuid;
 use super::destinations::{self, GuardedResolver};
 use super::signing;
 use super::{Claimed, DeliveryStore, Finish, Outcome, WebhookConfig};
+use crate::commit::IngestPressure;
 use crate::shutdown::Shutdown;
 
 /// Bytes of a destination's answer read (for the last error); the rest is never read.
@@ -291,7 +292,15 @@ async fn round(
 /// records every outcome that came in and claims for the free slots in one call
 /// ([`DeliveryStore::finish_and_claim`]): one transaction per round rather than a claim and
 /// an outcome per delivery.
-pub async fn run(store: Arc<dyn DeliveryStore>, config: WebhookConfig, shutdown: Shutdown) {
+///
+/// While `pressure` is high (ingest saturated), at most `busy_in_flight` attempts run: the
+/// deliveries wait in the queue and catch up once the requests no longer wait for commits.
+pub async fn run(
+    store: Arc<dyn DeliveryStore>,
+    config: WebhookConfig,
+    pressure: IngestPressure,
+    shutdown: Shutdown,
+) {
     let client = match client(&config) {
         Ok(client) => client,
         Err(e) => {
@@ -330,7 +339,14 @@ pub async fn run(store: Arc<dyn DeliveryStore>, config: WebhookConfig, shutdown:
             next_cleanup = now + CLEANUP_INTERVAL;
             delete_old_deliveries(store.as_ref(), &config).await;
         }
-        let free = slots.available_permits() as u32;
+        let max = config.max_in_flight.max(1);
+        let in_flight = max.saturating_sub(slots.available_permits() as u32);
+        let cap = if pressure.high() {
+            config.busy_in_flight.clamp(1, max)
+        } else {
+            max
+        };
+        let free = cap.saturating_sub(in_flight);
         if free == 0 && outcomes.is_empty() {
             continue;
         }
