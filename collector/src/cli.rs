@@ -400,12 +400,12 @@ pub struct WebhookArgs {
     /// Days delivered deliveries are kept (failed ones are kept until replayed or removed).
     #[arg(long, env = "TRACKLET_WEBHOOK_KEEP_DELIVERED_DAYS", default_value_t = 7, value_parser = clap::value_parser!(u32).range(1..))]
     pub webhook_keep_delivered_days: u32,
-    /// Webhook requests in flight in this collector while ingest is saturated (every
-    /// commit slot busy in the last second): deliveries yield the cores to the requests
-    /// waiting for their commit, and catch up after. Set it to --webhook-max-in-flight to
-    /// never yield.
-    #[arg(long, env = "TRACKLET_WEBHOOK_BUSY_IN_FLIGHT", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
-    pub webhook_busy_in_flight: u32,
+    /// Webhook attempts started per --webhook-poll interval (and at most in flight) in this
+    /// collector while ingest is saturated (rows waited for a commit slot in the last
+    /// second): deliveries yield the cores to the requests waiting for their commit, and
+    /// catch up after.
+    #[arg(long, env = "TRACKLET_WEBHOOK_BUSY_DELIVERIES", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    pub webhook_busy_deliveries: u32,
     /// Send no webhooks from this collector (others sharing the database do).
     #[arg(long, env = "TRACKLET_NO_WEBHOOK_WORKERS")]
     pub no_webhook_workers: bool,
@@ -419,7 +419,7 @@ impl WebhookArgs {
         webhooks::WebhookConfig {
             concurrency: self.webhook_concurrency,
             max_in_flight: self.webhook_max_in_flight,
-            busy_in_flight: self.webhook_busy_in_flight.min(self.webhook_max_in_flight),
+            busy_deliveries: self.webhook_busy_deliveries.min(self.webhook_max_in_flight),
             retry_schedule: self.webhook_retry_schedule.clone(),
             timeout: self.webhook_timeout.max(Duration::from_millis(100)),
             lease: self

@@ -773,3 +773,72 @@ async fn ingest_pressure_is_high_only_while_commits_wait_for_a_slot() {
     drop(committer);
     task.await.unwrap();
 }
+
+/// While ingest is saturated a worker starts one delivery per poll interval; once it is not,
+/// the rest go out at once. (The worker runs in the test, its pressure driven by the test.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deliveries_trickle_while_ingest_is_saturated_and_catch_up_after() {
+    use tracklet_collector::commit::IngestPressure;
+    use tracklet_collector::shutdown::Shutdown;
+    use tracklet_collector::webhooks::{worker, WebhookConfig};
+
+    let app = app(Backend::Postgres).await;
+    let db = &app.db.as_ref().unwrap().url;
+    let receiver = Receiver::start(always(204), Duration::ZERO).await;
+    add_destination(
+        db,
+        &app.project.name,
+        &receiver.url("/p"),
+        &["--batch-size", "1"],
+    );
+    // 40 events: 40 deliveries of one event each.
+    let sent = events(0, 40);
+    let answer = app
+        .send(
+            axum::http::Request::post(app.batch_uri())
+                .header("origin", ORIGIN)
+                .body(axum::body::Body::from(batch(SENT, sent.clone())))
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(answer.status, StatusCode::OK, "{}", answer.text);
+
+    let pressure = IngestPressure::new();
+    let saturated = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let marking = {
+        let (pressure, saturated) = (pressure.clone(), saturated.clone());
+        tokio::spawn(async move {
+            while saturated.load(std::sync::atomic::Ordering::Relaxed) {
+                pressure.mark_full();
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    };
+    let config = WebhookConfig {
+        poll_interval: Duration::from_millis(100),
+        allow_private: true,
+        ..WebhookConfig::default()
+    };
+    let shutdown = Shutdown::new();
+    let deliveries = app
+        .store
+        .deliveries()
+        .expect("Postgres has a delivery queue");
+    let running = tokio::spawn(worker::run(deliveries, config, pressure, shutdown.clone()));
+
+    // One second saturated: about ten deliveries (one per 100 ms), not forty.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let trickled = receiver.hits().len();
+    assert!(
+        (1..=12).contains(&trickled),
+        "{trickled} deliveries in a saturated second"
+    );
+    saturated.store(false, std::sync::atomic::Ordering::Relaxed);
+    marking.await.unwrap();
+    wait_until("every event delivered after the saturation", || {
+        receiver.delivered("/p") == ids(&sent)
+    })
+    .await;
+    shutdown.trigger();
+    running.await.unwrap();
+}

@@ -226,8 +226,9 @@ pub struct WebhookConfig {
     pub concurrency: u32,
     /// Requests in flight in this collector, all destinations together.
     pub max_in_flight: u32,
-    /// ... while ingest is saturated ([`crate::commit::IngestPressure`]).
-    pub busy_in_flight: u32,
+    /// While ingest is saturated ([`crate::commit::IngestPressure`]): attempts started per
+    /// `poll_interval`, and at most in flight.
+    pub busy_deliveries: u32,
     /// Waits before the 2nd, 3rd, ... attempt; after the last, a delivery fails.
     pub retry_schedule: Vec<Duration>,
     /// Per attempt, connect to last byte.
@@ -252,7 +253,7 @@ impl Default for WebhookConfig {
         WebhookConfig {
             concurrency: 3,
             max_in_flight: 64,
-            busy_in_flight: 1,
+            busy_deliveries: 1,
             retry_schedule: parse_schedule(DEFAULT_RETRY_SCHEDULE).unwrap_or_default(),
             timeout: Duration::from_secs(15),
             lease: Duration::from_secs(60),

@@ -293,8 +293,9 @@ async fn round(
 /// ([`DeliveryStore::finish_and_claim`]): one transaction per round rather than a claim and
 /// an outcome per delivery.
 ///
-/// While `pressure` is high (ingest saturated), at most `busy_in_flight` attempts run: the
-/// deliveries wait in the queue and catch up once the requests no longer wait for commits.
+/// While `pressure` is high (ingest saturated), at most `busy_deliveries` attempts start per
+/// poll interval (and at most that many run): the deliveries wait in the queue, a trickle
+/// still goes out, and they catch up once the requests no longer wait for their commits.
 pub async fn run(
     store: Arc<dyn DeliveryStore>,
     config: WebhookConfig,
@@ -315,8 +316,11 @@ pub async fn run(
     let (done, mut finished) = mpsc::unbounded_channel::<Outcome>();
     let mut outcomes: Vec<Outcome> = Vec::new();
     let mut tasks = JoinSet::new();
-    let (mut next_gauge, mut next_cleanup) =
-        (tokio::time::Instant::now(), tokio::time::Instant::now());
+    let (mut next_gauge, mut next_cleanup, mut next_busy_claim) = (
+        tokio::time::Instant::now(),
+        tokio::time::Instant::now(),
+        tokio::time::Instant::now(),
+    );
     loop {
         tokio::select! {
             _ = tokio::time::sleep(config.poll_interval) => {}
@@ -341,12 +345,17 @@ pub async fn run(
         }
         let max = config.max_in_flight.max(1);
         let in_flight = max.saturating_sub(slots.available_permits() as u32);
-        let cap = if pressure.high() {
-            config.busy_in_flight.clamp(1, max)
+        let free = if !pressure.high() {
+            max.saturating_sub(in_flight)
+        } else if now >= next_busy_claim {
+            next_busy_claim = now + config.poll_interval;
+            config
+                .busy_deliveries
+                .clamp(1, max)
+                .saturating_sub(in_flight)
         } else {
-            max
+            0
         };
-        let free = cap.saturating_sub(in_flight);
         if free == 0 && outcomes.is_empty() {
             continue;
         }
