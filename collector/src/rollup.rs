@@ -361,10 +361,7 @@ pub async fn drain(pool: &PgPool, max_events: i64) -> Result<i64, StoreError> {
             return Ok(counted);
         }
         let mut tx = pool.begin().await?;
-        sqlx::query("SELECT pg_advisory_xact_lock($1)")
-            .bind(ROLLUP_LOCK_ID)
-            .execute(&mut *tx)
-            .await?;
+        lock(&mut tx).await?;
         // The drain's sorts and aggregates over tens of thousands of events stay in memory.
         sqlx::query("SET LOCAL work_mem = '64MB'")
             .execute(&mut *tx)
