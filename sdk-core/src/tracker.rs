@@ -731,6 +731,17 @@ mod tests {
         })
     }
 
+    /// Whether the only output is the question which unconfirmed batches arrived.
+    fn only_asks(out: &[Output]) -> bool {
+        matches!(
+            out,
+            [Output::Transmit(Transmit {
+                kind: TransmitKind::Confirm,
+                ..
+            })]
+        )
+    }
+
     fn flushed(out: &[Output]) -> Option<u64> {
         out.iter().find_map(|o| match o {
             Output::Flushed { sent, .. } => Some(*sent),
@@ -962,13 +973,7 @@ mod tests {
         run(&mut t, &mut st);
         t.timeout(2_040);
         let (out, _) = run(&mut t, &mut st);
-        assert!(matches!(
-            &out[..],
-            [Output::Transmit(Transmit {
-                kind: TransmitKind::Confirm,
-                ..
-            })]
-        ));
+        assert!(only_asks(&out), "{out:?}");
         t.confirmation(None, 2_050);
         let retry_at = t.status().next_retry_at.expect("the failure counts");
         let (mut out, wake) = run(&mut t, &mut st);
@@ -998,13 +1003,7 @@ mod tests {
         // forceSend() asks at once rather than waiting for the second to pass.
         next.force_send(1_100);
         let (out, _) = run(&mut next, &mut st);
-        assert!(matches!(
-            &out[..],
-            [Output::Transmit(Transmit {
-                kind: TransmitKind::Confirm,
-                ..
-            })]
-        ));
+        assert!(only_asks(&out), "{out:?}");
         next.confirmation(None, 1_150);
         let (out, _) = run(&mut next, &mut st);
         assert_eq!(out, vec![Output::Lock { wait: true }]);
